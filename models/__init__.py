@@ -1,0 +1,247 @@
+"""Model families, and loading / saving HF-format checkpoint folders.
+
+    model = models.from_pretrained("path/to/Llama-3.2-1B", dtype=torch.bfloat16, device="cuda")
+    models.save_pretrained(model, "out/final")          # config.json + model.safetensors (or shards + index)
+
+Build order: the module is created on the meta device (no memory), `prepare(model)` may swap modules there
+(QLoRA, FP8), then each checkpoint tensor is read from disk straight into its final dtype and device, one tensor at a
+time, so peak host memory stays near one copy of the model in the target dtype.
+
+Checkpoint-key hooks a model may define (the identity is used otherwise):
+- `model.param_for_hf_key(key) -> (param_name, index | None)`: where a checkpoint tensor lands (`index` selects a slice
+  of a stacked parameter, e.g. one expert of a (num_experts, ...) tensor);
+- `model.hf_state_dict() -> dict[str, Tensor]`: the tensors under their checkpoint names, for saving.
+Module hooks used while loading:
+- `module.load_hf_weight(name, tensor)`: called instead of assigning the parameter (NF4 quantisation happens here);
+- `module.materialize_after_load(device)`: allocates and initialises tensors that checkpoints do not hold (RoPE
+  frequencies, fresh LoRA adapters).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from models import mistral, safetensors_io
+from models.llama import LlamaConfig, LlamaForCausalLM
+from models.mistral import MistralConfig, MistralForCausalLM
+
+# model_type in config.json -> (config class, model class)
+FAMILIES: dict[str, tuple[type, type]] = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+}
+
+# Named sizes for random init (the quickstart, pretraining-style runs); HF config.json fields.
+SIZES: dict[str, dict] = {
+    "llama-tiny": dict(model_type="llama", hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       tie_word_embeddings=True),
+    "llama-small": dict(model_type="llama", hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
+                        tie_word_embeddings=True),
+    "llama-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=True,
+                     max_position_embeddings=131072),
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A model folder that cannot be loaded as it is, with a message naming the file or keys."""
+
+
+def config_from_hf(hf: dict):
+    model_type = hf.get("model_type")
+    if model_type not in FAMILIES:
+        raise CheckpointError(
+            f"config.json: model_type {model_type!r} is not supported; nanotune supports {sorted(FAMILIES)}"
+        )
+    config_cls, _ = FAMILIES[model_type]
+    try:
+        return config_cls.from_hf(hf)
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"config.json ({model_type}): {e}") from None
+
+
+def build_model(config, device: torch.device | str = "meta", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Create the module for a config (on the meta device by default: no memory is used)."""
+    _, model_cls = FAMILIES[config.model_type]
+    with torch.device(device):
+        model = model_cls(config)
+    return model.to(dtype)
+
+
+def from_size(name: str, vocab_size: int, dtype=torch.float32, device="cpu", attn_implementation="auto",
+              seed: int = 0) -> nn.Module:
+    """A randomly initialised model of a named size (see SIZES)."""
+    if name not in SIZES:
+        raise CheckpointError(f"model.size {name!r} is unknown; choose one of {sorted(SIZES)}")
+    config = config_from_hf({**SIZES[name], "vocab_size": vocab_size})
+    config.attn_implementation = attn_implementation
+    model = build_model(config, "meta", dtype)
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.init_weights(torch.Generator(device=device).manual_seed(seed))
+    return model
+
+
+def read_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"model folder {path} does not exist (download one with scripts/download.py)")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path} has no config.json; an HF-format model folder needs config.json and *.safetensors")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file} is not valid JSON: {e}") from None
+
+
+def from_pretrained(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    attn_implementation: str = "auto",
+    prepare=None,
+) -> nn.Module:
+    """Load an HF-format folder (config.json + model.safetensors, or shards + model.safetensors.index.json)."""
+    path = Path(path)
+    config = config_from_hf(read_config(path))
+    config.attn_implementation = attn_implementation
+    files = safetensors_io.checkpoint_files(path)  # raises when there are none
+    headers = {f: safetensors_io.read_header(f) for f in files}  # cheap: only the JSON headers
+
+    model = build_model(config, "meta", dtype)
+    if prepare is not None:
+        prepare(model)
+    expected = expected_checkpoint_keys(model)
+    check_keys(path, expected, {k: (f, info) for f, h in headers.items() for k, info in h.items()})
+
+    for file, header in headers.items():
+        with open(file, "rb") as f:
+            for key, info in header.items():
+                if key in expected:
+                    place(model, key, safetensors_io.read_tensor(f, info), dtype, device)
+    for module in model.modules():
+        if hasattr(module, "materialize_after_load"):
+            module.materialize_after_load(torch.device(device))
+    model.tie_weights()
+    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_meta:
+        raise CheckpointError(f"{path}: nothing was loaded for {still_meta[:8]} (missing from the checkpoint)")
+    return model
+
+
+def expected_checkpoint_keys(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Checkpoint key -> expected shape, for every tensor the model reads from a checkpoint."""
+    if hasattr(model, "expected_hf_keys"):
+        return model.expected_hf_keys()
+    shapes = {}
+    for name, param in model.named_parameters(remove_duplicate=True):
+        if name.endswith(("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")) or ".lora_" in name:
+            continue  # adapters are not in base checkpoints
+        shapes[name] = tuple(getattr(param, "hf_shape", param.shape))
+    if getattr(model.config, "tie_word_embeddings", False):
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def check_keys(path: Path, expected: dict, found: dict) -> None:
+    """Refuse a checkpoint with missing or mis-shaped keys before any tensor is read; extra keys are reported."""
+    missing = [k for k in expected if k not in found]
+    # derived or tied tensors some exporters still write: nothing to load from them
+    ignorable = ("rotary_emb.inv_freq", "lm_head.weight")
+    unexpected = [k for k in found if k not in expected and not k.endswith(ignorable)]
+    misshaped = [
+        f"{k}: checkpoint {tuple(found[k][1]['shape'])}, model {expected[k]}"
+        for k in expected
+        if k in found and tuple(found[k][1]["shape"]) != tuple(expected[k])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    if misshaped:
+        problems.append(f"mis-shaped keys {misshaped[:8]}")
+    if problems:
+        raise CheckpointError(
+            f"{path}: the checkpoint does not match its config.json: " + "; ".join(problems)
+            + ". Check that config.json belongs to these weights."
+        )
+
+
+def place(model: nn.Module, key: str, tensor: torch.Tensor, dtype: torch.dtype, device) -> None:
+    """Put one checkpoint tensor where it belongs: into the parameter (or buffer) of that name."""
+    module_name, _, local = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    if hasattr(module, "load_hf_weight"):
+        module.load_hf_weight(local, tensor)
+        return
+    old = getattr(module, local)
+    value = tensor.to(device=device, dtype=old.dtype if old.is_floating_point() else tensor.dtype)
+    if isinstance(old, nn.Parameter):
+        setattr(module, local, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        module.register_buffer(local, value)
+
+
+def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors under their checkpoint names (tied LM head left out, as HF does)."""
+    if hasattr(model, "hf_state_dict"):
+        return model.hf_state_dict()
+    sd = {k: v for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def save_pretrained(model: nn.Module, path: str | Path, max_shard_size: int | str = "5GB",
+                    dtype: torch.dtype | None = None) -> None:
+    """Write config.json and the weights (sharded with an index when larger than max_shard_size)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = hf_state_dict(model)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    hf = dict(model.config.hf_config) or hf_config_from(model.config)
+    hf.pop("torch_dtype", None)
+    hf["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    safetensors_io.save_sharded(tensors, path, parse_size(max_shard_size))
+    tmp = path / "config.json.tmp"
+    tmp.write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path / "config.json")
+
+
+def hf_config_from(config) -> dict:
+    """An HF config.json dict for a model that was built from a named size rather than loaded."""
+    from dataclasses import asdict
+
+    hf = {k: v for k, v in asdict(config).items() if k not in ("hf_config", "attn_implementation")}
+    # both spellings: transformers 5 reads rope_parameters, transformers 4 rope_theta / rope_scaling
+    hf["rope_parameters"] = {"rope_theta": hf["rope_theta"], **(hf["rope_scaling"] or {"rope_type": "default"})}
+    hf["architectures"] = [FAMILIES[config.model_type][1].__name__]
+    hf["hidden_act"] = "silu"
+    return hf
+
+
+def parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = size.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * units[unit])
+    return int(text)
+
+
+__all__ = ["from_pretrained", "save_pretrained", "from_size", "build_model", "config_from_hf", "FAMILIES", "SIZES",
+           "CheckpointError", "mistral"]

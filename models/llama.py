@@ -1,0 +1,268 @@
+"""Llama 2 / 3 / 3.1 / 3.2 in one file: config, RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, the model.
+
+Parameter names follow the HF checkpoint layout (`model.layers.0.self_attn.q_proj.weight`), so loading and saving are
+the identity map. The model is written for one device; LoRA, FP8 and sharding are applied from outside.
+
+    model = LlamaForCausalLM(LlamaConfig.from_hf(json.load(open("config.json"))))   # usually on the meta device
+    logits = model(input_ids)                                # (B, T) -> (B, T, vocab)
+    hidden = model(input_ids, return_hidden=True)            # (B, T, D) after the final norm, for fused losses
+
+References: Llama 2 (Touvron et al., 2023), RoFormer (Su et al., 2021) for rotary embeddings, GQA (Ainslie et al., 2023).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanotune import attention
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None: as many as query heads (multi-head attention)
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", "factor": ..., ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral only; Llama leaves it None
+    initializer_range: float = 0.02
+    attn_implementation: str = "auto"  # see nanotune.attention
+    model_type: str = "llama"
+    hf_config: dict = field(default_factory=dict, repr=False)  # the original config.json, written back on save
+
+    IGNORED_HF_KEYS = {"sliding_window"}  # HF's Llama ignores it too
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        check_rope_scaling(self.rope_scaling)
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "LlamaConfig":
+        """Build from an HF config.json dict, refusing settings that would change the math but are not implemented."""
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"config.json: hidden_act {act!r} is not supported by {cls.__name__} (only 'silu')")
+        # pretraining_tp only split matmuls for speed in old HF code; the math is the same, so it is ignored
+        known = {f.name for f in fields(cls)} - {"hf_config", "rope_theta", "rope_scaling", "attn_implementation"}
+        known -= cls.IGNORED_HF_KEYS
+        kwargs = {k: v for k, v in hf.items() if k in known and v is not None}
+        kwargs["rope_theta"], kwargs["rope_scaling"] = rope_from_hf(hf)
+        return cls(**kwargs, hf_config=dict(hf))
+
+
+def rope_from_hf(hf: dict) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from either the transformers 4 keys or the transformers 5 `rope_parameters`."""
+    params = dict(hf.get("rope_parameters") or {})
+    theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = dict(hf.get("rope_scaling") or params or {})
+    if "type" in scaling and "rope_type" not in scaling:
+        scaling["rope_type"] = scaling.pop("type")
+    if scaling.get("rope_type", "default") == "default":
+        scaling = None
+    return float(theta), scaling
+
+
+def check_rope_scaling(scaling: dict | None) -> None:
+    if scaling is None:
+        return
+    kind = scaling.get("rope_type")
+    if kind not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"config.json: rope scaling type {kind!r} is not supported; nanotune implements {SUPPORTED_ROPE_TYPES}"
+        )
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """(head_dim // 2,) rotary frequencies, with Llama 3's frequency-dependent or linear scaling applied."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", torch.empty(config.head_dim // 2), persistent=False)
+
+    def materialize_after_load(self, device) -> None:
+        """The frequencies are derived, not stored in checkpoints: compute them on the final device."""
+        inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling)
+        self.inv_freq = inv_freq.to(device)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, head_dim / 2), fp32 for long contexts
+        emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, head_dim)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D); cos/sin (B, T, D). Rotates the two halves of each head (the HF layout)."""
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()  # normalise in fp32 whatever the parameter dtype
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: attention.AttentionContext):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = attention.attend(q, k, v, ctx, sliding_window=self.config.sliding_window)  # (B, Hq, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer, 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        D, F_, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(D, F_, bias=bias)
+        self.up_proj = nn.Linear(D, F_, bias=bias)
+        self.down_proj = nn.Linear(F_, D, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, ctx):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the input embedding with the LM head (again after `to_empty`, which unties parameters)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab), or the final hidden states (B, T, D) with return_hidden.
+
+        Packed rows (several documents per row) are recognised from position_ids restarting at 0, or given
+        as cu_seqlens over the flattened B*T tokens; attention never crosses documents.
+        """
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        ctx = attention.build_context(
+            self.config.attn_implementation, (B, T), input_ids.device, position_ids, cu_seqlens, max_seqlen
+        )
+        x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        cos, sin = self.model.rotary_emb(position_ids, x.dtype)  # (B, T, head_dim) each
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, ctx)
+        x = self.model.norm(x)  # (B, T, D)
+        return x if return_hidden else self.lm_head(x)
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Random init for training from scratch (HF's scheme: normal(0, initializer_range), norms at 1)."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            elif isinstance(module, RotaryEmbedding):
+                module.materialize_after_load(module.inv_freq.device)

@@ -1,0 +1,97 @@
+"""Reading and writing safetensors files one tensor at a time.
+
+The format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw
+bytes. Reading a tensor with `readinto` into a fresh buffer (rather than memory-mapping the whole file) keeps the
+process's resident memory at one copy of the model plus one tensor in flight, whatever the file size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model folder: the shards named by the index, or the single model.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [folder / name for name in dict.fromkeys(weight_map.values())]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise FileNotFoundError(f"{index} names shards that are not in {folder}: {absent}")
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(folder.glob("*.safetensors"))
+    if found:
+        return found
+    hint = " (nanotune reads safetensors only; convert .bin weights first)" if any(folder.glob("*.bin")) else ""
+    raise FileNotFoundError(f"{folder} has no model.safetensors or model.safetensors.index.json{hint}")
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    base = 8 + n
+    for info in header.values():
+        info["start"] = base + info["data_offsets"][0]
+        info["nbytes"] = info["data_offsets"][1] - info["data_offsets"][0]
+    return header
+
+
+def read_tensor(f, info: dict) -> torch.Tensor:
+    """Read one tensor (described by a header entry) from an open file into a new CPU tensor."""
+    dtype = DTYPES[info["dtype"]]
+    out = torch.empty(info["shape"], dtype=dtype)
+    f.seek(info["start"])
+    view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+    if f.readinto(view) != info["nbytes"]:
+        raise IOError(f"{f.name}: truncated data for a tensor of shape {info['shape']}")
+    return out
+
+
+def save_sharded(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
+    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json past max_shard_bytes."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.detach().contiguous().cpu()
+        size += nbytes
+    for stale in [*folder.glob("model*.safetensors"), folder / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)
+    if len(shards) == 1:
+        write_atomic(shards[0], folder / "model.safetensors")
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_atomic(shard, folder / name)
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_suffix(".safetensors.tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)

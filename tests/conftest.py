@@ -1,0 +1,47 @@
+"""Shared test fixtures: tiny random HF checkpoints written by transformers (a test-only reference)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))
+
+
+def tiny_hf_config(family: str = "llama", **overrides):
+    transformers = pytest.importorskip("transformers")
+    base = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    base.update(overrides)
+    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig}[family]
+    return cls(**base)
+
+
+def write_hf_checkpoint(path: Path, family: str = "llama", seed: int = 0, dtype=torch.float32, **overrides):
+    """Save a randomly initialised transformers model to `path`; returns the transformers model (eval, fp32)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = tiny_hf_config(family, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():  # HF's init leaves norms at 1 and biases at 0: randomise them so they are tested too
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.to(dtype).save_pretrained(path)
+    return model.float()
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path):
+    """Factory: hf_checkpoint(family="llama", **config overrides) -> (folder, transformers model)."""
+
+    def make(family="llama", name="model", **overrides):
+        folder = tmp_path / name
+        return folder, write_hf_checkpoint(folder, family, **overrides)
+
+    return make
