@@ -8,6 +8,7 @@ Build order: the module is created on the meta device (no memory), `prepare(mode
 time, so peak host memory stays near one copy of the model in the target dtype.
 
 Checkpoint-key hooks a model may define (the identity is used otherwise):
+- `model.expected_hf_keys() -> {key: shape}`: every tensor the model reads from a checkpoint;
 - `model.param_for_hf_key(key) -> (param_name, index | None)`: where a checkpoint tensor lands (`index` selects a slice
   of a stacked parameter, e.g. one expert of a (num_experts, ...) tensor);
 - `model.hf_state_dict() -> dict[str, Tensor]`: the tensors under their checkpoint names, for saving.
@@ -179,14 +180,23 @@ def check_keys(path: Path, expected: dict, found: dict) -> None:
 
 
 def place(model: nn.Module, key: str, tensor: torch.Tensor, dtype: torch.dtype, device) -> None:
-    """Put one checkpoint tensor where it belongs: into the parameter (or buffer) of that name."""
-    module_name, _, local = key.rpartition(".")
+    """Put one checkpoint tensor where it belongs: its parameter (or buffer), or one slice of a stacked parameter."""
+    name, index = model.param_for_hf_key(key) if hasattr(model, "param_for_hf_key") else (key, None)
+    module_name, _, local = name.rpartition(".")
     module = model.get_submodule(module_name)
     if hasattr(module, "load_hf_weight"):
-        module.load_hf_weight(local, tensor)
+        module.load_hf_weight(local, tensor) if index is None else module.load_hf_weight(local, tensor, index)
         return
     old = getattr(module, local)
-    value = tensor.to(device=device, dtype=old.dtype if old.is_floating_point() else tensor.dtype)
+    target_dtype = old.dtype if old.is_floating_point() else tensor.dtype
+    if index is not None:  # e.g. expert `index` of a (num_experts, ...) parameter: allocate it once, fill slices
+        if old.is_meta:
+            old = nn.Parameter(torch.empty(old.shape, dtype=target_dtype, device=device), old.requires_grad)
+            setattr(module, local, old)
+        with torch.no_grad():
+            old[index].copy_(tensor)
+        return
+    value = tensor.to(device=device, dtype=target_dtype)
     if isinstance(old, nn.Parameter):
         setattr(module, local, nn.Parameter(value, requires_grad=old.requires_grad))
     else:
