@@ -24,7 +24,7 @@ Backends (`attention.implementation`; what each can do is in CAPABILITIES and do
 - `varlen`: torch.nn.attention.varlen.varlen_attn, the flash attention kernel over the flattened tokens with
   cu_seqlens (Dao, 2023, "FlashAttention-2"); sliding windows through window_size. CUDA, bf16/fp16 only.
 - `auto`: the fastest correct backend, picked per call from the device and packing (known at build_context)
-  and the features that call asks for (softcap, window, dtype, gradients); see `auto_backend`.
+  and the features that call asks for (softcap, window, dtype); see `auto_backend`.
 """
 
 from __future__ import annotations
@@ -119,18 +119,27 @@ def build_context(
     max_seqlen: int | None = None,
     *,
     compile_flex: bool | None = None,
+    sliding_windows: tuple[int | None, ...] = (),
 ) -> AttentionContext:
     """Build once per forward. `shape` is (B, T) of the input ids.
 
-    Packing comes from `cu_seqlens` when given (no device sync), else from `position_ids` restarting at 0 inside a
-    row. Refuses, before any layer runs, a backend that cannot run on this device or is missing from this torch.
-    `compile_flex` (default: True on CUDA) runs flex through torch.compile.
+    Packing comes from `cu_seqlens` when given (no detection needed), else from `position_ids` restarting at 0
+    inside a row. Refuses, before any layer runs, a backend that cannot run on this device or that the installed
+    torch lacks.
+    `compile_flex` (default: True on CUDA) runs flex through torch.compile. `sliding_windows` (the windows the
+    layers will ask for, None for none) builds their masks here rather than in the first layer, i.e. outside any
+    compiled block; windows not listed are still built on first use.
     """
     device = torch.device(device)
     B, T = shape
     is_auto = implementation == "auto"
     document_ids = None
     if cu_seqlens is not None:
+        if cu_seqlens.dim() != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != B * T:
+            raise ValueError(
+                f"cu_seqlens must be a 1-d tensor that starts at 0 and ends at B*T = {B}*{T} = {B * T}, "
+                f"got {cu_seqlens.tolist() if cu_seqlens.numel() <= 16 else tuple(cu_seqlens.shape)}"
+            )
         cu_seqlens = split_at_rows(cu_seqlens, B, T)
         document_ids = document_ids_from_cu_seqlens(cu_seqlens, B, T)
         if max_seqlen is None:
@@ -144,10 +153,23 @@ def build_context(
     implementation = resolve_implementation(implementation, device, is_packed=document_ids is not None)
     if compile_flex is None:
         compile_flex = device.type == "cuda"
-    return AttentionContext(
+    ctx = AttentionContext(
         implementation, T, device, document_ids, position_ids, cu_seqlens, max_seqlen,
         auto=is_auto, batch_size=B, compile_flex=compile_flex,
     )  # fmt: skip
+    for window in sliding_windows:
+        build_mask(ctx, ctx.implementation, checked_window(window, T))
+    return ctx
+
+
+def build_mask(ctx: AttentionContext, backend: str, sliding_window: int | None) -> None:
+    """Build (and cache on ctx) what `backend` needs for this window: a dense mask, a BlockMask or cu_seqlens."""
+    if backend == "flex":
+        flex_block_mask(ctx, sliding_window)
+    elif backend == "varlen":
+        varlen_seqlens(ctx)
+    elif backend == "eager" or ctx.is_packed or sliding_window is not None:  # sdpa's fast path needs no mask
+        allowed_mask(ctx, sliding_window)
 
 
 def resolve_implementation(implementation: str, device: torch.device, is_packed: bool = False) -> str:
@@ -183,9 +205,8 @@ def auto_backend(
     dtype: torch.dtype,
     sliding_window: int | None = None,
     softcap: float | None = None,
-    needs_grad: bool = False,
 ) -> str:
-    """The fastest correct backend for one call. A pure function of its arguments, so it is testable anywhere.
+    """The fastest correct backend for one call; depends only on its arguments, the installed torch and the GPU.
 
     CUDA: softcap -> flex (eager without flex); one document per row and no window -> sdpa (is_causal: flash);
     packed rows or a window in bf16/fp16 -> varlen (flash over cu_seqlens) when this torch and GPU have it, else
@@ -206,15 +227,27 @@ def auto_backend(
 
 
 def _varlen_usable_on_gpu(sliding_window: int | None) -> bool:
-    kernel = varlen_attn_fn()
-    if kernel is None or not torch.cuda.is_available():
+    if not _gpu_has_varlen():
         return False
-    if torch.cuda.get_device_capability() < (8, 0):  # flash attention 2 needs Ampere or newer
+    return sliding_window is None or "window_size" in _parameters(varlen_attn_fn())
+
+
+@functools.cache
+def _gpu_has_varlen() -> bool:
+    if varlen_attn_fn() is None or not torch.cuda.is_available():
         return False
-    return sliding_window is None or "window_size" in _parameters(kernel)
+    return torch.cuda.get_device_capability() >= (8, 0)  # flash attention 2 needs Ampere or newer
 
 
 # ---------------------------------------------------------------------------------------------------- dispatch
+
+
+def checked_window(sliding_window: int | None, seq_len: int) -> int | None:
+    if sliding_window is None:
+        return None
+    if sliding_window < 1:
+        raise ValueError(f"sliding_window must be a positive number of tokens or None, got {sliding_window}")
+    return None if sliding_window >= seq_len else sliding_window  # a window longer than the row changes nothing
 
 
 def attend(
@@ -230,18 +263,12 @@ def attend(
     """q (B, Hq, T, D), k and v (B, Hkv, T, D) with Hq a multiple of Hkv -> (B, Hq, T, D)."""
     if q.shape[2] != ctx.seq_len:
         raise ValueError(f"attend got {q.shape[2]} query positions but the context was built for T = {ctx.seq_len}")
-    if sliding_window is not None:
-        if sliding_window < 1:
-            raise ValueError(f"sliding_window must be a positive number of tokens or None, got {sliding_window}")
-        if sliding_window >= ctx.seq_len:
-            sliding_window = None  # a window longer than the row changes nothing
+    sliding_window = checked_window(sliding_window, ctx.seq_len)
     backend = ctx.implementation
     if ctx.auto:
-        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         backend = auto_backend(
-            ctx.device.type, is_packed=ctx.is_packed, dtype=q.dtype,
-            sliding_window=sliding_window, softcap=softcap, needs_grad=needs_grad,
-        )  # fmt: skip
+            ctx.device.type, is_packed=ctx.is_packed, dtype=q.dtype, sliding_window=sliding_window, softcap=softcap
+        )
     elif softcap is not None and not CAPABILITIES[backend]["softcap"]:
         raise ValueError(
             f"attention.implementation = {backend!r} cannot apply logit softcapping; use 'flex' (or 'eager')"
@@ -321,6 +348,13 @@ def _compiled_flex():
 
 
 @functools.cache
+def _compiled_create_block_mask():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask)
+
+
+@functools.cache
 def flex_backward_on_cpu() -> bool:
     """Whether the installed flex_attention can backpropagate on CPU (probed once on a tiny input)."""
     fn = flex_attention_fn()
@@ -352,19 +386,20 @@ def flex_block_mask(ctx: AttentionContext, sliding_window: int | None):
 
         B = None if doc is None else doc.shape[0]  # None: one mask broadcast over the batch
         T = ctx.seq_len
-        # compiled creation evaluates mask_mod block by block instead of materialising (B, T, T) booleans
-        options = {"_compile": True} if ctx.compile_flex and "_compile" in _parameters(create_block_mask) else {}
-        ctx.cache[key] = create_block_mask(mask_mod, B, None, T, T, device=ctx.device, **options)
+        # compiled, mask_mod is evaluated block by block instead of materialising (B, T, T) booleans
+        create = _compiled_create_block_mask() if ctx.compile_flex else create_block_mask
+        ctx.cache[key] = create(mask_mod, B, None, T, T, device=ctx.device)
     return ctx.cache[key]
 
 
 def flex_attention(q, k, v, ctx: AttentionContext, sliding_window, softcap, scale):
-    if ctx.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        if not flex_backward_on_cpu():
+    if ctx.device.type == "cpu" and not flex_backward_on_cpu():
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             raise ValueError(
                 "attention.implementation = 'flex': the installed torch's flex_attention cannot backpropagate on CPU; "
                 "use 'sdpa' (or 'eager' for logit softcapping) to train on CPU"
             )
+        q, k, v = q.detach(), k.detach(), v.detach()  # under no_grad flex still refuses inputs that require grad
     score_mod = None
     if softcap is not None:
 
@@ -410,8 +445,8 @@ def varlen_attention(q, k, v, ctx: AttentionContext, sliding_window, scale, kern
     params = _parameters(kernel)
     if q.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(
-            f"attention.implementation = 'varlen' runs flash attention, which needs bf16 or fp16 inputs, not {q.dtype}; "
-            "use 'flex' or 'sdpa' in fp32"
+            f"attention.implementation = 'varlen' runs flash attention, which needs bf16 or fp16 inputs, "
+            f"not {q.dtype}; use 'flex' or 'sdpa' in fp32"
         )
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
@@ -433,7 +468,10 @@ def varlen_attention(q, k, v, ctx: AttentionContext, sliding_window, scale, kern
     else:
         options["is_causal"] = True
     if scale is not None:
-        options["scale"] = scale
+        if "scale" in params:
+            options["scale"] = scale
+        else:  # a kernel without `scale` uses 1/sqrt(D): fold the difference into q
+            q = q * (scale * D**0.5)
     cu_seqlens, max_seqlen = varlen_seqlens(ctx)
     q_ND = q.transpose(1, 2).reshape(B * T, Hq, D)  # (B*T, Hq, D)
     k_ND = k.transpose(1, 2).reshape(B * T, k.shape[1], D)  # (B*T, Hkv, D)
