@@ -10,7 +10,8 @@ time, so peak host memory stays near one copy of the model in the target dtype.
 Checkpoint-key hooks a model may define (the identity is used otherwise):
 - `model.expected_hf_keys() -> {key: shape}`: every tensor the model reads from a checkpoint;
 - `model.param_for_hf_key(key) -> (param_name, index | None)`: where a checkpoint tensor lands (`index` selects a slice
-  of a stacked parameter, e.g. one expert of a (num_experts, ...) tensor);
+  of a stacked parameter, e.g. one expert of a (num_experts, ...) tensor, or a tuple such as (expert, slice));
+- `model.ignored_hf_key_prefixes`: checkpoint keys the model does not read (a vision tower beside the text model);
 - `model.hf_state_dict() -> dict[str, Tensor]`: the tensors under their checkpoint names, for saving.
 Module hooks used while loading:
 - `module.load_hf_weight(name, tensor)`: called instead of assigning the parameter (NF4 quantisation happens here);
@@ -30,16 +31,23 @@ import torch.nn as nn
 from models import mistral, safetensors_io
 from models.llama import LlamaConfig, LlamaForCausalLM
 from models.mistral import MistralConfig, MistralForCausalLM
+from models.gemma import GemmaConfig, GemmaForCausalLM
+from models.qwen_moe import QwenMoeConfig, QwenMoeForCausalLM
 
 # model_type in config.json -> (config class, model class)
 FAMILIES: dict[str, tuple[type, type]] = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2_moe": (QwenMoeConfig, QwenMoeForCausalLM),
+    "qwen3_moe": (QwenMoeConfig, QwenMoeForCausalLM),
+    "gemma2": (GemmaConfig, GemmaForCausalLM),
+    "gemma3_text": (GemmaConfig, GemmaForCausalLM),
+    "gemma3": (GemmaConfig, GemmaForCausalLM),  # the text model of an image-text checkpoint
 }
 
 # Named sizes for random init (the quickstart, pretraining-style runs); HF config.json fields.
 SIZES: dict[str, dict] = {
-    "llama-tiny": dict(model_type="llama", hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+    "llama-tiny": dict(model_type="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                        tie_word_embeddings=True),
     "llama-small": dict(model_type="llama", hidden_size=256, intermediate_size=768, num_hidden_layers=4,
@@ -86,6 +94,8 @@ def from_size(name: str, vocab_size: int, dtype=torch.float32, device="cpu", att
     config = config_from_hf({**SIZES[name], "vocab_size": vocab_size})
     config.attn_implementation = attn_implementation
     model = build_model(config, "meta", dtype)
+    if torch.device(device).type == "meta":
+        return model
     model.to_empty(device=device)
     model.tie_weights()
     model.init_weights(torch.Generator(device=device).manual_seed(seed))
@@ -123,7 +133,12 @@ def from_pretrained(
     if prepare is not None:
         prepare(model)
     expected = expected_checkpoint_keys(model)
-    check_keys(path, expected, {k: (f, info) for f, h in headers.items() for k, info in h.items()})
+    # e.g. the vision tower of an image-text checkpoint whose text model is loaded
+    ignored = tuple(getattr(model, "ignored_hf_key_prefixes", ()))
+    found = {k: (f, info) for f, h in headers.items() for k, info in h.items() if not (ignored and k.startswith(ignored))}
+    check_keys(path, expected, found)
+    if torch.device(device).type == "meta":
+        return model  # a check of config and keys only (dry runs): no tensor is read
 
     for file, header in headers.items():
         with open(file, "rb") as f:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from nanotune import attention
 
@@ -221,6 +222,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
+        self.activation_checkpointing = False  # recompute each layer in the backward instead of storing activations
 
     def tie_weights(self) -> None:
         """Share the input embedding with the LM head (again after `to_empty`, which unties parameters)."""
@@ -249,7 +251,10 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)  # (B, T, head_dim) each
         for layer in self.model.layers:
-            x = layer(x, cos, sin, ctx)
+            if self.activation_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, ctx, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, ctx)
         x = self.model.norm(x)  # (B, T, D)
         return x if return_hidden else self.lm_head(x)
 

@@ -1,0 +1,396 @@
+"""Gemma 2 and Gemma 3 (text) in one file: config, RMSNorm, RoPE, attention, GeGLU MLP, the model.
+
+Gemma's decoder differs from Llama's in a handful of places, each marked in the code:
+- the token embedding is multiplied by sqrt(hidden_size) (rounded to the weight dtype, as the reference does);
+- RMSNorm scales by (1 + weight), computed in fp32, and each layer has four of them: before and after attention,
+  before and after the MLP (the "post" norms normalise the branch output before it joins the residual stream);
+- the MLP is GeGLU with the tanh approximation of GELU: down(gelu_tanh(gate(x)) * up(x));
+- attention scores are scaled by query_pre_attn_scalar ** -0.5 instead of head_dim ** -0.5;
+- local layers attend within a sliding window, global layers to the whole causal prefix: Gemma 2 alternates
+  (local, global, ...); Gemma 3 reads `layer_types` (five local layers per global one in released models);
+- Gemma 2 soft-caps attention logits and final logits: s -> cap * tanh(s / cap);
+- Gemma 3 normalises each query and key head (RMSNorm), and gives local layers their own RoPE base (10k) while the
+  global layers use base 1M with optional linear RoPE scaling for long contexts;
+- the LM head is tied to the embedding.
+
+`final_logit_softcapping` is part of the logits: a loss that consumes `return_hidden=True` must apply
+`softcap_logits` after the LM head, as `forward` does.
+
+References: Gemma 2 (Gemma Team, 2024), Gemma 3 technical report (Gemma Team, 2025), GLU variants (Shazeer, 2020),
+RoFormer (Su et al., 2021).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanotune import attention
+
+SUPPORTED_ROPE_TYPES = ("default", "linear")
+SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh")  # both spell tanh-approximated GELU
+
+
+@dataclass
+class GemmaConfig:
+    vocab_size: int = 256000
+    hidden_size: int = 2304
+    intermediate_size: int = 9216
+    num_hidden_layers: int = 26
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    head_dim: int = 256
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    query_pre_attn_scalar: float = 256
+    sliding_window: int | None = 4096
+    layer_types: list[str] = field(default_factory=list)  # "sliding_attention" | "full_attention" per layer
+    attn_logit_softcapping: float | None = None  # Gemma 2: 50.0
+    final_logit_softcapping: float | None = None  # Gemma 2: 30.0
+    qk_norm: bool = False  # Gemma 3
+    rope_theta: float = 10000.0  # global (full attention) layers
+    rope_scaling: dict | None = None  # global layers only, e.g. {"rope_type": "linear", "factor": 8.0}
+    rope_local_theta: float | None = None  # sliding layers' base (Gemma 3); None: the global rope for every layer
+    initializer_range: float = 0.02
+    attn_implementation: str = "auto"
+    model_type: str = "gemma2"
+    hf_key_prefix: str = ""  # "language_model." when read from a Gemma 3 image-text checkpoint (model_type gemma3)
+    hf_config: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if not self.layer_types:  # Gemma 2's pattern: local, global, local, ...
+            self.layer_types = [alternating_layer_type(i, 2) for i in range(self.num_hidden_layers)]
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+        unknown = set(self.layer_types) - {"sliding_attention", "full_attention"}
+        if unknown:
+            raise ValueError(f"layer_types: {sorted(unknown)} unknown; use 'sliding_attention' or 'full_attention'")
+        if "sliding_attention" in self.layer_types and not self.sliding_window:
+            raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        kind = (self.rope_scaling or {}).get("rope_type", "default")
+        if kind not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"config.json: rope scaling type {kind!r} is not supported; nanotune implements {SUPPORTED_ROPE_TYPES}"
+            )
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "GemmaConfig":
+        """Build from a gemma2 or gemma3_text config.json (or gemma3's text_config), refusing unsupported settings."""
+        model_type = hf.get("model_type")
+        if model_type == "gemma3":
+            return cls.from_hf_image_text(hf)
+        if model_type not in ("gemma2", "gemma3_text"):
+            raise ValueError(f"model_type {model_type!r} is not a Gemma 2 / Gemma 3 text model (gemma2, gemma3_text)")
+        act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
+        if act not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(
+                f"config.json: hidden_activation {act!r} is not supported by {model_type} (only 'gelu_pytorch_tanh')"
+            )
+        if hf.get("use_bidirectional_attention"):
+            raise ValueError(
+                "config.json: use_bidirectional_attention = true (an embedding model) is not supported; "
+                "nanotune trains causal language models"
+            )
+        if model_type == "gemma3_text":  # transformers' Gemma3TextConfig defaults, for files that leave them out
+            hf = {"vocab_size": 262_208, "max_position_embeddings": 131_072, **hf}
+        skip = {"hf_config", "attn_implementation", "hf_key_prefix", "rope_theta", "rope_scaling", "rope_local_theta",
+                "qk_norm", "layer_types", "attn_logit_softcapping", "final_logit_softcapping", "sliding_window"}
+        known = {f.name for f in fields(cls)} - skip
+        kwargs = {k: v for k, v in hf.items() if k in known and v is not None}
+        kwargs["final_logit_softcapping"] = hf.get("final_logit_softcapping")
+        kwargs["sliding_window"] = hf.get("sliding_window", 4096)
+        num_layers = hf.get("num_hidden_layers", cls.num_hidden_layers)
+        if model_type == "gemma2":
+            kwargs["attn_logit_softcapping"] = hf.get("attn_logit_softcapping")
+            kwargs["rope_theta"], kwargs["rope_scaling"] = single_rope_from_hf(hf)
+            pattern = 2
+        else:
+            # Gemma 3 ignores attn_logit_softcapping (transformers' Gemma 3 attention never applies it); so do we.
+            kwargs["qk_norm"] = True
+            kwargs.update(gemma3_ropes_from_hf(hf))
+            pattern = hf.get("sliding_window_pattern", 6)  # older config.json files: the period, not layer_types
+        implied = [alternating_layer_type(i, pattern) for i in range(num_layers)]
+        kwargs["layer_types"] = list(hf.get("layer_types") or implied)
+        return cls(**kwargs, hf_config=dict(hf))
+
+    @classmethod
+    def from_hf_image_text(cls, hf: dict) -> "GemmaConfig":
+        """The text model of a Gemma 3 image-text checkpoint (Gemma3ForConditionalGeneration, model_type gemma3).
+
+        Its tensors are read from `language_model.model.*` (the vision tower and projector are not used); saving
+        writes a text-only gemma3_text checkpoint (Gemma3ForCausalLM) that transformers loads as such.
+        """
+        text = {"model_type": "gemma3_text", **(hf.get("text_config") or {})}
+        text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", True))
+        text["architectures"] = ["Gemma3ForCausalLM"]
+        config = cls.from_hf(text)
+        config.hf_key_prefix = "language_model."
+        return config
+
+
+def alternating_layer_type(layer: int, period: int) -> str:
+    """Every `period`-th layer (1-based) global, the others local: transformers' rule without layer_types."""
+    return "sliding_attention" if (layer + 1) % period else "full_attention"
+
+
+def _rope_scaling(params: dict) -> dict | None:
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    if "type" in scaling and "rope_type" not in scaling:
+        scaling["rope_type"] = scaling.pop("type")
+    return None if scaling.get("rope_type", "default") == "default" else scaling
+
+
+def single_rope_from_hf(hf: dict) -> tuple[float, dict | None]:
+    """Gemma 2: one rope for all layers, from transformers 5's `rope_parameters` or older rope_theta/rope_scaling."""
+    params = dict(hf.get("rope_parameters") or {})
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    return float(theta), _rope_scaling(dict(hf.get("rope_scaling") or params))
+
+
+def gemma3_ropes_from_hf(hf: dict) -> dict:
+    """Gemma 3: global layers (rope_theta, rope_scaling) and local layers (their own base, never scaled).
+
+    transformers 5 writes rope_parameters = {"full_attention": {...}, "sliding_attention": {...}}; older files have
+    rope_theta (default 1M), rope_local_base_freq (default 10k) and rope_scaling for the global layers.
+    """
+    params = hf.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        full = dict(params.get("full_attention") or {})
+        local = dict(params.get("sliding_attention") or {})
+        if _rope_scaling(local) is not None:
+            raise ValueError(f"config.json: rope scaling on sliding_attention layers ({local}) is not supported")
+        return dict(rope_theta=float(full.get("rope_theta", 1_000_000.0)), rope_scaling=_rope_scaling(full),
+                    rope_local_theta=float(local.get("rope_theta", 10_000.0)))
+    return dict(
+        rope_theta=float(hf.get("rope_theta", 1_000_000.0)),
+        rope_scaling=_rope_scaling(dict(hf.get("rope_scaling") or {})),
+        rope_local_theta=float(hf.get("rope_local_base_freq", 10_000.0)),
+    )
+
+
+# ------------------------------------------------------------------------------------------ norm, rope, attention
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: x / rms(x) * (1 + weight), all in fp32, then cast back (weights start at 0, i.e. scale 1)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None):
+        super().__init__()
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+        self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
+
+    def materialize_after_load(self, device) -> None:
+        """The frequencies are derived, not stored in checkpoints: compute them on the final device."""
+        dim = self.head_dim
+        inv_freq = 1.0 / self.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+        if self.scaling is not None:  # "linear": positions divided by `factor`
+            inv_freq = inv_freq / self.scaling["factor"]
+        self.inv_freq = inv_freq.to(device)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, head_dim / 2), fp32 for long contexts
+        emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, head_dim)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D); cos/sin (B, T, D). Rotates the two halves of each head (the HF layout)."""
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap): smoothly bounds x to (-cap, cap); the identity for cap None."""
+    return x if cap is None else cap * torch.tanh(x / cap)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GemmaConfig, layer: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        )  # fmt: skip
+        self.is_local = config.layer_types[layer] == "sliding_attention"
+        self.sliding_window = config.sliding_window if self.is_local else None
+        self.softcap = config.attn_logit_softcapping
+        self.scale = config.query_pre_attn_scalar**-0.5  # not head_dim ** -0.5
+        D, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(D, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(D, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(D, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, D, bias=bias)
+        if config.qk_norm:  # Gemma 3: RMSNorm over each head's head_dim, before RoPE
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: attention.AttentionContext):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = attention.attend(q, k, v, ctx, sliding_window=self.sliding_window, softcap=self.softcap, scale=self.scale)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, D)
+
+
+class MLP(nn.Module):
+    """GeGLU (Shazeer, 2020) with tanh-approximated GELU: down(gelu_tanh(gate(x)) * up(x))."""
+
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        D, F_ = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(D, F_, bias=False)
+        self.up_proj = nn.Linear(D, F_, bias=False)
+        self.down_proj = nn.Linear(F_, D, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: GemmaConfig, layer: int):
+        super().__init__()
+        D, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(D, eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(D, eps)  # on the attention output, before the residual add
+        self.pre_feedforward_layernorm = RMSNorm(D, eps)
+        self.mlp = MLP(config)
+        self.post_feedforward_layernorm = RMSNorm(D, eps)  # on the MLP output, before the residual add
+
+    def forward(self, x, cos, sin, ctx):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, ctx))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class GemmaModel(nn.Module):
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)  # global layers
+        if config.rope_local_theta is not None:  # Gemma 3: sliding layers have their own base, never scaled
+            self.rotary_emb_local = RotaryEmbedding(config.head_dim, config.rope_local_theta, None)
+
+
+class GemmaForCausalLM(nn.Module):
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.config = config
+        self.model = GemmaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the input embedding with the LM head (again after `to_empty`, which unties parameters)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def softcap_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Gemma 2's final-logit softcap (identity when final_logit_softcapping is None): apply after the LM head."""
+        return softcap(logits, self.config.final_logit_softcapping)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab), or the final hidden states (B, T, D) with return_hidden.
+
+        Packed rows are recognised from position_ids restarting at 0, or given as cu_seqlens; attention never crosses
+        documents, and sliding windows count positions within the row (a window never reaches another document).
+        """
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        ctx = attention.build_context(
+            self.config.attn_implementation, (B, T), input_ids.device, position_ids, cu_seqlens, max_seqlen
+        )
+        self._check_softcap_support(ctx)
+        x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)  # the scale rounded to the dtype, as HF
+        rope_global = self.model.rotary_emb(position_ids, x.dtype)  # (cos, sin), each (B, T, head_dim)
+        rope_local = rope_global
+        if hasattr(self.model, "rotary_emb_local"):
+            rope_local = self.model.rotary_emb_local(position_ids, x.dtype)
+        for layer in self.model.layers:
+            cos, sin = rope_local if layer.self_attn.is_local else rope_global
+            x = layer(x, cos, sin, ctx)
+        x = self.model.norm(x)  # (B, T, D)
+        return x if return_hidden else self.softcap_logits(self.lm_head(x))
+
+    # ------------------------------------------------------- checkpoint keys: the identity, or under a Gemma 3 prefix
+
+    @property
+    def ignored_hf_key_prefixes(self) -> tuple[str, ...]:
+        """Checkpoint tensors that are not part of this text model (a Gemma 3 image-text checkpoint's vision side)."""
+        return ("vision_tower.", "multi_modal_projector.") if self.config.hf_key_prefix else ()
+
+    def expected_hf_keys(self) -> dict[str, tuple[int, ...]]:
+        """Every checkpoint key the model reads, with its shape: parameter names under `hf_key_prefix`."""
+        shapes = {}
+        for name, param in self.named_parameters(remove_duplicate=True):
+            if ".lora_" in name or name.endswith("lora_magnitude_vector"):
+                continue  # adapters are not in base checkpoints
+            shapes[self.config.hf_key_prefix + name] = tuple(getattr(param, "hf_shape", param.shape))
+        if self.config.tie_word_embeddings:
+            shapes.pop(self.config.hf_key_prefix + "lm_head.weight", None)
+        return shapes
+
+    def param_for_hf_key(self, key: str) -> tuple[str, None]:
+        return key.removeprefix(self.config.hf_key_prefix), None
+
+    def _check_softcap_support(self, ctx: attention.AttentionContext) -> None:
+        """Refuse, before any layer runs, an explicit backend that cannot softcap ("auto" picks one that can)."""
+        if self.config.attn_logit_softcapping is None or ctx.auto:
+            return
+        if not attention.CAPABILITIES.get(ctx.implementation, {}).get("softcap", False):
+            able = [name for name, caps in attention.CAPABILITIES.items() if caps.get("softcap")]
+            raise ValueError(
+                f"{self.config.model_type} soft-caps attention logits (attn_logit_softcapping = "
+                f"{self.config.attn_logit_softcapping}), which attention.implementation = {ctx.implementation!r} "
+                f"cannot do; use 'auto' or one of {able}"
+            )
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Random init for training from scratch: normal(0, initializer_range); norms at 0, i.e. a scale of 1."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.zero_()
+            elif isinstance(module, RotaryEmbedding):
+                module.materialize_after_load(module.inv_freq.device)

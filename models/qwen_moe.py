@@ -1,0 +1,502 @@
+"""Qwen2-MoE and Qwen3-MoE in one file: config, RMSNorm, RoPE, attention, the sparse mixture-of-experts MLP, the model.
+
+Both are Llama-style decoders whose MLP is (in most layers) a mixture of experts: a linear router scores the
+`num_experts` SwiGLU experts for every token, the top `num_experts_per_tok` are run and their outputs summed,
+weighted by the router's softmax probabilities (renormalised over the chosen experts when `norm_topk_prob`).
+The two differ in:
+- Qwen2-MoE: biases on q/k/v, and a *shared expert* every token goes through, scaled by a sigmoid gate;
+  `decoder_sparse_step` / `mlp_only_layers` choose which layers are sparse (the others have a dense MLP).
+- Qwen3-MoE: RMSNorm on each query and key head before RoPE (as Qwen3), no shared expert, no q/k/v bias.
+
+Experts are stored stacked, `gate_up_proj` (E, 2I, D) and `down_proj` (E, D, I), and run as two grouped GEMMs over
+the tokens sorted by expert (`torch._grouped_mm` where this torch has it for the device and dtype; otherwise batched
+matmuls over tokens padded to the busiest expert's count). Checkpoints keep one tensor per expert; `EXPERT_KEYS` is the
+one table between the two layouts, used on load (`param_for_hf_key`) and on save (`hf_state_dict`).
+
+Load balancing (Switch Transformer, Fedus et al., 2021, eqs. 4-6, as transformers computes it): over all routed tokens
+of all sparse layers, f_e = share of top-k slots that went to expert e, P_e = mean router probability of e, and
+loss = E * sum_e f_e * P_e. After each forward `model.aux_loss` holds `router_aux_loss_coef * loss`, a scalar to add
+to the training loss (see `QwenMoeForCausalLM.forward`).
+
+References: Qwen1.5-MoE / Qwen2 technical report (Yang et al., 2024), Qwen3 technical report (Yang et al., 2025),
+Switch Transformers (Fedus et al., 2021), GShard (Lepikhin et al., 2020).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanotune import attention
+
+SUPPORTED_ROPE_TYPES = ("default", "linear")
+
+# checkpoint name under `model.layers.{i}.mlp.experts.{e}.` -> (stacked parameter, which rows of expert e's slice)
+# "first half" / "second half" split gate_up_proj's 2I rows into gate (first I) and up (last I), as transformers 5 does.
+EXPERT_KEYS = {
+    "gate_proj.weight": ("gate_up_proj", "first half"),  # (I, D) -> gate_up_proj[e, :I]
+    "up_proj.weight": ("gate_up_proj", "second half"),  # (I, D) -> gate_up_proj[e, I:]
+    "down_proj.weight": ("down_proj", "all"),  # (D, I) -> down_proj[e]
+}
+_EXPERT_KEY_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+\.weight)$")
+
+
+@dataclass
+class QwenMoeConfig:
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    intermediate_size: int = 5632  # dense MLP layers (mlp_only_layers, decoder_sparse_step)
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # bias on q/k/v (Qwen2-MoE: true)
+    o_bias: bool = False  # bias on o_proj (Qwen3-MoE's attention_bias)
+    qk_norm: bool = False  # RMSNorm per query/key head (Qwen3-MoE)
+    num_experts: int = 60
+    num_experts_per_tok: int = 4
+    moe_intermediate_size: int = 1408
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert (Qwen3-MoE)
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    router_aux_loss_coef: float = 0.001
+    initializer_range: float = 0.02
+    attn_implementation: str = "auto"
+    model_type: str = "qwen2_moe"
+    hf_config: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts ({self.num_experts})"
+            )
+        if self.rope_scaling is not None and self.rope_scaling.get("rope_type") not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"config.json: rope scaling type {self.rope_scaling.get('rope_type')!r} is not supported; "
+                f"nanotune implements {SUPPORTED_ROPE_TYPES} for {self.model_type}"
+            )
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether layer `layer` has the mixture of experts (else a dense MLP), by transformers' rule."""
+        every_step = (layer + 1) % self.decoder_sparse_step == 0
+        return layer not in self.mlp_only_layers and self.num_experts > 0 and every_step
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "QwenMoeConfig":
+        """Build from a qwen2_moe or qwen3_moe config.json, refusing unimplemented settings that change the math."""
+        model_type = hf.get("model_type", "qwen2_moe")
+        if model_type not in ("qwen2_moe", "qwen3_moe"):
+            raise ValueError(f"model_type {model_type!r} is not a Qwen MoE (qwen2_moe, qwen3_moe)")
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"config.json: hidden_act {act!r} is not supported by {model_type} (only 'silu')")
+        if hf.get("use_sliding_window"):
+            raise ValueError(
+                f"config.json: use_sliding_window = true is not supported for {model_type} (released checkpoints set "
+                "it false); set it to false to train with full causal attention"
+            )
+        known = {f.name for f in fields(cls)} - {"hf_config", "rope_theta", "rope_scaling", "attn_implementation",
+                                                  "qkv_bias", "o_bias", "qk_norm", "shared_expert_intermediate_size"}
+        kwargs = {k: v for k, v in hf.items() if k in known and v is not None}
+        kwargs["rope_theta"], kwargs["rope_scaling"] = rope_from_hf(hf)
+        if hf.get("num_experts") is None and hf.get("num_local_experts") is not None:
+            kwargs["num_experts"] = hf["num_local_experts"]  # transformers 5 writes Qwen3-MoE's count under this name
+        if model_type == "qwen2_moe":  # transformers' Qwen2-MoE: q/k/v bias unless qkv_bias = false, o_proj none
+            kwargs.update(qkv_bias=hf.get("qkv_bias", True), o_bias=False, qk_norm=False,
+                          shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size", 5632))
+        else:  # Qwen3-MoE: attention_bias on all four projections, q/k norms, no shared expert
+            bias = bool(hf.get("attention_bias", False))
+            kwargs.update(qkv_bias=bias, o_bias=bias, qk_norm=True, shared_expert_intermediate_size=0)
+        return cls(**kwargs, hf_config=dict(hf))
+
+
+def rope_from_hf(hf: dict) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from either the transformers 4 keys or the transformers 5 `rope_parameters`."""
+    params = dict(hf.get("rope_parameters") or {})
+    theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = dict(hf.get("rope_scaling") or params or {})
+    if "type" in scaling and "rope_type" not in scaling:
+        scaling["rope_type"] = scaling.pop("type")
+    if scaling.get("rope_type", "default") == "default":
+        scaling = None
+    return float(theta), scaling
+
+
+# ------------------------------------------------------------------------------------------ norm, rope, attention
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()  # normalise in fp32 whatever the parameter dtype
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: QwenMoeConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", torch.empty(config.head_dim // 2), persistent=False)
+
+    def materialize_after_load(self, device) -> None:
+        """The frequencies are derived, not stored in checkpoints: compute them on the final device."""
+        dim, scaling = self.config.head_dim, self.config.rope_scaling
+        inv_freq = 1.0 / self.config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+        if scaling is not None:  # "linear": positions divided by `factor`
+            inv_freq = inv_freq / scaling["factor"]
+        self.inv_freq = inv_freq.to(device)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, head_dim / 2), fp32 for long contexts
+        emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, head_dim)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D); cos/sin (B, T, D). Rotates the two halves of each head (the HF layout)."""
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: QwenMoeConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        )  # fmt: skip
+        D = config.hidden_size
+        self.q_proj = nn.Linear(D, self.n_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(D, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(D, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, D, bias=config.o_bias)
+        if config.qk_norm:  # Qwen3: one RMSNorm over head_dim, shared by all heads
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: attention.AttentionContext):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, Hq, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
+        y = attention.attend(q, k, v, ctx)  # (B, Hq, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer, 2020): down(silu(gate(x)) * up(x)). The dense layers and Qwen2-MoE's shared expert."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ------------------------------------------------------------------------------------------------ mixture of experts
+
+
+@functools.cache
+def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether this torch has torch._grouped_mm for this device and dtype, forward and backward (probed once)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        with torch.inference_mode(False), torch.enable_grad():  # the first call may come from a no_grad forward
+            # fixed values, not torch.randn: the probe must not move the global random state
+            x = torch.ones(6, 16, device=device_type, dtype=dtype, requires_grad=True)
+            w = torch.ones(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+            offs = torch.tensor([2, 6], device=device_type, dtype=torch.int32)
+            y = torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)  # (6, 16)
+            # a dense upstream gradient: an expanded one (from a bare .sum()) has zero strides that it refuses
+            (y.float() * torch.arange(y.numel(), device=device_type).view(y.shape)).sum().backward()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return True
+
+
+def grouped_matmul(x_MK: torch.Tensor, w_ENK: torch.Tensor, counts_E: torch.Tensor, use_grouped_mm: bool):
+    """Rows of x sorted by group (counts_E[e] rows for group e) times their group's weight: x[rows of e] @ w[e].T.
+
+    x (M, K), w (E, N, K) as stored (a Linear's (out, in) per expert) -> (M, N).
+    """
+    if use_grouped_mm:
+        offs = torch.cumsum(counts_E, 0).to(torch.int32)  # (E,) end row of each group, no host sync
+        return torch._grouped_mm(x_MK, w_ENK.transpose(-2, -1), offs=offs)
+    # fallback: scatter rows into an (E, C, K) buffer padded to the busiest group's C rows, one batched matmul.
+    # Costs a host sync (C) and E*C rows of compute; used where torch._grouped_mm is missing or refuses the dtype.
+    E, M = w_ENK.shape[0], x_MK.shape[0]
+    starts = torch.cumsum(counts_E, 0) - counts_E  # (E,) first row of each group
+    group = torch.repeat_interleave(torch.arange(E, device=x_MK.device), counts_E, output_size=M)  # (M,)
+    slot = torch.arange(M, device=x_MK.device) - starts[group]  # (M,) row within its group
+    capacity = int(counts_E.max()) if M else 0
+    padded = x_MK.new_zeros(E, capacity, x_MK.shape[1])  # (E, C, K)
+    padded[group, slot] = x_MK
+    out = torch.bmm(padded, w_ENK.transpose(1, 2))  # (E, C, N)
+    return out[group, slot]  # (M, N)
+
+
+class Experts(nn.Module):
+    """`num_experts` SwiGLU MLPs stacked into two tensors, computed as grouped GEMMs over tokens sorted by expert."""
+
+    # None: torch._grouped_mm wherever it works for the device, dtype and sizes; False: always the padded-bmm path
+    use_grouped_mm: bool | None = None
+
+    def __init__(self, config: QwenMoeConfig):
+        super().__init__()
+        E, D, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))  # per expert: [gate_proj; up_proj] weights
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+
+    def forward(self, x_ND: torch.Tensor, expert_NK: torch.Tensor, weight_NK: torch.Tensor) -> torch.Tensor:
+        """x (N, D); each token's K chosen experts and their weights (N, K) -> sum_k weight * expert_k(x), (N, D)."""
+        K = expert_NK.shape[1]
+        E = self.gate_up_proj.shape[0]
+        flat_expert = expert_NK.flatten()  # (N*K,) slot n*K + k
+        order = torch.argsort(flat_expert, stable=True)  # (N*K,) slots grouped by expert
+        token = order // K  # (N*K,) the token each sorted slot reads
+        counts = torch.zeros(E, dtype=torch.int64, device=x_ND.device).index_add_(
+            0, flat_expert, torch.ones_like(flat_expert)
+        )  # (E,) slots per expert, without a host sync
+        use_grouped = self._grouped_mm_ok(x_ND)
+        h = grouped_matmul(x_ND[token], self.gate_up_proj, counts, use_grouped)  # (N*K, 2I)
+        gate, up = h.chunk(2, dim=-1)
+        h = grouped_matmul(F.silu(gate) * up, self.down_proj, counts, use_grouped)  # (N*K, D)
+        h = h * weight_NK.flatten()[order, None]  # (N*K, D) scaled by its router weight
+        return torch.zeros_like(x_ND).index_add_(0, token, h)  # (N, D) summed over each token's K experts
+
+    def _grouped_mm_ok(self, x: torch.Tensor) -> bool:
+        if self.use_grouped_mm is False:
+            return False
+        # torch._grouped_mm needs 16-byte aligned rows: hidden and intermediate sizes a multiple of 16 bytes
+        aligned = all(n * x.element_size() % 16 == 0 for n in self.down_proj.shape[1:])
+        return aligned and grouped_mm_works(x.device.type, x.dtype)
+
+
+class SparseMoeBlock(nn.Module):
+    """Router + experts (+ Qwen2-MoE's gated shared expert). Returns the output and the load-balancing statistics."""
+
+    def __init__(self, config: QwenMoeConfig):
+        super().__init__()
+        self.config = config
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
+        self.experts = Experts(config)
+        if config.shared_expert_intermediate_size:
+            self.shared_expert = MLP(config.hidden_size, config.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def forward(self, x: torch.Tensor, token_weight_N: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> (B, T, D), and (2, E) fp32: [weighted top-k slot counts, summed router probabilities]."""
+        B, T, D = x.shape
+        x_ND = x.reshape(B * T, D)
+        logits = self.gate(x_ND)  # (N, E)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (N, E)
+        top_p, top_e = torch.topk(probs, self.config.num_experts_per_tok, dim=-1)  # (N, K) each
+        if self.config.norm_topk_prob:
+            top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+        out = self.experts(x_ND, top_e, top_p.to(x.dtype))  # (N, D)
+        if hasattr(self, "shared_expert"):
+            out = out + torch.sigmoid(self.shared_expert_gate(x_ND)) * self.shared_expert(x_ND)
+
+        # statistics for the load-balancing loss; a token's weight is 0 for padding, else 1
+        E = probs.shape[1]
+        slot_weight = torch.ones_like(top_p) if token_weight_N is None else token_weight_N[:, None].expand_as(top_p)
+        counts = torch.zeros(E, dtype=torch.float32, device=x.device).index_add_(
+            0, top_e.flatten(), slot_weight.reshape(-1)
+        )  # (E,)
+        prob_sum = probs.sum(0) if token_weight_N is None else (probs * token_weight_N[:, None]).sum(0)  # (E,)
+        return out.view(B, T, D), torch.stack([counts, prob_sum])
+
+
+def load_balancing_loss(stats: list[torch.Tensor], num_tokens: torch.Tensor | float, num_experts: int) -> torch.Tensor:
+    """E * sum_e f_e * P_e over all sparse layers together (transformers' `load_balancing_loss_func`).
+
+    stats: per sparse layer (2, E) [slot counts, probability sums]; num_tokens: counted tokens per layer.
+    f_e = slots routed to e / routed rows, P_e = probability mass of e / routed rows, rows summed over layers.
+    """
+    total = torch.stack(stats).sum(0)  # (2, E)
+    rows = num_tokens * len(stats)
+    return num_experts * torch.sum((total[0] / rows) * (total[1] / rows))
+
+
+# --------------------------------------------------------------------------------------------------------- model
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: QwenMoeConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.is_sparse(layer):
+            self.mlp = SparseMoeBlock(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, cos, sin, ctx, token_weight_N=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (x, the (2, E) routing statistics of a sparse layer, or None for a dense one)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, SparseMoeBlock):
+            h, stats = self.mlp(h, token_weight_N)
+            return x + h, stats
+        return x + self.mlp(h), None
+
+
+class QwenMoeModel(nn.Module):
+    def __init__(self, config: QwenMoeConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class QwenMoeForCausalLM(nn.Module):
+    def __init__(self, config: QwenMoeConfig):
+        super().__init__()
+        self.config = config
+        self.model = QwenMoeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.aux_loss: torch.Tensor | None = None  # set by every forward, see there
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the input embedding with the LM head (again after `to_empty`, which unties parameters)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        return_hidden: bool = False,
+        aux_loss_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab), or the final hidden states (B, T, D) with return_hidden.
+
+        Packed rows are recognised from position_ids restarting at 0, or given as cu_seqlens; attention never crosses
+        documents. Also sets `self.aux_loss`: router_aux_loss_coef * the load-balancing loss over every token of the
+        batch (the router sees one token at a time, so packing does not change it); tokens where the optional
+        `aux_loss_mask` (B, T) is False or 0 (padding) are left out, like transformers' `attention_mask`.
+        """
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        ctx = attention.build_context(
+            self.config.attn_implementation, (B, T), input_ids.device, position_ids, cu_seqlens, max_seqlen
+        )
+        token_weight_N = None if aux_loss_mask is None else aux_loss_mask.reshape(B * T).to(torch.float32)
+        x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        cos, sin = self.model.rotary_emb(position_ids, x.dtype)  # (B, T, head_dim) each
+        stats = []
+        for layer in self.model.layers:
+            x, layer_stats = layer(x, cos, sin, ctx, token_weight_N)
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        if stats:
+            num_tokens = B * T if token_weight_N is None else token_weight_N.sum()
+            balance = load_balancing_loss(stats, num_tokens, self.config.num_experts)
+            self.aux_loss = self.config.router_aux_loss_coef * balance
+        else:  # every layer dense
+            self.aux_loss = torch.zeros((), device=input_ids.device)
+        x = self.model.norm(x)  # (B, T, D)
+        return x if return_hidden else self.lm_head(x)
+
+    # ------------------------------------------------------------------------------ checkpoint key map (EXPERT_KEYS)
+
+    def param_for_hf_key(self, key: str) -> tuple[str, object]:
+        """Checkpoint key -> (parameter name, index into it); per-expert keys land in a slice of a stacked tensor."""
+        match = _EXPERT_KEY_RE.match(key)
+        if match is None or match.group(3) not in EXPERT_KEYS:
+            return key, None
+        prefix, expert, local = match.group(1), int(match.group(2)), match.group(3)
+        param, rows = EXPERT_KEYS[local]
+        return f"{prefix}.{param}", (expert, self._rows(rows))
+
+    def expected_hf_keys(self) -> dict[str, tuple[int, ...]]:
+        """Every checkpoint key the model reads, with its shape (experts one by one, as checkpoints hold them)."""
+        shapes = {}
+        for name, param in self.named_parameters(remove_duplicate=True):
+            prefix, _, local = name.rpartition(".")
+            if isinstance(self.get_submodule(prefix), Experts):
+                for expert in range(param.shape[0]):
+                    for hf_local, (stacked, rows) in EXPERT_KEYS.items():
+                        if stacked == local:
+                            shapes[f"{prefix}.{expert}.{hf_local}"] = tuple(param[expert, self._rows(rows)].shape)
+            elif ".lora_" not in name:  # adapters are not in base checkpoints
+                shapes[name] = tuple(param.shape)
+        if self.config.tie_word_embeddings:
+            shapes.pop("lm_head.weight", None)
+        return shapes
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors under their checkpoint names: stacked experts split back into one tensor per expert."""
+        out = {}
+        for name, tensor in self.state_dict().items():
+            prefix, _, local = name.rpartition(".")
+            if prefix and isinstance(self.get_submodule(prefix), Experts):
+                for expert in range(tensor.shape[0]):
+                    for hf_local, (stacked, rows) in EXPERT_KEYS.items():
+                        if stacked == local:  # copied: safetensors refuses tensors that share storage
+                            out[f"{prefix}.{expert}.{hf_local}"] = tensor[expert, self._rows(rows)].to("cpu", copy=True)
+            else:
+                out[name] = tensor
+        if self.config.tie_word_embeddings:
+            out.pop("lm_head.weight", None)
+        return out
+
+    def _rows(self, rows: str) -> slice:
+        I = self.config.moe_intermediate_size
+        return {"first half": slice(0, I), "second half": slice(I, 2 * I), "all": slice(None)}[rows]
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Random init for training from scratch (transformers' scheme: normal(0, initializer_range), norms at 1)."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, Experts):
+                module.gate_up_proj.normal_(0.0, std, generator=generator)
+                module.down_proj.normal_(0.0, std, generator=generator)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            elif isinstance(module, RotaryEmbedding):
+                module.materialize_after_load(module.inv_freq.device)
