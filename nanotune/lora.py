@@ -1,0 +1,449 @@
+"""LoRA, rsLoRA and DoRA as in-place swaps of linear layers; merging; adapters in PEFT's format.
+
+LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) freezes a linear weight W (out, in) and learns a low-rank
+update: y = W x + b + s * B A x, with A (r, in) Kaiming-uniform, B (out, r) zero, so a fresh adapter changes nothing,
+and s = alpha / r (rsLoRA, Kalajdzievski 2023: s = alpha / sqrt(r), which keeps updates the same size as r grows).
+DoRA (Liu et al. 2024, https://arxiv.org/abs/2402.09353) splits the merged weight into a learned per-row magnitude m
+and a direction: W' = m * (W + s B A) / ||W + s B A||, the norm taken over each output row and, as in section 4.3 of
+the paper, treated as a constant in the backward pass.
+
+    apply_lora(model, ["q_proj", "v_proj"], rank=16, alpha=32)    # or "all-linear"; on a meta or a loaded model
+    ... train: only lora_A, lora_B (and lora_magnitude_vector, modules_to_save) require grad ...
+    save_adapter(model, "out/adapter")                              # loads in peft.PeftModel.from_pretrained
+    load_adapter(model, "some/peft_adapter")                        # made by PEFT or by nanotune
+    merge_lora(model)                                               # plain nn.Linear again, ready to save in HF format
+
+Parameter names match PEFT's saved keys after the "base_model.model." prefix: `...q_proj.lora_A.weight`,
+`...q_proj.lora_B.weight`, `...q_proj.lora_magnitude_vector`; modules trained in full (`modules_to_save`) are saved
+under their own names (`lm_head.weight`). The frozen base weight keeps its HF name (`...q_proj.weight`), so the model
+loader fills it as if no swap had happened. With QLoRA the base is NF4 (nanotune/qlora.py) and only the base matmul
+and the dequantised weight differ.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from nanotune.qlora import NF4Linear
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # PEFT saves keys relative to PeftModel -> LoraModel -> the transformers model
+LORA_PARAM_NAMES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+
+
+class _Adapter:
+    """The LoRA / DoRA part shared by LoRALinear (full-precision base) and QLoRALinear (NF4 base).
+
+    A subclass provides `in_features`, `out_features`, `bias`, `base_weight()` (the full W, (out, in)) and calls
+    `_add_adapter` in its constructor and `_adapter_forward(x, base_out)` in forward.
+    """
+
+    def _add_adapter(self, rank: int, alpha: float, dropout: float, rslora: bool, dora: bool, dtype, device):
+        if rank < 1:
+            raise ValueError(f"lora.rank must be a positive integer, got {rank}")
+        self.rank, self.alpha, self.rslora, self.dora = rank, alpha, rslora, dora
+        self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device="meta", dtype=dtype)  # A: (r, in)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device="meta", dtype=dtype)  # B: (out, r)
+        self.lora_magnitude_vector = None
+        if dora:  # m: (out,), one magnitude per output row
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, device="meta", dtype=dtype))
+        if device.type != "meta":  # the base weight is already here: allocate and initialise now
+            self._init_adapter(device)
+
+    def _init_adapter(self, device) -> None:
+        """A Kaiming-uniform (as nn.Linear's default), B zero; DoRA's m = ||W|| row norms, so W' = W at the start."""
+        self.lora_A.to_empty(device=device)
+        self.lora_B.to_empty(device=device)
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+            if self.dora:
+                m = self.base_weight().to(self.lora_A.weight.dtype).norm(dim=1)  # (out,)
+                self.lora_magnitude_vector = nn.Parameter(m.to(device))
+
+    def materialize_after_load(self, device) -> None:
+        """Called by the model loader once the base weight is in: allocate and initialise the adapter."""
+        if self.lora_A.weight.is_meta and not self._base_is_meta():
+            self._init_adapter(torch.device(device))
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B A, (out, in) in the adapter dtype."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def merged_weight(self) -> torch.Tensor:
+        """The weight that makes a plain linear compute what this module computes (in eval), in fp32."""
+        w = self.base_weight().float() + self.delta_weight().float()  # (out, in)
+        if self.dora:
+            w = w * (self.lora_magnitude_vector.float() / w.norm(dim=1)).unsqueeze(1)
+        return w
+
+    def _adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """base_out = W x + b (..., out) -> the adapted output, in base_out's dtype."""
+        x = x.to(self.lora_A.weight.dtype)  # adapters may be fp32 while the base runs in bf16
+        if not self.dora:
+            out = base_out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+            return out.to(base_out.dtype)
+        # DoRA: y = m/||W + sBA|| * (W x + s B A x) + b = base_out + (m/n - 1) * W x + m/n * s B A x
+        w = self.base_weight().to(x.dtype)  # (out, in), frozen
+        with torch.no_grad():  # the norm is a constant for backward (DoRA section 4.3), so build no graph for it
+            norm = (w + self.scaling * (self.lora_B.weight @ self.lora_A.weight)).norm(dim=1)  # (out,)
+        mag_scale = (self.lora_magnitude_vector / norm).view(1, -1)  # (1, out)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            wx = base_out if self.bias is None else base_out - self.bias  # W x, reused from the base matmul
+        else:  # with dropout the adapter sees dropout(x), and so must the rescaled W x
+            x = self.lora_dropout(x)
+            wx = F.linear(x, w)
+        lora_out = self.lora_B(self.lora_A(x))  # (..., out)
+        out = base_out + (mag_scale - 1) * wx + mag_scale * lora_out * self.scaling
+        return out.to(base_out.dtype)
+
+    def _adapter_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, rslora={self.rslora}, dora={self.dora}"
+
+
+class LoRALinear(_Adapter, nn.Module):
+    """nn.Linear with a frozen weight and a trainable low-rank update (see the module docstring)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 dora: bool = False, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # (out, in), HF name kept so the loader fills it
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self._add_adapter(rank, alpha, dropout, rslora, dora, dtype, base.weight.device)
+
+    def base_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def _base_is_meta(self) -> bool:
+        return self.weight.is_meta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._adapter_forward(x, F.linear(x, self.weight, self.bias))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self._adapter_repr()}"
+
+
+class QLoRALinear(_Adapter, NF4Linear):
+    """NF4Linear (frozen 4-bit base) with a trainable low-rank update: QLoRA (Dettmers et al. 2023)."""
+
+    def __init__(self, base: NF4Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 dora: bool = False, dtype: torch.dtype = torch.float32):
+        NF4Linear.__init__(self, base.in_features, base.out_features, False, base.compute_dtype, base.quant_device)
+        self.weight, self.bias, self.quant_state = base.weight, base.bias, base.quant_state  # take over the storage
+        device = torch.device("meta") if base.quant_state is None else base.weight.device
+        self._add_adapter(rank, alpha, dropout, rslora, dora, dtype, device)
+
+    def base_weight(self) -> torch.Tensor:
+        return self.dequantize()
+
+    def _base_is_meta(self) -> bool:
+        return self.quant_state is None
+
+    def materialize_after_load(self, device) -> None:
+        NF4Linear.materialize_after_load(self, device)
+        _Adapter.materialize_after_load(self, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._adapter_forward(x, NF4Linear.forward(self, x))
+
+    def extra_repr(self) -> str:
+        return f"{NF4Linear.extra_repr(self)}, {self._adapter_repr()}"
+
+
+ADAPTED = (LoRALinear, QLoRALinear)
+
+
+# ---------------------------------------------------------------------------------------------------- applying
+
+
+def apply_lora(model: nn.Module, targets, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+               dora: bool = False, modules_to_save=(), dtype: torch.dtype = torch.float32) -> list[str]:
+    """Swap the targeted linear layers of `model` for LoRA layers in place and freeze everything else.
+
+    targets: module-name suffixes (["q_proj", "v_proj"] matches "model.layers.3.self_attn.q_proj"), "all-linear"
+        (every linear layer except the LM head), or a regular expression string matched against whole module names
+        (as PEFT does for a string target_modules).
+    modules_to_save: module-name suffixes trained in full (e.g. ["embed_tokens", "lm_head"]).
+    dtype: the adapters' dtype; fp32 by default even for a bf16 model, so small updates are not rounded away.
+    Works on a model on the meta device (inside `models.from_pretrained(prepare=...)`: the adapters are allocated by
+    `materialize_after_load` after the base weights are in) and on a loaded model (allocated and initialised now).
+    Returns the names of the swapped modules.
+    """
+    modules_to_save = list(modules_to_save or [])
+    if any(isinstance(m, ADAPTED) for m in model.modules()):
+        raise ValueError("this model already has LoRA layers; apply_lora once (load_adapter reuses existing layers).")
+    linear_names = [n for n, m in model.named_modules() if type(m) in (nn.Linear, NF4Linear)]
+    chosen = _match_targets(model, targets, linear_names, modules_to_save)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in chosen:
+        base = model.get_submodule(name)
+        cls = QLoRALinear if isinstance(base, NF4Linear) else LoRALinear
+        _set_submodule(model, name, cls(base, rank, alpha, dropout, rslora, dora, dtype))
+    for name in _match_suffixes([n for n, _ in model.named_modules()], modules_to_save, "lora.modules_to_save"):
+        module = model.get_submodule(name)
+        if any(isinstance(m, (NF4Linear, *ADAPTED)) for m in module.modules()):
+            raise ValueError(f"lora.modules_to_save: {name} is (or holds) a LoRA target or a quantised layer; "
+                             "train each module one way only.")
+        for p in module.parameters():
+            p.requires_grad_(True)
+    return chosen
+
+
+def prepare_from_config(cfg, device=None):
+    """The `prepare` callable for `models.from_pretrained` from a [lora] config section, or None when disabled.
+
+    It quantises the base to NF4 first when `cfg.quantize == "nf4"` (on `device`; modules trained in full and the
+    LM head stay in full precision), then swaps in the adapters.
+    """
+    if not cfg.enabled:
+        return None
+    if cfg.quantize not in ("", "nf4"):
+        raise ValueError(f"lora.quantize = {cfg.quantize!r} is not supported; use \"nf4\" (QLoRA) or \"\" (none).")
+
+    def prepare(model: nn.Module) -> None:
+        if cfg.quantize == "nf4":
+            from nanotune.qlora import quantize_nf4
+
+            quantize_nf4(model, skip=("lm_head", *cfg.modules_to_save), device=device)
+        apply_lora(model, cfg.targets, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, cfg.dora, cfg.modules_to_save)
+
+    return prepare
+
+
+def _match_targets(model, targets, linear_names, modules_to_save) -> list[str]:
+    if targets == "all-linear" or list(targets) == ["all-linear"]:
+        # as PEFT: every linear but the output layer, which maps to the vocabulary and is trained in full if at all
+        chosen = [n for n in linear_names if not _ends_with(n, ["lm_head", *modules_to_save])]
+    elif isinstance(targets, str):
+        chosen = [n for n, _ in model.named_modules() if re.fullmatch(targets, n)]
+    else:
+        chosen = _match_suffixes([n for n, _ in model.named_modules()], list(targets), "lora.targets")
+    not_linear = [n for n in chosen if n not in linear_names]
+    if not_linear:
+        raise ValueError(
+            f"lora.targets matched {not_linear[:4]}, which are not linear layers; LoRA here adapts nn.Linear only "
+            f"(train embeddings or the LM head in full with lora.modules_to_save)."
+        )
+    if not chosen:
+        suffixes = sorted({n.rpartition(".")[2] for n in linear_names})
+        raise ValueError(f"lora.targets {targets!r} matched no linear layer; the model's linear layers are {suffixes}.")
+    return chosen
+
+
+def _match_suffixes(names: list[str], suffixes: list[str], what: str) -> list[str]:
+    chosen = [n for n in names if _ends_with(n, suffixes)]
+    unmatched = [s for s in suffixes if not any(_ends_with(n, [s]) for n in names)]
+    if unmatched:
+        leaves = sorted({n.rpartition(".")[2] for n in names if n})
+        raise ValueError(f"{what} {unmatched} matched no module; module names end in {leaves}.")
+    return chosen
+
+
+def _ends_with(name: str, suffixes) -> bool:
+    return any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """name -> parameter for everything that is trained: what the optimizer and training checkpoints hold."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; an NF4 weight counts as the out*in values it stands for."""
+    trainable = total = 0
+    seen = set()  # tied parameters (embedding and LM head) count once
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            nf4 = isinstance(module, NF4Linear) and name == "weight"
+            n = module.out_features * module.in_features if nf4 else p.numel()
+            total += n
+            trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def describe_parameters(model: nn.Module) -> str:
+    """One line for the run log: 'trainable params: 1,024 of 1,048,576 (0.0977%)'."""
+    trainable, total = count_parameters(model)
+    return f"trainable params: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.4g}%)"
+
+
+# ---------------------------------------------------------------------------------------------------- merging
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and swap the module back to nn.Linear, in place.
+
+    NF4 layers (adapted or not) are dequantised to nn.Linear in their compute dtype, so the result is a plain model
+    that `models.save_pretrained` writes in HF format. A LoRA layer keeps its base weight's dtype. Returns `model`.
+    """
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ADAPTED):
+            weight, dtype = module.merged_weight(), (module.compute_dtype if isinstance(module, NF4Linear)
+                                                     else module.weight.dtype)
+        elif isinstance(module, NF4Linear):
+            weight, dtype = module.dequantize(), module.compute_dtype
+        else:
+            continue
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+        if module.bias is not None:
+            linear.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+        _set_submodule(model, name, linear)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------- adapter files
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter (LoRA tensors and modules trained in full) under PEFT's key names."""
+    return {PEFT_PREFIX + n: p.detach() for n, p in model.named_parameters() if p.requires_grad or _is_lora(n)}
+
+
+def _is_lora(name: str) -> bool:
+    return name.endswith(LORA_PARAM_NAMES)
+
+
+def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
+    """PEFT's adapter_config.json for the LoRA layers of `model` (all of them share rank, alpha and options)."""
+    adapted = {n: m for n, m in model.named_modules() if isinstance(m, ADAPTED)}
+    if not adapted:
+        raise ValueError("the model has no LoRA layers to save; call apply_lora (or load_adapter) first.")
+    settings = {(m.rank, m.alpha, m.rslora, m.dora, _dropout_p(m)) for m in adapted.values()}
+    if len(settings) > 1:
+        raise ValueError(f"LoRA layers differ in (rank, alpha, rslora, dora, dropout): {sorted(settings)}; "
+                         "PEFT's format here needs one setting for all of them.")
+    rank, alpha, rslora, dora, dropout = settings.pop()
+    # target_modules as leaf names when they select exactly the adapted layers, else the full names
+    leaves = sorted({n.rpartition(".")[2] for n in adapted})
+    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear, *ADAPTED))]
+    exact = {n for n in linears if _ends_with(n, leaves)} == set(adapted)
+    trained_in_full = sorted({n.rpartition(".")[0] for n, p in model.named_parameters()
+                              if p.requires_grad and not _is_lora(n)})
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": leaves if exact else sorted(adapted),
+        "use_rslora": rslora,
+        "use_dora": dora,
+        "modules_to_save": trained_in_full or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def _dropout_p(module) -> float:
+    return module.lora_dropout.p if isinstance(module.lora_dropout, nn.Dropout) else 0.0
+
+
+def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> None:
+    """Write adapter_config.json + adapter_model.safetensors in PEFT's format (loads in PeftModel.from_pretrained)."""
+    path = Path(path)
+    config = adapter_config(model, base_model_name_or_path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+# PEFT options that change what an adapter computes and that nanotune does not implement: (key, the harmless value)
+_UNSUPPORTED = [("fan_in_fan_out", False), ("bias", "none"), ("lora_bias", False), ("rank_pattern", {}),
+                ("alpha_pattern", {}), ("layers_to_transform", None), ("layer_replication", None),
+                ("use_qalora", False), ("target_parameters", None), ("trainable_token_indices", None),
+                ("exclude_modules", None)]
+
+
+def read_adapter_config(path: str | Path) -> dict:
+    path = Path(path)
+    file = path / ADAPTER_CONFIG
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} has no {ADAPTER_CONFIG}; an adapter folder holds {ADAPTER_CONFIG} and "
+                                f"{ADAPTER_WEIGHTS} (PEFT's format).")
+    config = json.loads(file.read_text())
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{file}: peft_type is {config.get('peft_type')!r}; nanotune loads LoRA adapters only.")
+    for key, default in _UNSUPPORTED:
+        if config.get(key, default) not in (default, None, {}, False):
+            raise ValueError(f"{file}: {key} = {config[key]!r} is not supported by nanotune (only {default!r}).")
+    return config
+
+
+def load_adapter(model: nn.Module, path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load an adapter written by PEFT or by nanotune into a loaded model, in place; returns the model.
+
+    A model without LoRA layers gets them first (apply_lora with the adapter's config); one that has them must
+    match it. Every LoRA tensor and module trained in full must be in the file, and nothing else may be.
+    """
+    path = Path(path)
+    config = read_adapter_config(path)
+    if any(p.is_meta for n, p in model.named_parameters() if not _is_lora(n)):
+        raise ValueError("load_adapter needs the base weights loaded; call it after models.from_pretrained.")
+    rank, alpha = config["r"], config["lora_alpha"]
+    rslora, dora = config.get("use_rslora", False), config.get("use_dora", False)
+    adapted = [m for m in model.modules() if isinstance(m, ADAPTED)]
+    if not adapted:
+        apply_lora(model, config["target_modules"], rank, alpha, dropout=config.get("lora_dropout", 0.0),
+                   rslora=rslora, dora=dora, modules_to_save=config.get("modules_to_save") or [], dtype=dtype)
+    elif any((m.rank, m.alpha, m.rslora, m.dora) != (rank, alpha, rslora, dora) for m in adapted):
+        raise ValueError(f"{path}: the adapter has r={rank}, lora_alpha={alpha}, use_rslora={rslora}, "
+                         f"use_dora={dora}, but the model's LoRA layers differ; load it into a model without LoRA.")
+    file = path / ADAPTER_WEIGHTS
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} has no {ADAPTER_WEIGHTS} (nanotune reads safetensors adapters only).")
+    tensors = {}
+    for key, tensor in load_file(str(file)).items():
+        name = key.removeprefix(PEFT_PREFIX)
+        if name.endswith("lora_magnitude_vector.weight"):  # how older PEFT versions named it
+            name = name.removesuffix(".weight")
+        tensors[name] = tensor
+    wanted = adapter_state_dict(model)
+    wanted = {k.removeprefix(PEFT_PREFIX): v for k, v in wanted.items()}
+    missing = sorted(set(wanted) - set(tensors))
+    unexpected = sorted(set(tensors) - set(wanted))
+    if missing or unexpected:
+        raise ValueError(f"{file} does not match the model's LoRA layers: missing {missing[:6]}, "
+                         f"unexpected {unexpected[:6]}. Was it made for this base model and config?")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if tuple(tensor.shape) != tuple(params[name].shape):
+                raise ValueError(f"{file}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                                 f"{tuple(params[name].shape)}.")
+            params[name].copy_(tensor)
+    return model
+

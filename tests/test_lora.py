@@ -1,0 +1,422 @@
+"""LoRA / DoRA / QLoRA: identity at init, merging, gradients, and adapter round trips with PEFT as the reference."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import models
+from nanotune import lora
+from nanotune.lora import LoRALinear, QLoRALinear, apply_lora, load_adapter, merge_lora, save_adapter
+from tests.conftest import ROOT
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def ids_for(vocab=96, B=2, T=7, seed=0):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def randomize_adapters(model, seed=1):
+    """B = 0 at init makes every adapter a no-op; give all trainable tensors random values so tests see them."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in sorted(lora.trainable_parameters(model).items()):
+        p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        out = model(ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def max_diff(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+# ------------------------------------------------------------------------------------------------ LoRA basics
+
+
+@pytest.mark.parametrize("on_meta", [False, True], ids=["loaded", "meta"])
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_fresh_lora_equals_base_and_only_adapters_train(hf_checkpoint, on_meta, dora):
+    folder, _ = hf_checkpoint("llama")
+    base = models.from_pretrained(folder)
+    if on_meta:  # swapped on the meta model, adapters allocated by materialize_after_load
+        model = models.from_pretrained(folder, prepare=lambda m: apply_lora(m, "all-linear", 4, 8, dora=dora))
+    else:
+        model = models.from_pretrained(folder)
+        apply_lora(model, "all-linear", rank=4, alpha=8, dora=dora)
+    adapted = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    assert len(adapted) == 2 * 7 and not any("lm_head" in n for n in adapted)
+    a = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert a.lora_A.weight.abs().sum() > 0 and a.lora_B.weight.abs().sum() == 0  # A Kaiming, B zero
+    ids = ids_for()
+    if dora:  # m = ||W|| per row, so W' = W up to the rounding of m / ||W||
+        assert torch.equal(a.lora_magnitude_vector, a.weight.norm(dim=1))
+        assert max_diff(logits(model, ids), logits(base, ids)) <= 1e-5
+    else:
+        assert torch.equal(logits(model, ids), logits(base, ids))
+
+    model(ids).sum().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    trainable = set(lora.trainable_parameters(model))
+    assert with_grad == trainable
+    lora_names = ("lora_A.weight", "lora_B.weight") + (("lora_magnitude_vector",) if dora else ())
+    assert trainable and all(n.endswith(lora_names) for n in trainable)
+    num_trainable, total = lora.count_parameters(model)
+    assert num_trainable == sum(p.numel() for p in lora.trainable_parameters(model).values())
+    assert total == sum(p.numel() for p in base.parameters()) + num_trainable
+    assert "trainable params" in lora.describe_parameters(model)
+
+
+def test_targets_suffixes_modules_to_save_and_errors(hf_checkpoint):
+    folder, _ = hf_checkpoint("llama")
+    model = models.from_pretrained(folder)
+    chosen = apply_lora(model, ["q_proj", "v_proj"], rank=2, alpha=4, modules_to_save=["lm_head", "embed_tokens"])
+    assert chosen == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    trainable = lora.trainable_parameters(model)
+    assert "lm_head.weight" in trainable and "model.embed_tokens.weight" in trainable
+    assert "model.layers.0.self_attn.k_proj.weight" not in trainable
+
+    fresh = models.from_pretrained(folder)
+    with pytest.raises(ValueError, match=r"matched no module.*q_proj"):
+        apply_lora(fresh, ["qproj"], rank=2, alpha=4)
+    with pytest.raises(ValueError, match="not linear layers.*modules_to_save"):
+        apply_lora(fresh, ["embed_tokens"], rank=2, alpha=4)
+    with pytest.raises(ValueError, match="positive"):
+        apply_lora(fresh, ["q_proj"], rank=0, alpha=4)
+    with pytest.raises(ValueError, match="holds\\) a LoRA target"):
+        apply_lora(fresh, ["q_proj"], rank=2, alpha=4, modules_to_save=["self_attn"])
+    fresh = models.from_pretrained(folder)
+    apply_lora(fresh, ["q_proj"], rank=2, alpha=4)
+    with pytest.raises(ValueError, match="already has LoRA"):
+        apply_lora(fresh, ["q_proj"], rank=2, alpha=4)
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(rslora=True), dict(dora=True)], ids=["lora", "rslora", "dora"])
+def test_merged_equals_unmerged(hf_checkpoint, variant):
+    folder, _ = hf_checkpoint("llama", attention_bias=True)
+    model = models.from_pretrained(folder)
+    apply_lora(model, "all-linear", rank=4, alpha=16, **variant)
+    randomize_adapters(model)
+    ids = ids_for()
+    before = logits(model, ids)
+    merge_lora(model)
+    assert not any(isinstance(m, lora.ADAPTED) for m in model.modules())
+    assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith("proj"))
+    after = logits(model, ids)
+    assert max_diff(before, after) <= 1e-5
+    assert max_diff(before, logits(models.from_pretrained(folder), ids)) > 1e-3  # the adapters did change something
+
+
+def test_rslora_scaling(hf_checkpoint):
+    folder, _ = hf_checkpoint("llama")
+    model = models.from_pretrained(folder)
+    apply_lora(model, ["q_proj"], rank=4, alpha=8, rslora=True)
+    assert model.get_submodule("model.layers.0.self_attn.q_proj").scaling == pytest.approx(8 / 2)
+
+
+def test_dropout_is_used_in_training_only(hf_checkpoint):
+    folder, _ = hf_checkpoint("llama")
+    model = models.from_pretrained(folder)
+    apply_lora(model, ["q_proj"], rank=4, alpha=8, dropout=0.5)
+    randomize_adapters(model)
+    ids = ids_for()
+    model.eval()
+    assert torch.equal(logits(model, ids), logits(model, ids))
+    model.train()
+    torch.manual_seed(0)
+    assert not torch.equal(logits(model, ids), logits(model, ids))
+
+
+# ------------------------------------------------------------------------------------------------ PEFT round trips
+
+
+def hf_model_from(folder):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").float().eval()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(targets=["q_proj", "v_proj", "down_proj"]),
+        dict(targets="all-linear", rslora=True, modules_to_save=["lm_head", "embed_tokens"]),
+        dict(targets=ATTN, dora=True),
+    ],
+    ids=["lora", "rslora-modules_to_save", "dora"],
+)
+def test_nanotune_adapter_loads_in_peft_with_same_logits(hf_checkpoint, tmp_path, options):
+    peft = pytest.importorskip("peft")
+    folder, _ = hf_checkpoint("llama")
+    model = models.from_pretrained(folder)
+    targets = options.pop("targets")
+    apply_lora(model, targets, rank=4, alpha=8, **options)
+    randomize_adapters(model)
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(folder))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["use_dora"] == options.get("dora", False)
+
+    reference = peft.PeftModel.from_pretrained(hf_model_from(folder), tmp_path / "adapter").eval()
+    ids = ids_for()
+    ours, theirs = logits(model, ids), logits(reference, ids)
+    assert max_diff(ours, theirs) <= 1e-4
+    assert max_diff(theirs, logits(models.from_pretrained(folder), ids)) > 1e-3  # PEFT really applied it
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(target_modules=["q_proj", "k_proj", "up_proj"], lora_alpha=16),
+        dict(target_modules="all-linear", use_rslora=True, modules_to_save=["lm_head"], lora_alpha=8),
+        dict(target_modules=r".*\.(q_proj|o_proj)", use_dora=True, lora_alpha=8),
+    ],
+    ids=["lora", "all-linear-rslora-modules_to_save", "regex-dora"],
+)
+def test_peft_adapter_loads_in_nanotune_with_same_logits(hf_checkpoint, tmp_path, options):
+    peft = pytest.importorskip("peft")
+    folder, _ = hf_checkpoint("llama")
+    torch.manual_seed(3)
+    reference = peft.get_peft_model(hf_model_from(folder), peft.LoraConfig(r=4, **options))
+    randomize_adapters(reference, seed=2)
+    reference.eval()
+    reference.save_pretrained(tmp_path / "peft_adapter")
+
+    model = load_adapter(models.from_pretrained(folder), tmp_path / "peft_adapter")
+    ids = ids_for()
+    assert max_diff(logits(model, ids), logits(reference, ids)) <= 1e-4
+    # and back: what nanotune writes from it is the same adapter
+    save_adapter(model, tmp_path / "again")
+    again = load_adapter(models.from_pretrained(folder), tmp_path / "again")
+    assert torch.equal(logits(again, ids), logits(model, ids))
+
+
+def test_dora_training_step_matches_peft(hf_checkpoint):
+    """Same forward, same gradients (the weight norm is a constant for backward in both), with dropout off."""
+    peft = pytest.importorskip("peft")
+    folder, _ = hf_checkpoint("llama", attention_bias=True)
+    model = models.from_pretrained(folder)
+    apply_lora(model, ["q_proj", "gate_proj"], rank=4, alpha=8, dora=True)
+    randomize_adapters(model)
+    reference = peft.get_peft_model(hf_model_from(folder), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj"], use_dora=True))
+    peft_params = dict(reference.named_parameters())
+    with torch.no_grad():
+        for name, p in lora.trainable_parameters(model).items():
+            head, _, leaf = name.rpartition(".")
+            if leaf == "lora_magnitude_vector":
+                key = f"base_model.model.{head}.lora_magnitude_vector.default.weight"
+            else:
+                key = f"base_model.model.{head.rpartition('.')[0]}.{head.rpartition('.')[2]}.default.{leaf}"
+            peft_params[key].copy_(p)
+    model.train()
+    reference.train()
+    ids = ids_for()
+    ours, theirs = model(ids), reference(ids).logits
+    assert max_diff(ours, theirs) <= 1e-4
+    ours.square().mean().backward()
+    theirs.square().mean().backward()
+    name = "model.layers.1.mlp.gate_proj"
+    ours_layer, theirs_layer = model.get_submodule(name), reference.get_submodule("base_model.model." + name)
+    magnitude_grad = theirs_layer.lora_magnitude_vector["default"].weight.grad
+    assert max_diff(ours_layer.lora_magnitude_vector.grad, magnitude_grad) <= 1e-5
+    assert max_diff(ours_layer.lora_A.weight.grad, theirs_layer.lora_A["default"].weight.grad) <= 1e-5
+    assert ours_layer.lora_A.weight.grad.abs().max() > 0
+
+
+def test_adapter_errors(hf_checkpoint, tmp_path):
+    folder, _ = hf_checkpoint("llama")
+    model = models.from_pretrained(folder)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_adapter(model, tmp_path)
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        save_adapter(model, tmp_path / "none")
+    apply_lora(model, ["q_proj"], rank=2, alpha=4)
+    save_adapter(model, tmp_path / "a")
+    other = models.from_pretrained(folder)
+    apply_lora(other, ["q_proj"], rank=4, alpha=4)
+    with pytest.raises(ValueError, match="differ"):
+        load_adapter(other, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": True}))
+    with pytest.raises(ValueError, match="fan_in_fan_out"):
+        load_adapter(models.from_pretrained(folder), tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["k_proj"]}))
+    with pytest.raises(ValueError, match=r"missing \['model.layers.0.self_attn.k_proj.lora_A.weight'"):
+        load_adapter(models.from_pretrained(folder), tmp_path / "a")
+
+
+# ------------------------------------------------------------------------------------------------ QLoRA (NF4)
+
+
+def test_qlora_forward_backward_and_merge_on_cpu(hf_checkpoint):
+    pytest.importorskip("bitsandbytes")
+    from nanotune.qlora import NF4Linear, quantize_nf4
+
+    folder, _ = hf_checkpoint("llama", attention_bias=True)
+    base = models.from_pretrained(folder)
+
+    def prepare(model):  # on the meta model: weights are quantised as they stream in
+        quantize_nf4(model)
+        apply_lora(model, ["q_proj", "v_proj", "up_proj"], rank=4, alpha=8, dora=False)
+
+    model = models.from_pretrained(folder, prepare=prepare)
+    q = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert isinstance(q, QLoRALinear) and q.weight.dtype == torch.uint8 and q.weight.numel() == 64 * 64 // 2
+    assert isinstance(model.get_submodule("model.layers.0.self_attn.k_proj"), NF4Linear)
+    assert type(model.lm_head) is nn.Linear  # the LM head stays in full precision
+    # the dequantised weight is W up to NF4 rounding (about 1/8 of a block's absmax at worst)
+    w = base.get_submodule("model.layers.0.self_attn.q_proj").weight
+    assert max_diff(q.dequantize(), w) <= 0.1 * w.abs().max().item()
+
+    ids = ids_for()
+    out = model(ids)  # fresh adapters: the NF4 model, which is close to the fp32 one
+    reference = logits(base, ids)
+    assert max_diff(out, reference) <= 0.2 * reference.abs().max().item()
+    out.float().square().mean().backward()
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == set(lora.trainable_parameters(model))
+    assert q.lora_B.weight.grad.abs().max() > 0 and not q.weight.requires_grad
+
+    trainable, total = lora.count_parameters(model)
+    assert total == sum(p.numel() for p in base.parameters()) + trainable
+
+    randomize_adapters(model)
+    before = logits(model, ids)
+    merge_lora(model)
+    assert not any(isinstance(m, NF4Linear) for m in model.modules())
+    assert model.get_submodule("model.layers.0.self_attn.k_proj").weight.dtype == torch.bfloat16
+    # the merged weights are bf16-rounded and the NF4 matmul ran in bf16: equal up to bf16 precision
+    assert max_diff(logits(model.float(), ids), before) <= 2e-2 * before.abs().max().item()
+
+
+def test_qlora_dora_on_loaded_model(hf_checkpoint):
+    pytest.importorskip("bitsandbytes")
+    from nanotune.qlora import quantize_nf4
+
+    folder, _ = hf_checkpoint("llama")
+    model = models.from_pretrained(folder)
+    quantize_nf4(model)  # on a loaded model: quantised immediately
+    apply_lora(model, ["o_proj"], rank=4, alpha=8, dora=True)
+    o = model.get_submodule("model.layers.1.self_attn.o_proj")
+    assert torch.allclose(o.lora_magnitude_vector, o.dequantize().float().norm(dim=1))
+    ids = ids_for()
+    model(ids).float().mean().backward()
+    assert o.lora_magnitude_vector.grad is not None
+
+
+PEAK_RSS_SCRIPT = """
+import gc, sys, torch
+sys.path.insert(0, sys.argv[1])
+import models
+from nanotune.qlora import quantize_nf4
+
+def status_mb(key):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key)) / 1024
+
+def load(folder):
+    return models.from_pretrained(folder, dtype=torch.bfloat16, prepare=quantize_nf4 if sys.argv[4] == "nf4" else None)
+
+warm = load(sys.argv[2])  # warm-up on a tiny model: libraries mapped on first use are not model memory
+gc.collect()
+open("/proc/self/clear_refs", "w").write("5")  # resets the peak resident set size (VmHWM)
+before = status_mb("VmRSS")
+model = load(sys.argv[3])
+print(status_mb("VmHWM") - before, status_mb("VmRSS") - before)
+"""
+
+
+def write_random_checkpoint(folder, **hf_config):
+    """config.json + model.safetensors with random bf16 weights (faster than building a transformers model)."""
+    from safetensors.torch import save_file
+
+    hf = dict(model_type="llama", vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False, **hf_config)
+    model = models.build_model(models.config_from_hf(hf))  # on meta: only the names and shapes
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(hf))
+    tensors = {n: torch.randn(p.shape).to(torch.bfloat16) for n, p in model.named_parameters()}
+    save_file(tensors, str(folder / "model.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak resident set size from /proc")
+def test_qlora_loading_peak_memory_stays_near_the_quantised_size(tmp_path):
+    """Peak resident memory while loading with NF4, against the same load in bf16 (measured, not assumed)."""
+    pytest.importorskip("bitsandbytes")
+    shape = dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=4)
+    write_random_checkpoint(tmp_path / "tiny", **{**shape, "num_hidden_layers": 1})
+    # 16 layers of 256 -> 1024: 17M parameters in linear layers, 32 MiB in bf16, ~8.5 MiB in NF4
+    write_random_checkpoint(tmp_path / "m", **{**shape, "num_hidden_layers": 16})
+    linear_bf16_mb = 16 * (4 * 256 * 256 + 3 * 256 * 1024) * 2 / 2**20
+    largest_bf16_mb = 256 * 1024 * 2 / 2**20
+    # large allocations straight from mmap, so freed tensors leave the resident set at once and it tracks live memory
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+
+    def peak_and_final_mb(mode):
+        args = [sys.executable, "-c", PEAK_RSS_SCRIPT, str(ROOT), str(tmp_path / "tiny"), str(tmp_path / "m"), mode]
+        out = subprocess.run(args, capture_output=True, text=True, check=True, env=env)
+        return tuple(map(float, out.stdout.split()[-2:]))  # (peak growth, final growth) in MiB
+
+    bf16_peak, _ = peak_and_final_mb("bf16")
+    nf4_peak, nf4_final = peak_and_final_mb("nf4")
+    assert bf16_peak > 0.9 * linear_bf16_mb, (bf16_peak, linear_bf16_mb)  # the measure sees a full-size load
+    # NF4 keeps ~4.1 bits per weight (4 + double-quantised scales): about 0.26 of bf16, plus small-tensor overhead
+    assert nf4_final < 0.4 * linear_bf16_mb, (nf4_final, linear_bf16_mb)
+    # on top only the tensor in flight and quantisation scratch (bitsandbytes' CPU quantiser uses ~7x the tensor's
+    # bf16 size), which scale with the largest tensor, not with the model
+    assert nf4_peak < nf4_final + 10 * largest_bf16_mb, (nf4_peak, nf4_final, largest_bf16_mb)
+    print(f"peak RSS growth: bf16 {bf16_peak:.0f} MiB, nf4 {nf4_peak:.0f} MiB (after load {nf4_final:.0f} MiB)")
+
+
+# ------------------------------------------------------------------------------------------------ scripts/merge_lora.py
+
+
+def test_merge_script_writes_a_model_transformers_loads_with_peft_logits(hf_checkpoint, tmp_path):
+    peft = pytest.importorskip("peft")
+    from scripts.merge_lora import main
+
+    folder, _ = hf_checkpoint("llama", attention_bias=True)
+    (folder / "tokenizer_config.json").write_text('{"model_max_length": 256}')
+    reference = peft.get_peft_model(hf_model_from(folder), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", use_dora=True, modules_to_save=["lm_head"]))
+    randomize_adapters(reference, seed=5)
+    reference.eval().save_pretrained(tmp_path / "adapter")
+
+    main([str(folder), str(tmp_path / "adapter"), str(tmp_path / "merged")])
+    merged = hf_model_from(tmp_path / "merged")
+    ids = ids_for()
+    assert max_diff(logits(merged, ids), logits(reference, ids)) <= 1e-4
+    assert (tmp_path / "merged" / "tokenizer_config.json").read_text() == '{"model_max_length": 256}'
+    with pytest.raises(SystemExit, match="not empty"):
+        main([str(folder), str(tmp_path / "adapter"), str(tmp_path / "merged")])
+
+
+def test_prepare_from_config(hf_checkpoint):
+    from nanotune.config import LoraConfig
+
+    folder, _ = hf_checkpoint("llama")
+    assert lora.prepare_from_config(LoraConfig(enabled=False)) is None
+    with pytest.raises(ValueError, match="nf4"):
+        lora.prepare_from_config(LoraConfig(enabled=True, quantize="int8"))
+    cfg = LoraConfig(enabled=True, rank=4, alpha=8, targets=["q_proj"], modules_to_save=["lm_head"])
+    model = models.from_pretrained(folder, prepare=lora.prepare_from_config(cfg))
+    assert isinstance(model.get_submodule("model.layers.1.self_attn.q_proj"), LoRALinear)
+    assert set(lora.trainable_parameters(model)) == {"lm_head.weight"} | {
+        f"model.layers.{i}.self_attn.q_proj.lora_{ab}.weight" for i in range(2) for ab in "AB"}
+    if importlib.util.find_spec("bitsandbytes") is not None:  # the QLoRA half needs it; the LoRA half ran above
+        from nanotune.qlora import NF4Linear
+
+        cfg.quantize, cfg.modules_to_save = "nf4", ["down_proj"]
+        model = models.from_pretrained(folder, prepare=lora.prepare_from_config(cfg))
+        assert isinstance(model.get_submodule("model.layers.0.self_attn.q_proj"), QLoRALinear)
+        assert isinstance(model.get_submodule("model.layers.0.mlp.up_proj"), NF4Linear)
+        assert type(model.get_submodule("model.layers.0.mlp.down_proj")) is nn.Linear  # trained in full, not NF4
+        assert model.get_submodule("model.layers.0.mlp.down_proj").weight.requires_grad
