@@ -49,12 +49,12 @@ class DatasetConfig:
     data_files: str = ""  # glob of files inside an HF Hub dataset repo
     revision: str = ""  # HF Hub revision (branch, tag or commit)
     weight: float = 1.0  # mixing weight: fraction of this data set's rows used (1.0 = all, 2.0 = twice)
-    text_field: str = "text"
-    instruction_field: str = "instruction"
-    input_field: str = "input"
-    output_field: str = "output"
-    prompt_field: str = "prompt"
-    completion_field: str = "completion"
+    text_field: str = "text"  # format text: the document
+    instruction_field: str = "instruction"  # format alpaca: the task (masked)
+    input_field: str = "input"  # format alpaca: optional context (masked); may be missing or empty
+    output_field: str = "output"  # format alpaca: the answer (trained)
+    prompt_field: str = "prompt"  # format prompt_completion: the prompt (masked)
+    completion_field: str = "completion"  # format prompt_completion: the completion (trained)
     messages_field: str = ""  # default: "messages", or "conversations" for ShareGPT rows
     role_field: str = "role"  # "from" for ShareGPT
     content_field: str = "content"  # "value" for ShareGPT
@@ -69,9 +69,9 @@ class DataConfig:
     datasets: list = field(default_factory=list)  # list of [[data.datasets]] tables (DatasetConfig)
     eval_datasets: list = field(default_factory=list)  # explicit eval files (DatasetConfig tables)
     eval_fraction: float = 0.0  # held-out fraction of the training rows, when no eval_datasets are given
-    seq_len: int = 2048
+    seq_len: int = 2048  # tokens per packed row; the longest example kept
     chat_template: str = ""  # path to a Jinja template; default: the tokenizer's own chat_template
-    roles_to_train: list = field(default_factory=lambda: ["assistant"])
+    roles_to_train: list = field(default_factory=lambda: ["assistant"])  # chat roles whose turns are trained
     train_on_inputs: bool = False  # train every token, prompts included
     train_on_eos: str = "turn"  # turn: end-of-turn token of each trained turn | last | all | none
     too_long: str = "drop"  # drop | truncate: rows longer than seq_len (`text` rows are split into chunks: split)
@@ -92,7 +92,8 @@ class TrainConfig:
     eval_batches: int = 0  # micro-batches per evaluation (0: the whole eval split)
     nonfinite: str = "error"  # error | skip: what a non-finite loss or gradient norm does
     precision: str = "fp32"  # fp32 | bf16 (bf16 parameters, fp32 optimizer states) | amp-bf16 (fp32 params, bf16 autocast)
-    activation_checkpointing: str = "none"  # none | full
+    activation_checkpointing: str = "none"  # none | full: recompute each decoder layer in the backward
+    activation_offload: bool = False  # keep saved activations in host memory between forward and backward
     compile: bool = False  # torch.compile each decoder block
 
 

@@ -1,0 +1,377 @@
+"""Fine-tune a language model: the whole training loop, top to bottom.
+
+    python nanotune/train.py configs/quickstart.toml                      # one process (CPU or one GPU)
+    torchrun --nproc_per_node=4 nanotune/train.py configs/x.toml          # FSDP2 over 4 processes
+    python nanotune/train.py configs/x.toml --train.max_steps=100 --output_dir=outputs/try --dry-run
+
+The run: config -> tokenizer and data -> model (meta device -> LoRA swaps -> sharding -> weights) -> optimizer ->
+resume -> for each step: accumulate micro-batches, normalise by the trainable tokens of the whole step, clip, step,
+log, evaluate, checkpoint -> final/ (HF format) and adapter/.
+
+What lives where (precision setting `train.precision`):
+- fp32:     parameters, gradients and AdamW states in fp32.
+- bf16:     parameters and gradients in bf16, AdamW states in bf16 too (pure bf16: half the memory, some rounding).
+- amp-bf16: fp32 parameters, gradients and AdamW states; matmuls in bf16 through autocast (or, with several
+            processes, FSDP2 gathers bf16 copies of the parameters and reduces gradients in fp32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import shutil
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `nanotune` and `models` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+import models
+from nanotune import checkpoint, lora, metrics, parallel
+from nanotune.config import Config, ConfigError, load_config, to_toml
+from nanotune.data import load_tokenizer, prepare_data
+from nanotune.loss import cross_entropy_sum
+from nanotune.metrics import log
+from nanotune.optim import build_optimizer, lr_at
+from nanotune.packing import BatchLoader
+
+# DCP says so each time it saves in a single process; that is the intended use here
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "amp-bf16": torch.float32}
+
+
+class StopRequested:
+    """SIGTERM / SIGINT set a flag; the loop finishes its step, saves a checkpoint and exits 0."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="Fine-tune a language model.", usage=__doc__)
+    parser.add_argument("config", help="a TOML config, e.g. configs/quickstart.toml")
+    parser.add_argument("--dry-run", action="store_true", help="validate config, data and model; print the plan")
+    args, overrides = parser.parse_known_args(argv)
+    return args, overrides
+
+
+def build_model(cfg: Config, vocab_size: int, device: torch.device):
+    """Model from an HF folder or a named size, in the parameter dtype of the precision setting, with LoRA /
+    QLoRA swapped in on the meta device before the weights stream in (so NF4 is quantised while loading)."""
+    dtype = PARAM_DTYPES[cfg.train.precision]
+    attn = cfg.attention.implementation
+    prepare = lora.prepare_from_config(cfg.lora, device)
+    if cfg.model.path:
+        model = models.from_pretrained(cfg.model.path, dtype=dtype, device=device, attn_implementation=attn,
+                                       prepare=prepare)
+    elif cfg.model.size:
+        model = models.from_size(cfg.model.size, vocab_size, dtype, device, attn, seed=cfg.seed)
+        if prepare is not None:
+            prepare(model)
+    else:
+        raise ConfigError("set model.path (an HF model folder) or model.size (one of " + ", ".join(models.SIZES) + ")")
+    if model.config.vocab_size < vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {vocab_size} tokens but the model's vocab_size is {model.config.vocab_size}; "
+            "use the model's own tokenizer (model.tokenizer)"
+        )
+    return model
+
+
+def check_config(cfg: Config) -> None:
+    """Cheap checks of values that the dataclass types cannot express, before anything expensive starts."""
+    choices = {
+        "train.precision": (cfg.train.precision, tuple(PARAM_DTYPES)),
+        "train.nonfinite": (cfg.train.nonfinite, ("error", "skip")),
+        "train.activation_checkpointing": (cfg.train.activation_checkpointing, ("none", "full")),
+        "optim.schedule": (cfg.optim.schedule, ("constant", "linear", "cosine")),
+        "device": (cfg.device, ("auto", "cpu", "cuda")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key} = {value!r} is not one of {allowed}")
+    for key, value in [("train.micro_batch_size", cfg.train.micro_batch_size),
+                       ("train.grad_accum_steps", cfg.train.grad_accum_steps), ("data.seq_len", cfg.data.seq_len)]:
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    if cfg.train.max_steps <= 0 and cfg.train.epochs <= 0:
+        raise ConfigError("set train.max_steps or train.epochs to a positive number")
+
+
+def evaluate(model, loader, max_batches: int, device, autocast) -> dict:
+    model.eval()
+    loss_sum = tokens = 0.0
+    with torch.no_grad():
+        for i, batch in enumerate(loader):
+            if max_batches and i >= max_batches:
+                break
+            with autocast():
+                logits = model(batch["input_ids"].to(device), batch["position_ids"].to(device),
+                               batch["cu_seqlens"].to(device), batch["max_seqlen"])
+            loss_sum += cross_entropy_sum(logits, batch["labels"].to(device)).item()
+            tokens += batch["num_trainable_tokens"]
+    model.train()
+    return {"loss_sum": loss_sum, "tokens": tokens}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(args.config, overrides)
+    check_config(cfg)
+    dist = parallel.init_distributed(cfg.device, cfg.parallel.backend)
+    device = dist.device
+    output_dir = Path(cfg.output_dir)
+    metrics.setup_logging(None if args.dry_run else output_dir, dist.is_main)
+    torch.manual_seed(cfg.seed)
+
+    # ---- tokenizer and data: tokenized once (cached), then packed into rows of seq_len; same step count on every rank
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    data = prepare_data(cfg.data, tokenizer, seed=cfg.seed, quiet=not dist.is_main)
+    loader_args = dict(seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size,
+                       packing=cfg.data.packing, pad_id=tokenizer.pad_id, rank=dist.rank, world_size=dist.world_size)
+    train_loader = BatchLoader(data.train, seed=cfg.seed, **loader_args)
+    eval_loader = BatchLoader(data.eval, seed=cfg.seed, **loader_args) if data.eval is not None else None
+    accum = cfg.train.grad_accum_steps
+    steps_per_epoch = len(train_loader) // accum
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"one epoch has {len(train_loader)} micro-batches per process, fewer than train.grad_accum_steps = {accum}; "
+            "lower grad_accum_steps or micro_batch_size, or add data"
+        )
+    total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
+
+    # ---- model: meta device -> (LoRA) -> sharding -> weights; see models/__init__.py for the build order
+    model = build_model(cfg, tokenizer.vocab_size, torch.device("meta") if args.dry_run else device)
+    num_trainable, num_params = lora.count_parameters(model)
+    tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * accum * dist.world_size
+    log.info(f"model: {model.config.model_type}, {num_params:,} parameters, {num_trainable:,} trainable "
+             f"({num_trainable / num_params:.2%})")
+    log.info(f"data: {data.stats.get('rows', '?')} rows, {len(train_loader)} micro-batches/epoch/process, "
+             f"{tokens_per_step:,} token slots/step, {total_steps} steps on {dist.world_size} process(es), {device}")
+    if args.dry_run:
+        log.info("dry run: config, data and model are valid; nothing was trained")
+        return 0
+
+    model.activation_checkpointing = cfg.train.activation_checkpointing == "full"
+    if cfg.train.compile:  # each decoder block compiled on its own: parameter names and the loop stay as they are
+        for layer in model.model.layers:
+            layer.compile()
+    if dist.enabled:
+        mp_dtype = torch.bfloat16 if cfg.train.precision == "amp-bf16" else None
+        model = parallel.shard_model(model, dist, mp_dtype)
+    use_autocast = cfg.train.precision == "amp-bf16" and not dist.enabled
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_autocast else contextlib.nullcontext
+    # activations saved for the backward go to (pinned) host memory and come back when needed
+    offload = (lambda: torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")) \
+        if cfg.train.activation_offload else contextlib.nullcontext
+    optimizer = build_optimizer(model, cfg.optim, device)
+
+    # ---- resume: model, optimizer, data position, RNG states and step, exactly
+    step, epoch = 0, 0
+    resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, output_dir)
+    if resume_from is not None:
+        extra = checkpoint.load(resume_from, model, optimizer, dist)
+        step, epoch = extra["step"], extra["epoch"]
+        train_loader.load_state_dict(extra["data"])
+        log.info(f"resumed from {resume_from} at step {step}")
+    if dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.toml").write_text(to_toml(cfg))
+    logger = metrics.MetricsLogger(output_dir, cfg.logging, dist.is_main, run_config=vars(cfg))
+    stop = StopRequested()
+    flops_per_token = metrics.flops_per_token(model, cfg.data.seq_len, num_trainable / num_params)
+    peak = metrics.peak_flops(device)
+
+    def save_checkpoint():
+        extra = {"epoch": epoch, "data": train_loader.state_dict(), "config": to_toml(cfg)}
+        path = checkpoint.save(output_dir, step, model, optimizer, extra, dist, cfg.checkpoint.keep)
+        log.info(f"saved checkpoint {path}")
+
+    def micro_batches():
+        """Endless stream of micro-batches, epoch after epoch, reshuffled each epoch."""
+        nonlocal epoch
+        while True:
+            train_loader.set_epoch(epoch)
+            yield from train_loader
+            epoch += 1
+
+    def run_eval():
+        result = evaluate(model, eval_loader, cfg.train.eval_batches, device, autocast)
+        loss = parallel.all_reduce_sum(result["loss_sum"], dist) / max(1.0, parallel.all_reduce_sum(result["tokens"], dist))
+        log.info(f"eval at step {step}: loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f}")
+        logger.write({"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))})
+
+    # ---- the loop
+    model.train()
+    stream = micro_batches()
+    timer, run_start, start_step = metrics.Timer(), time.perf_counter(), step
+    loss_window, tokens_window = [], 0
+    while step < total_steps:
+        lr = lr_at(step, total_steps, cfg.optim)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batches = [next(stream) for _ in range(accum)]
+        # divide by trainable tokens in the whole step (all micro-batches, all ranks) so that the loss and gradients
+        # do not depend on micro-batch size, accumulation steps or world size
+        step_tokens = parallel.all_reduce_sum(sum(b["num_trainable_tokens"] for b in batches), dist)
+        loss_sum = aux_sum = 0.0
+        for i, batch in enumerate(batches):
+            if dist.enabled:  # FSDP2 reduces gradients once, after the last micro-batch
+                model.set_requires_gradient_sync(i == accum - 1)
+            with autocast(), offload():
+                logits = model(batch["input_ids"].to(device), batch["position_ids"].to(device),
+                               batch["cu_seqlens"].to(device), batch["max_seqlen"])  # (B, T, V)
+                token_loss_sum = cross_entropy_sum(logits, batch["labels"].to(device))
+                # FSDP averages gradients over ranks: scale by world_size to get the sum over all ranks instead
+                objective = token_loss_sum * dist.world_size / max(step_tokens, 1.0)
+                aux = getattr(model, "aux_loss", None)  # MoE load balancing, already times router_aux_loss_coef
+                if aux is not None:
+                    objective = objective + aux / accum  # a mean over the step's micro-batches (and ranks, by FSDP)
+                    aux_sum += aux.item() / accum
+            objective.backward()
+            loss_sum += token_loss_sum.item()
+        loss = parallel.all_reduce_sum(loss_sum, dist) / max(step_tokens, 1.0)
+        max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            if cfg.train.nonfinite == "error":
+                raise FloatingPointError(
+                    f"step {step + 1}: loss {loss} / gradient norm {grad_norm} is not finite; no checkpoint was "
+                    "written for this step. Lower optim.lr, check the data, or set train.nonfinite = 'skip'"
+                )
+            log.warning(f"step {step + 1}: non-finite loss or gradient norm, step skipped")
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        loss_window.append(loss)
+        tokens_window += sum(int(b["input_ids"].numel()) for b in batches) * dist.world_size
+        if step % cfg.logging.every == 0 or step == total_steps:
+            elapsed = timer.lap()
+            tokens_per_s = tokens_window / elapsed
+            record = {"step": step, "loss": sum(loss_window) / len(loss_window), "lr": lr, "grad_norm": grad_norm,
+                      "tokens_per_s": tokens_per_s, "epoch": epoch}
+            if getattr(model, "aux_loss", None) is not None:
+                record["aux_loss"] = parallel.all_reduce_sum(aux_sum, dist) / dist.world_size
+            if peak:
+                record["mfu"] = flops_per_token * tokens_per_s / dist.world_size / peak
+            if device.type == "cuda":
+                record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            done = step - start_step
+            record["eta_s"] = (time.perf_counter() - run_start) / done * (total_steps - step)
+            log.info(metrics.format_progress(record, total_steps))
+            logger.write(record)
+            loss_window, tokens_window = [], 0
+        if eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
+            run_eval()
+        signalled = parallel.all_reduce_sum(stop.signal is not None, dist) > 0
+        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or signalled:
+            save_checkpoint()
+        if signalled:
+            log.info(f"stopped by {stop.signal or 'a signal'} after step {step}; resume with --checkpoint.resume=auto")
+            logger.close()
+            parallel.cleanup(dist)
+            return 0
+
+    # ---- the end: last eval, final model in HF format
+    if eval_loader is not None and not (cfg.train.eval_every and step % cfg.train.eval_every == 0):
+        run_eval()  # the end of the run, unless the loop just evaluated this step
+    if cfg.checkpoint.save_final:
+        save_final(model, cfg, output_dir, dist)
+    logger.close()
+    if dist.is_main and cfg.logging.plot and metrics.plot_loss(output_dir):
+        log.info(f"loss curve: {output_dir / 'loss.png'}")
+    parallel.cleanup(dist)
+    return 0
+
+
+def save_final(model, cfg: Config, output_dir: Path, dist) -> None:
+    """<output_dir>/final: an HF-format folder (config.json, safetensors, tokenizer files) that transformers loads.
+    With LoRA, <output_dir>/adapter in PEFT's format, and final/ holds the merged model (unless lora.merge = false)."""
+    if dist.enabled:
+        model = gather_on_rank0(model, cfg, dist)
+        if model is None:  # other ranks: rank 0 writes
+            parallel.barrier(dist)
+            return
+    tokenizer_source = Path(cfg.model.tokenizer or cfg.model.path)
+    if cfg.lora.enabled:
+        adapter = output_dir / "adapter"
+        lora.save_adapter(model, adapter, base_model_name_or_path=cfg.model.path or None)
+        log.info(f"saved adapter (PEFT format): {adapter}")
+        if not cfg.lora.merge:
+            parallel.barrier(dist)
+            return
+        if cfg.lora.quantize and cfg.model.path:
+            # merge into the original full-precision weights, not into dequantised NF4 ones
+            from scripts.merge_lora import merge
+
+            merge(cfg.model.path, adapter, output_dir / "final.tmp")
+            finish_final(output_dir, tokenizer_source)
+            parallel.barrier(dist)
+            return
+        lora.merge_lora(model)
+    tmp = output_dir / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    models.save_pretrained(model, tmp)
+    finish_final(output_dir, tokenizer_source)
+    parallel.barrier(dist)
+
+
+def finish_final(output_dir: Path, tokenizer_source: Path) -> None:
+    """Copy the tokenizer files next to the weights, then move final.tmp into place (final/ is never half-written)."""
+    final, tmp = output_dir / "final", output_dir / "final.tmp"
+    copy_tokenizer_files(tokenizer_source, tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    log.info(f"saved final model: {final}")
+
+
+def gather_on_rank0(model, cfg: Config, dist):
+    """The full, unsharded model on rank 0's CPU (None on the other ranks)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not dist.is_main:
+        return None
+    single = models.build_model(model.config, "meta", next(iter(full.values())).dtype)
+    if cfg.lora.enabled:
+        lora.apply_lora(single, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.rslora,
+                        cfg.lora.dora, cfg.lora.modules_to_save)
+    single.load_state_dict(full, assign=True)
+    single.tie_weights()
+    return single
+
+
+def copy_tokenizer_files(source: Path, target: Path) -> None:
+    folder = source if source.is_dir() else source.parent
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                 "generation_config.json"):
+        if (folder / name).is_file():
+            shutil.copy(folder / name, target / name)
+
+
+def cli() -> None:
+    try:
+        sys.exit(main())
+    except (ConfigError, models.CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

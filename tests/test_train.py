@@ -1,0 +1,242 @@
+"""The trainer end to end on a tiny model: loss normalisation, exact resume, signals, non-finite losses, final/."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nanotune import train
+from nanotune.config import ConfigError
+from tests.conftest import ROOT
+
+QUICKSTART = ROOT / "data" / "quickstart"
+
+
+@pytest.fixture
+def run(tmp_path):
+    """run(*overrides) trains configs/quickstart.toml on 96 rows with a tiny model; returns the output folder."""
+    rows = (QUICKSTART / "train.jsonl").read_text().splitlines()[:96]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    (tmp_path / "eval.jsonl").write_text("\n".join(rows[:8]) + "\n")
+    counter = iter(range(100))
+
+    def go(*overrides, name=None, expect_rc=0):
+        out = tmp_path / (name or f"run{next(counter)}")
+        argv = [
+            str(ROOT / "configs" / "quickstart.toml"),
+            "--model.size=llama-tiny",
+            f"--model.tokenizer={QUICKSTART / 'tokenizer'}",
+            f'--data.datasets=[{{path="{tmp_path / "train.jsonl"}", format="chat"}}]',
+            f'--data.eval_datasets=[{{path="{tmp_path / "eval.jsonl"}", format="chat"}}]',
+            "--data.seq_len=64",
+            f"--data.cache_dir={tmp_path / 'cache'}",
+            "--train.micro_batch_size=2",
+            "--train.max_steps=4",
+            "--train.eval_every=0",
+            "--optim.warmup_steps=0",
+            "--logging.every=1",
+            "--logging.plot=false",
+            f"--output_dir={out}",
+            *overrides,
+        ]
+        assert train.main(argv) == expect_rc
+        return out
+
+    return go
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out):
+    return [r["loss"] for r in metrics(out) if "loss" in r]
+
+
+def final_params(out):
+    return load_file(out / "final" / "model.safetensors")
+
+
+def assert_same_params(a, b, atol=3e-5):
+    """Equal up to fp32 summation order. AdamW's first step moves each weight by about lr * sign(grad), so where a
+    gradient is ~1e-8 a rounding difference can change that weight by up to lr (3e-3): atol is 1% of lr."""
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-5, msg=k)
+
+
+def test_loss_does_not_depend_on_micro_batch_size_or_accumulation(run):
+    one_by_four = run("--train.micro_batch_size=1", "--train.grad_accum_steps=4", "--train.max_steps=2")
+    four_by_one = run("--train.micro_batch_size=4", "--train.grad_accum_steps=1", "--train.max_steps=2")
+    assert losses(one_by_four) == pytest.approx(losses(four_by_one), rel=1e-5)
+    assert_same_params(final_params(one_by_four), final_params(four_by_one))
+    # and the step changed something: the comparison is not between two untouched models
+    untouched = run("--train.max_steps=2", "--optim.lr=0.0", "--train.micro_batch_size=4")
+    moved = final_params(four_by_one)["model.layers.0.mlp.up_proj.weight"] - final_params(untouched)["model.layers.0.mlp.up_proj.weight"]
+    assert moved.abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(run, tmp_path):
+    """2 processes x 1 row x 2 accumulation == 1 process x 1 row x 4 accumulation (FSDP2 over gloo)."""
+    single = run("--train.micro_batch_size=1", "--train.grad_accum_steps=4", "--train.max_steps=2")
+    config = (single / "config.toml").read_text()
+    (tmp_path / "dist.toml").write_text(config)
+    out = tmp_path / "dist"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "nanotune" / "train.py"), str(tmp_path / "dist.toml"), "--train.grad_accum_steps=2",
+           f"--output_dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert losses(out) == pytest.approx(losses(single), rel=1e-5)
+    assert_same_params(final_params(out), final_params(single))
+
+
+@pytest.mark.parametrize("extra", [[], ["--lora.enabled=true", "--lora.rank=4", "--lora.dropout=0.1"]],
+                         ids=["full", "lora-with-dropout"])
+def test_resume_is_exact(run, extra):
+    straight = run("--train.max_steps=6", *extra, name="straight")
+    run("--train.max_steps=6", "--checkpoint.every=3", *extra, name="resumed")
+    resumed_dir = straight.parent / "resumed"
+    # simulate an interrupted run: drop what came after step 3, then resume from step-3
+    (resumed_dir / "final").rename(resumed_dir / "final-first")
+    first_half = [r for r in metrics(resumed_dir) if r["step"] <= 3]
+    (resumed_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in first_half))
+    import shutil
+
+    shutil.rmtree(resumed_dir / "step-6")
+    run("--train.max_steps=6", "--checkpoint.every=3", "--checkpoint.resume=auto", *extra, name="resumed")
+    assert losses(resumed_dir) == losses(straight)  # bit-identical on CPU in fp32
+    assert_same_params(final_params(resumed_dir), final_params(straight), atol=0)
+
+
+def test_checkpoints_keep_the_newest_and_never_leave_partial_folders(run):
+    out = run("--train.max_steps=4", "--checkpoint.every=1", "--checkpoint.keep=2")
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-3", "step-4"]
+    assert not list(out.glob("*.tmp"))
+
+
+def test_nonfinite_loss_stops_with_the_step_or_skips(run, tmp_path):
+    with pytest.raises(FloatingPointError, match=r"step 2: .* is not finite"):
+        run("--optim.lr=1e30", "--optim.schedule=constant", "--checkpoint.every=1", name="nan")
+    assert sorted(p.name for p in (tmp_path / "nan").glob("step-*")) == ["step-1"]  # step 2 never saved
+    out = run("--optim.lr=1e30", "--optim.schedule=constant", "--train.nonfinite=skip", name="skip")
+    assert (out / "final" / "config.json").exists()
+
+
+def test_final_model_loads_in_transformers_with_same_logits(run):
+    transformers = pytest.importorskip("transformers")
+    import models
+
+    out = run("--train.max_steps=2")
+    ours = models.from_pretrained(out / "final").eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out / "final", attn_implementation="eager").eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        assert (ours(ids) - theirs(ids).logits).abs().max() <= 1e-4
+    assert (out / "final" / "tokenizer.json").exists()
+    record = metrics(out)[0]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= record.keys()
+
+
+def test_eval_is_logged(run):
+    out = run("--train.max_steps=2", "--train.eval_every=1")
+    evals = [r for r in metrics(out) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [1, 2]
+    assert all(r["eval_loss"] > 0 and r["eval_perplexity"] > 1 for r in evals)
+
+
+def test_dry_run_trains_nothing(run, tmp_path, capsys):
+    run("--dry-run", name="dry")
+    assert not (tmp_path / "dry" / "final").exists()
+    assert "dry run" in capsys.readouterr().out
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(run, tmp_path):
+    run("--train.max_steps=1", name="warm")  # builds the data cache, so the subprocess starts training at once
+    config = (tmp_path / "warm" / "config.toml").read_text()
+    (tmp_path / "sig.toml").write_text(config)
+    out = tmp_path / "sig"
+    cmd = [sys.executable, str(ROOT / "nanotune" / "train.py"), str(tmp_path / "sig.toml"),
+           "--train.max_steps=100000", f"--output_dir={out}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stdout
+    assert "stopped by SIGTERM" in stdout
+    saved = list(out.glob("step-*"))
+    assert len(saved) == 1 and (saved[0] / ".metadata").exists()
+
+
+# ------------------------------------------------------------------------------------------------ config errors
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--train.max_stepz=3", "unknown config key train.max_stepz; did you mean train.max_steps?"),
+        ("--train.max_steps=three", "train.max_steps must be int, got 'three'"),
+        ("--trian.max_steps=3", "unknown config key trian; did you mean train?"),
+        ("train.max_steps=3", "must look like --section.key=value"),
+        ("--train.precision=fp8", "train.precision = 'fp8' is not one of"),
+    ],
+)
+def test_config_errors_name_the_key(run, override, message):
+    with pytest.raises(ConfigError) as err:
+        run(override)
+    assert message in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------ LoRA and MoE
+
+
+def test_lora_run_writes_a_peft_adapter_and_a_merged_model(run, hf_checkpoint):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    import torch.distributed.checkpoint as dcp
+
+    import models
+
+    folder, _ = hf_checkpoint("llama", vocab_size=64)
+    out = run(f"--model.path={folder}", "--lora.enabled=true", "--lora.rank=4", "--lora.alpha=8",
+              "--lora.targets=['q_proj', 'v_proj', 'down_proj']", "--optim.lr=1e-2", "--checkpoint.every=2")
+    # the training checkpoint holds only what trains: adapters (and their optimizer state)
+    saved = dcp.FileSystemReader(str(out / "step-4")).read_metadata().state_dict_metadata
+    model_keys = [k for k in saved if k.startswith("model.")]
+    assert model_keys and all(".lora_" in k for k in model_keys)
+    # adapter/ loads in PEFT on the transformers base, and gives the merged final/ model's logits
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    ids = torch.randint(0, 51, (2, 16))
+    with torch.no_grad():
+        base_logits = base(ids).logits
+    with_adapter = peft.PeftModel.from_pretrained(base, out / "adapter").eval()  # injects into `base` in place
+    merged = models.from_pretrained(out / "final").eval()
+    with torch.no_grad():
+        assert (with_adapter(ids).logits - merged(ids)).abs().max() <= 1e-4
+        # and the adapter learned something: the merged model is not the base
+        assert (base_logits - merged(ids)).abs().max() > 1e-3
+
+
+def test_moe_run_logs_the_router_aux_loss(run, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         num_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.01)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "moe")
+    out = run(f"--model.path={tmp_path / 'moe'}", "--train.max_steps=2")
+    records = [r for r in metrics(out) if "loss" in r]
+    assert all(r["aux_loss"] > 0 for r in records)
+    assert (out / "final" / "config.json").exists()
