@@ -1,0 +1,198 @@
+"""Batches from tokenized examples: multipack bin packing, data-parallel sharding and exact mid-epoch resume.
+
+    loader = BatchLoader(data.train, seq_len=2048, micro_batch_size=2, packing=True, seed=0,
+                         rank=rank, world_size=world_size, pad_id=tok.pad_id)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for batch in loader: ...   # input_ids, labels, position_ids, cu_seqlens, max_seqlen, num_trainable_tokens
+
+Packing (multipack): every epoch the examples are shuffled with (seed, epoch), cut into groups of `group_size`
+consecutive examples, and each group is packed into rows of `seq_len` tokens by best-fit decreasing (each example,
+longest first, goes to the fullest row it still fits in). Packing within groups keeps the epoch in random order
+(packing everything at once would put the long examples first) and still fills rows to ~99%. The rows of all groups
+are shuffled again, then dealt out: micro-batch k of rank r holds rows [(k*W + r)*B, (k*W + r + 1)*B). When the
+rows do not divide into B*W, the first rows of the epoch are repeated to fill the last step (`fill="repeat"`) or
+empty rows are added (`fill="empty"`, all labels -100), so every rank runs the same number of steps.
+
+LABELS ARE PRE-SHIFTED: `labels[b, t]` is the target for the logits at position t, i.e. `input_ids[b, t + 1]` where
+that token is trained, else -100. The last token of every document has label -100, so no position is ever trained
+to predict the first token of the next document packed behind it; padding is -100 too. The loss is then plain
+`cross_entropy(logits.view(-1, V), labels.view(-1), ignore_index=-100)` with no shift.
+
+Unpacked mode (`packing=False`, for comparison): one example per row, padded to the longest example of the
+micro-batch (not to seq_len), in shuffled order.
+
+Batch (B rows, T columns; T = seq_len when packing):
+    input_ids     (B, T) int64    pad_id in padding slots
+    labels        (B, T) int64    pre-shifted targets, -100 = not trained
+    position_ids  (B, T) int64    0, 1, 2, ... restarting at every document; a padding run is its own segment
+    cu_seqlens    (S + 1,) int32  segment boundaries over the flattened B*T tokens (documents and padding runs)
+    max_seqlen    int             longest segment
+    num_trainable_tokens int      labels != -100 in this micro-batch
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+
+
+def pack_group(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: bins (lists of positions into `lengths`) whose lengths sum to <= capacity."""
+    free: list[tuple[int, int]] = []  # (free slots, bin number), sorted
+    bins: list[list[int]] = []
+    for j in np.argsort(-lengths, kind="stable").tolist():
+        n = int(lengths[j])
+        k = bisect.bisect_left(free, (n, -1))  # the fullest bin with room for n
+        if k == len(free):
+            bins.append([j])
+            bisect.insort(free, (capacity - n, len(bins) - 1))
+        else:
+            room, b = free.pop(k)
+            bins[b].append(j)
+            bisect.insort(free, (room - n, b))
+    return bins
+
+
+def pack(lengths: np.ndarray, capacity: int, order: np.ndarray, group_size: int) -> list[list[int]]:
+    """Pack examples (indices into `lengths`) group by group, in the given order. Returns rows of example indices."""
+    rows = []
+    for s in range(0, len(order), group_size):
+        group = order[s : s + group_size]
+        rows.extend([group[j] for j in b] for b in pack_group(lengths[group], capacity))
+    return rows
+
+
+def packing_efficiency(lengths: np.ndarray, seq_len: int, seed: int = 0, group_size: int = 4096) -> float:
+    """Real tokens / token slots of one epoch's packed rows."""
+    order = np.random.default_rng([seed, 0]).permutation(len(lengths))
+    rows = pack(np.asarray(lengths), seq_len, order, group_size)
+    return float(np.sum(lengths) / max(len(rows) * seq_len, 1))
+
+
+class BatchLoader:
+    def __init__(self, dataset, seq_len: int, micro_batch_size: int, packing: bool = True, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, pad_id: int = 0, shuffle: bool = True, group_size: int = 4096,
+                 fill: str = "repeat"):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if fill not in ("repeat", "empty"):
+            raise ValueError(f"fill = {fill!r}; choose repeat or empty")
+        self.dataset = dataset  # needs .lengths (N,) and dataset[i] -> (input_ids, mask) arrays
+        self.lengths = np.asarray(dataset.lengths, dtype=np.int64)
+        if len(self.lengths) == 0:
+            raise ValueError("the data set has no examples")
+        if self.lengths.max() > seq_len:
+            raise ValueError(f"an example has {self.lengths.max()} tokens, more than seq_len {seq_len}; prepare the "
+                             "data with the same seq_len as the loader")
+        self.seq_len, self.micro_batch_size = seq_len, micro_batch_size
+        self.packing, self.seed, self.shuffle = packing, seed, shuffle
+        self.rank, self.world_size, self.pad_id = rank, world_size, pad_id
+        self.group_size, self.fill = group_size, fill
+        self.epoch, self.position = 0, 0  # position: micro-batches of this epoch already yielded
+        self._plan_epoch = None
+        self._rows: list[list[int]] = []
+        self.efficiency = 0.0  # real tokens / slots of this epoch's rows (before filling)
+
+    # ---------------------------------------------------------------------------------------------- the plan
+
+    def _plan(self) -> list[list[int]]:
+        """This epoch's rows (lists of example indices), identical on every rank, padded to a multiple of B*W."""
+        if self._plan_epoch == self.epoch:
+            return self._rows
+        rng = np.random.default_rng([self.seed, self.epoch])
+        n = len(self.lengths)
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        if self.packing:
+            rows = pack(self.lengths, self.seq_len, order, self.group_size)
+            if self.shuffle:  # best-fit emits each group's rows longest-first; undo that order
+                rows = [rows[i] for i in rng.permutation(len(rows))]
+            self.efficiency = float(self.lengths.sum() / (len(rows) * self.seq_len))
+        else:
+            rows = [[int(i)] for i in order]
+        per_step = self.micro_batch_size * self.world_size
+        missing = -len(rows) % per_step
+        if self.fill == "repeat":
+            rows = rows + [rows[i % len(rows)] for i in range(missing)]
+        else:
+            rows = rows + [[] for _ in range(missing)]
+        self._rows, self._plan_epoch = rows, self.epoch
+        return rows
+
+    def __len__(self) -> int:
+        """Micro-batches per epoch on each rank (the same on every rank). With packing it can differ by a few
+        between epochs, because each epoch packs a different shuffle."""
+        return len(self._plan()) // (self.micro_batch_size * self.world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for `epoch`. The same epoch again keeps the position, so a resumed run continues mid-epoch."""
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def rewind(self) -> None:
+        """Start this epoch from its first micro-batch again (e.g. before an evaluation that stops early: an
+        abandoned pass leaves the position where it stopped, as a checkpoint needs)."""
+        self.position = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world_size": self.world_size,
+                "micro_batch_size": self.micro_batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "world_size", "micro_batch_size"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f"cannot resume: the saved loader had {key}={state[key]}, this one has "
+                                 f"{getattr(self, key)}; the batches would differ")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def __iter__(self):
+        rows = self._plan()
+        B, W = self.micro_batch_size, self.world_size
+        num_steps = len(rows) // (B * W)
+        while self.position < num_steps:
+            k = self.position
+            first = (k * W + self.rank) * B
+            self.position += 1  # counted before yielding: a checkpoint taken after this step resumes at the next
+            yield self.collate(rows[first : first + B])
+        self.position = 0  # a finished epoch: iterating again replays it unless set_epoch moves on
+
+    # ---------------------------------------------------------------------------------------------- tensors
+
+    def collate(self, rows: list[list[int]]) -> dict:
+        if self.packing:
+            T = self.seq_len
+        else:
+            T = max([int(self.lengths[r[0]]) for r in rows if r] + [1])
+        B = len(rows)
+        input_ids = np.full((B, T), self.pad_id, dtype=np.int64)
+        labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
+        position_ids = np.zeros((B, T), dtype=np.int64)
+        seqlens = []  # segment lengths in order over the flattened (B*T,) tokens
+        for b, row in enumerate(rows):
+            o = 0
+            for i in row:
+                ids, mask = self.dataset[int(i)]
+                n = len(ids)
+                input_ids[b, o : o + n] = ids
+                # (n-1,) pre-shifted: the logits at t are trained on ids[t+1] when that token is a target
+                labels[b, o : o + n - 1] = np.where(mask[1:] != 0, ids[1:], IGNORE_INDEX)
+                position_ids[b, o : o + n] = np.arange(n)
+                seqlens.append(n)
+                o += n
+            if o < T:  # the padding run: its own segment, never trained
+                position_ids[b, o:] = np.arange(T - o)
+                seqlens.append(T - o)
+        cu_seqlens = np.zeros(len(seqlens) + 1, dtype=np.int32)
+        cu_seqlens[1:] = np.cumsum(seqlens)
+        return {
+            "input_ids": torch.from_numpy(input_ids),
+            "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(position_ids),
+            "cu_seqlens": torch.from_numpy(cu_seqlens),
+            "max_seqlen": int(max(seqlens)),
+            "num_trainable_tokens": int((labels != IGNORE_INDEX).sum()),
+        }
