@@ -37,8 +37,6 @@ class ModelConfig:
     path: str = ""  # HF-format model folder (config.json + *.safetensors); empty: build `size` with random init
     size: str = ""  # a named size for random init (see models.SIZES), used when `path` is empty
     tokenizer: str = ""  # folder or tokenizer.json; default: the model folder
-    dtype: str = "float32"  # parameter dtype: float32 | bfloat16 | float16
-    attn_implementation: str = "auto"  # kept for HF-style configs; `attention.implementation` wins when set
 
 
 @dataclass
@@ -148,14 +146,15 @@ class LoggingConfig:
 
 @dataclass
 class ParallelConfig:
-    dp_shard: int = -1  # FSDP2 data-parallel shard degree (-1: all processes)
+    """Under torchrun every process holds a shard of the model (FSDP2 over one data-parallel dimension)."""
+
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
 
 
 @dataclass
 class Config:
-    output_dir: str = "outputs/run"
-    seed: int = 0
+    output_dir: str = "outputs/run"  # where checkpoints, logs, final/ and adapter/ go
+    seed: int = 0  # data order, initialisation and dropout
     device: str = "auto"  # auto | cpu | cuda
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -112,6 +112,7 @@ def check_config(cfg: Config) -> None:
 
 def evaluate(model, loader, max_batches: int, device, autocast) -> dict:
     model.eval()
+    loader.rewind()  # from the first eval batch, also after an earlier pass stopped at max_batches
     loss_sum = tokens = 0.0
     with torch.no_grad():
         for i, batch in enumerate(loader):
@@ -138,11 +139,17 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- tokenizer and data: tokenized once (cached), then packed into rows of seq_len; same step count on every rank
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    if not dist.is_main:  # rank 0 tokenizes and fills the cache; the others then read it
+        parallel.barrier(dist)
     data = prepare_data(cfg.data, tokenizer, seed=cfg.seed, quiet=not dist.is_main)
+    if dist.is_main:
+        parallel.barrier(dist)
     loader_args = dict(seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size,
                        packing=cfg.data.packing, pad_id=tokenizer.pad_id, rank=dist.rank, world_size=dist.world_size)
     train_loader = BatchLoader(data.train, seed=cfg.seed, **loader_args)
-    eval_loader = BatchLoader(data.eval, seed=cfg.seed, **loader_args) if data.eval is not None else None
+    # every eval example exactly once, in file order; empty (untrained) rows even out the ranks
+    eval_loader = BatchLoader(data.eval, seed=cfg.seed, shuffle=False, fill="empty", **loader_args) \
+        if data.eval is not None else None
     accum = cfg.train.grad_accum_steps
     steps_per_epoch = len(train_loader) // accum
     if steps_per_epoch == 0:

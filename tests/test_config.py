@@ -1,0 +1,68 @@
+"""Config loading: typed sections, errors that name the key, overrides, the docs and the shipped configs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from nanotune.config import Config, ConfigError, load_config, to_toml
+from nanotune.train import check_config
+from tests.conftest import ROOT
+
+CONFIGS = sorted((ROOT / "configs").glob("*.toml"))
+
+
+def test_docs_config_md_lists_every_key_as_the_dataclasses_define_it():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "config_docs.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_are_valid(path):
+    cfg = load_config(path)
+    check_config(cfg)
+    assert cfg.data.datasets, f"{path.name} names no data set"
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(ROOT / "configs" / "llama-3.1-8b-lora.toml", ["--train.max_steps=7", "--lora.rank=8"])
+    (tmp_path / "c.toml").write_text(to_toml(cfg))
+    assert load_config(tmp_path / "c.toml") == cfg
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["--train.max_steps=12", "--optim.lr=1e-3", "--data.packing=false",
+                             "--lora.targets=['q_proj','v_proj']", "--output_dir=out/x", "--optim.betas=[0.9, 0.95]"])
+    assert cfg.train.max_steps == 12 and cfg.optim.lr == 1e-3 and cfg.data.packing is False
+    assert cfg.lora.targets == ["q_proj", "v_proj"] and cfg.output_dir == "out/x"
+    assert cfg == load_config(None, ["--train.max_steps=12", "--optim.lr=0.001", "--data.packing=false",
+                                     "--lora.targets=['q_proj','v_proj']", "--output_dir=out/x",
+                                     "--optim.betas=[0.9, 0.95]"])
+    assert Config().train.max_steps == 0
+
+
+@pytest.mark.parametrize(
+    "toml,message",
+    [
+        ("[train]\nlearning_rate = 1.0\n", "unknown config key train.learning_rate"),
+        ("[optim]\nlrr = 1.0\n", "unknown config key optim.lrr; did you mean optim.lr?"),
+        ("[train]\nmicro_batch_size = 1.5\n", "train.micro_batch_size must be int, got 1.5"),
+        ("[train]\nepochs = true\n", "train.epochs must be float, got True"),
+        ("train = 3\n", "[train] must be a table"),
+        ("[[data.datasets]]\npaht = 'x.jsonl'\n", "unknown config key data.datasets[0].paht; did you mean data.datasets[0].path"),
+        ("[data\n", "is not valid TOML"),
+    ],
+)
+def test_bad_files_name_the_key(tmp_path, toml, message):
+    (tmp_path / "bad.toml").write_text(toml)
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "bad.toml")
+    assert message in str(err.value)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(ROOT / "configs" / "nope.toml")
