@@ -420,3 +420,35 @@ def test_prepare_from_config(hf_checkpoint):
         assert isinstance(model.get_submodule("model.layers.0.mlp.up_proj"), NF4Linear)
         assert type(model.get_submodule("model.layers.0.mlp.down_proj")) is nn.Linear  # trained in full, not NF4
         assert model.get_submodule("model.layers.0.mlp.down_proj").weight.requires_grad
+
+
+# ------------------------------------------------------------------------------------------ other model families
+
+
+def write_family_checkpoint(folder, family):
+    transformers = pytest.importorskip("transformers")
+    common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8)
+    if family == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(**common, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2)
+    else:
+        config = transformers.Gemma3TextConfig(**common, sliding_window=4, query_pre_attn_scalar=8)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").save_pretrained(folder)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gemma3_text"])
+def test_lora_on_moe_and_gemma_matches_peft_and_merges(tmp_path, family):
+    """Attention and dense-MLP linears of the other families: PEFT gives the same logits; merged == unmerged."""
+    peft = pytest.importorskip("peft")
+    write_family_checkpoint(tmp_path / "base", family)
+    targets = ATTN if family == "qwen3_moe" else [*ATTN, "gate_proj", "up_proj", "down_proj"]
+    model = models.from_pretrained(tmp_path / "base", attn_implementation="eager")
+    apply_lora(model, targets, rank=4, alpha=8)
+    randomize_adapters(model)
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
+    reference = peft.PeftModel.from_pretrained(hf_model_from(tmp_path / "base"), tmp_path / "adapter").eval()
+    ids = ids_for(T=12)
+    unmerged = logits(model, ids)
+    assert max_diff(unmerged, logits(reference, ids)) <= 1e-4
+    assert max_diff(logits(merge_lora(model), ids), unmerged) <= 1e-5
