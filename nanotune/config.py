@@ -253,8 +253,20 @@ def check_value(cls, f, value, key_path: str):
 def unknown_key_message(key_path: str, valid: list[str]) -> str:
     name = key_path.rsplit(".", 1)[-1]
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean {key_path[: -len(name)]}{close[0]}?" if close else f"; valid keys: {', '.join(valid)}"
+    elsewhere = [f"{section}.{name}" for section, cls in section_classes().items()
+                 if name in {f.name for f in dataclasses.fields(cls)}]
+    if close:
+        hint = f"; did you mean {key_path[: -len(name)]}{close[0]}?"
+    elif elsewhere:
+        hint = f"; it belongs in another section: {' or '.join(elsewhere)}"
+    else:
+        hint = f"; valid keys: {', '.join(valid)}"
     return f"unknown config key {key_path}{hint}"
+
+
+def section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])}
 
 
 def to_dict(cfg) -> dict:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import shutil
 import signal
@@ -35,7 +36,7 @@ import torch
 import models
 from nanotune import checkpoint, lora, metrics, parallel
 from nanotune.config import Config, ConfigError, load_config, to_toml
-from nanotune.data import load_tokenizer, prepare_data
+from nanotune.data import DataError, RowError, SourceError, TemplateError, TokenizerError, load_tokenizer, prepare_data
 from nanotune.loss import cross_entropy_sum
 from nanotune.metrics import log
 from nanotune.optim import build_optimizer, lr_at
@@ -72,7 +73,18 @@ def build_model(cfg: Config, vocab_size: int, device: torch.device):
     QLoRA swapped in on the meta device before the weights stream in (so NF4 is quantised while loading)."""
     dtype = PARAM_DTYPES[cfg.train.precision]
     attn = cfg.attention.implementation
-    prepare = lora.prepare_from_config(cfg.lora, device)
+    try:
+        lora_prepare = lora.prepare_from_config(cfg.lora, device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+    def prepare(model):  # LoRA's complaints (e.g. targets that match no module) are about the [lora] config
+        try:
+            lora_prepare(model)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    prepare = prepare if lora_prepare is not None else None
     if cfg.model.path:
         model = models.from_pretrained(cfg.model.path, dtype=dtype, device=device, attn_implementation=attn,
                                        prepare=prepare)
@@ -110,6 +122,27 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("set train.max_steps or train.epochs to a positive number")
 
 
+def check_output_dir(output_dir: Path, resume: str) -> None:
+    """Refuse to start a new run on top of an old one: its checkpoints and final model would be overwritten."""
+    if resume:
+        return
+    previous = [p.name for p in sorted(output_dir.glob("step-*"))] + [p.name for p in (output_dir / "final",
+                                                                                        output_dir / "adapter") if p.exists()]
+    if previous:
+        raise ConfigError(
+            f"output_dir {output_dir} already holds a run ({', '.join(previous[:4])}); continue it with "
+            "--checkpoint.resume=auto, or start anew with another --output_dir"
+        )
+
+
+def forget_metrics_after(output_dir: Path, step: int) -> None:
+    """On resume, drop metrics the interrupted run logged after its checkpoint: they are logged again."""
+    path = output_dir / "metrics.jsonl"
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
 def evaluate(model, loader, max_batches: int, device, autocast) -> dict:
     model.eval()
     loader.rewind()  # from the first eval batch, also after an earlier pass stopped at max_batches
@@ -134,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     dist = parallel.init_distributed(cfg.device, cfg.parallel.backend)
     device = dist.device
     output_dir = Path(cfg.output_dir)
+    if not args.dry_run:
+        check_output_dir(output_dir, cfg.checkpoint.resume)
     metrics.setup_logging(None if args.dry_run else output_dir, dist.is_main)
     torch.manual_seed(cfg.seed)
 
@@ -192,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = checkpoint.load(resume_from, model, optimizer, dist)
         step, epoch = extra["step"], extra["epoch"]
         train_loader.load_state_dict(extra["data"])
+        if dist.is_main:
+            forget_metrics_after(output_dir, step)
         log.info(f"resumed from {resume_from} at step {step}")
     if dist.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -372,10 +409,14 @@ def copy_tokenizer_files(source: Path, target: Path) -> None:
             shutil.copy(folder / name, target / name)
 
 
+USER_ERRORS = (ConfigError, models.CheckpointError, DataError, RowError, SourceError, TemplateError, TokenizerError,
+               FileNotFoundError, FloatingPointError)
+
+
 def cli() -> None:
     try:
         sys.exit(main())
-    except (ConfigError, models.CheckpointError, FileNotFoundError) as e:
+    except USER_ERRORS as e:  # problems with the user's input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

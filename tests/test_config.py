@@ -48,6 +48,7 @@ def test_overrides_are_typed():
     "toml,message",
     [
         ("[train]\nlearning_rate = 1.0\n", "unknown config key train.learning_rate"),
+        ("[train]\nlr = 1.0\n", "unknown config key train.lr; it belongs in another section: optim.lr"),
         ("[optim]\nlrr = 1.0\n", "unknown config key optim.lrr; did you mean optim.lr?"),
         ("[train]\nmicro_batch_size = 1.5\n", "train.micro_batch_size must be int, got 1.5"),
         ("[train]\nepochs = true\n", "train.epochs must be float, got True"),

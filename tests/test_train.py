@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,12 +108,7 @@ def test_resume_is_exact(run, extra):
     straight = run("--train.max_steps=6", *extra, name="straight")
     run("--train.max_steps=6", "--checkpoint.every=3", *extra, name="resumed")
     resumed_dir = straight.parent / "resumed"
-    # simulate an interrupted run: drop what came after step 3, then resume from step-3
-    (resumed_dir / "final").rename(resumed_dir / "final-first")
-    first_half = [r for r in metrics(resumed_dir) if r["step"] <= 3]
-    (resumed_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in first_half))
-    import shutil
-
+    # an interrupted run: its newest checkpoint is step-3 (its metrics after step 3 are dropped on resume)
     shutil.rmtree(resumed_dir / "step-6")
     run("--train.max_steps=6", "--checkpoint.every=3", "--checkpoint.resume=auto", *extra, name="resumed")
     assert losses(resumed_dir) == losses(straight)  # bit-identical on CPU in fp32
@@ -240,3 +236,11 @@ def test_moe_run_logs_the_router_aux_loss(run, tmp_path):
     records = [r for r in metrics(out) if "loss" in r]
     assert all(r["aux_loss"] > 0 for r in records)
     assert (out / "final" / "config.json").exists()
+
+
+def test_a_new_run_never_overwrites_an_old_one(run, tmp_path):
+    run("--train.max_steps=1", "--checkpoint.every=1", name="old")
+    before = (tmp_path / "old" / "final" / "model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match=r"already holds a run \(step-1, final\).*--checkpoint.resume=auto"):
+        run("--train.max_steps=1", name="old")
+    assert (tmp_path / "old" / "final" / "model.safetensors").read_bytes() == before
