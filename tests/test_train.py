@@ -244,3 +244,20 @@ def test_a_new_run_never_overwrites_an_old_one(run, tmp_path):
     with pytest.raises(ConfigError, match=r"already holds a run \(step-1, final\).*--checkpoint.resume=auto"):
         run("--train.max_steps=1", name="old")
     assert (tmp_path / "old" / "final" / "model.safetensors").read_bytes() == before
+
+
+def test_quickstart_command_and_generate_script(tmp_path):
+    """The README's first command, shortened to a few steps, then scripts/generate.py on its final/."""
+    out = tmp_path / "qs"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    train_cmd = [sys.executable, str(ROOT / "nanotune" / "train.py"), str(ROOT / "configs" / "quickstart.toml"),
+                 "--train.max_steps=3", "--train.eval_every=0", f"--output_dir={out}",
+                 f"--data.cache_dir={tmp_path / 'cache'}"]
+    result = subprocess.run(train_cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "step 3/3" in result.stdout and (out / "final" / "tokenizer.json").exists()
+    gen_cmd = [sys.executable, str(ROOT / "scripts" / "generate.py"), str(out / "final"), "reverse: abc",
+               "--max-new-tokens=5"]
+    result = subprocess.run(gen_cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("'reverse: abc' -> ")
