@@ -1,0 +1,87 @@
+"""Triton kernels for the hot elementwise and normalisation ops, each beside a few-line PyTorch reference.
+
+    from nanotune.kernels import apply_kernels
+    swapped = apply_kernels(model)     # after the weights are loaded or initialised, on a CUDA model
+
+`apply_kernels` swaps modules from outside, keeping parameter names (the swapped modules hold the very same
+Parameters and submodules, so checkpoints, LoRA adapters and optimizer state do not notice):
+- every RMSNorm of the model files -> `TritonRMSNorm` (rms_norm.py), with the family's rounding and Gemma's 1 + weight;
+- every dense gated MLP (SwiGLU, GeGLU) -> `TritonGLUMLP` (glu.py): same gate/up/down projections, one fused
+  activation kernel. The MoE experts keep their own forward (their grouped GEMMs are the cost there).
+RoPE (rope.py) is a function the attention modules call directly; it is not swapped (see docs/kernels.md).
+
+The module classes are named in two tables below (data, not imports: `nanotune` does not import `models`), and a
+test checks the tables against the model files. Kernels run on CUDA tensors; on CPU they run only under Triton's
+interpreter (TRITON_INTERPRET=1, set before triton is imported), which the tests use.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from nanotune.kernels.launch import interpreting
+
+# "module.Class" of a model file's RMSNorm -> how it rounds (see rms_norm.py)
+RMSNORM_CLASSES = {
+    "models.llama.RMSNorm": dict(offset=0.0, cast_before_scale=True),  # also Mistral (same modules)
+    "models.qwen_moe.RMSNorm": dict(offset=0.0, cast_before_scale=True),
+    "models.gemma.RMSNorm": dict(offset=1.0, cast_before_scale=False),  # (1 + weight), scaled in fp32
+}
+# "module.Class" of a dense gated MLP (gate_proj, up_proj, down_proj) -> its activation
+GLU_MLP_CLASSES = {
+    "models.llama.MLP": "silu",
+    "models.qwen_moe.MLP": "silu",
+    "models.gemma.MLP": "gelu_tanh",
+}
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _qualified_name(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def apply_kernels(model: nn.Module, norms: bool = True, mlps: bool = True) -> list[str]:
+    """Swap the model's RMSNorms and gated MLPs for Triton-backed modules in place; returns the swapped names.
+
+    Call it after the weights are loaded or initialised (the models' `init_weights` recognise only their own norm
+    class) and after LoRA / QLoRA swaps, before torch.compile. Raises when triton is missing or the model is on a
+    device the kernels cannot run on.
+    """
+    if not triton_available():
+        raise ImportError("apply_kernels needs triton (`pip install triton`; CUDA builds of torch ship it), "
+                          "or train without kernels")
+    devices = {p.device.type for p in model.parameters()}
+    if "meta" in devices:
+        raise RuntimeError("apply_kernels: the model is still on the meta device; apply the kernels after the "
+                           "weights are loaded or initialised")
+    if devices - {"cuda"} and not interpreting():
+        raise RuntimeError(
+            f"apply_kernels: the model is on {sorted(devices)}, but the Triton kernels run on CUDA tensors; move the "
+            "model to a GPU first, or leave the kernels off on CPU (TRITON_INTERPRET=1 runs them slowly, for tests)"
+        )
+    from nanotune.kernels.glu import TritonGLUMLP
+    from nanotune.kernels.rms_norm import TritonRMSNorm
+
+    swapped = []
+    for name, module in list(model.named_modules()):
+        kind = _qualified_name(module)
+        if norms and kind in RMSNORM_CLASSES:
+            new = TritonRMSNorm(module.weight, module.eps, **RMSNORM_CLASSES[kind])
+        elif mlps and kind in GLU_MLP_CLASSES:
+            new = TritonGLUMLP(module.gate_proj, module.up_proj, module.down_proj, GLU_MLP_CLASSES[kind])
+        else:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        swapped.append(name)
+    return swapped
+
+
+__all__ = ["apply_kernels", "triton_available", "RMSNORM_CLASSES", "GLU_MLP_CLASSES"]
