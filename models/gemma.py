@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from nanotune import attention
 
@@ -306,6 +307,7 @@ class GemmaForCausalLM(nn.Module):
         self.model = GemmaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
+        self.activation_checkpointing = False  # recompute each layer in the backward instead of storing activations
 
     def tie_weights(self) -> None:
         """Share the input embedding with the LM head (again after `to_empty`, which unties parameters)."""
@@ -344,7 +346,10 @@ class GemmaForCausalLM(nn.Module):
             rope_local = self.model.rotary_emb_local(position_ids, x.dtype)
         for layer in self.model.layers:
             cos, sin = rope_local if layer.self_attn.is_local else rope_global
-            x = layer(x, cos, sin, ctx)
+            if self.activation_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, ctx, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, ctx)
         x = self.model.norm(x)  # (B, T, D)
         return x if return_hidden else self.softcap_logits(self.lm_head(x))
 

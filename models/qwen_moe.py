@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from nanotune import attention
 
@@ -392,6 +393,7 @@ class QwenMoeForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.aux_loss: torch.Tensor | None = None  # set by every forward, see there
         self.tie_weights()
+        self.activation_checkpointing = False  # recompute each layer in the backward instead of storing activations
 
     def tie_weights(self) -> None:
         """Share the input embedding with the LM head (again after `to_empty`, which unties parameters)."""
@@ -425,7 +427,11 @@ class QwenMoeForCausalLM(nn.Module):
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)  # (B, T, head_dim) each
         stats = []
         for layer in self.model.layers:
-            x, layer_stats = layer(x, cos, sin, ctx, token_weight_N)
+            if self.activation_checkpointing and self.training:
+                x, layer_stats = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, ctx, token_weight_N,
+                                                                    use_reentrant=False)
+            else:
+                x, layer_stats = layer(x, cos, sin, ctx, token_weight_N)
             if layer_stats is not None:
                 stats.append(layer_stats)
         if stats:

@@ -93,6 +93,8 @@ class TrainConfig:
     activation_checkpointing: str = "none"  # none | full: recompute each decoder layer in the backward
     activation_offload: bool = False  # keep saved activations in host memory between forward and backward
     compile: bool = False  # torch.compile each decoder block
+    loss: str = "auto"  # auto (chunked where it applies) | plain | chunked: LM head + CE a chunk of tokens at a time
+    kernels: bool = False  # Triton RMSNorm and SwiGLU/GeGLU kernels (CUDA; needs triton)
 
 
 @dataclass

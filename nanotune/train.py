@@ -37,7 +37,7 @@ import models
 from nanotune import checkpoint, lora, metrics, parallel
 from nanotune.config import Config, ConfigError, load_config, to_toml
 from nanotune.data import DataError, RowError, SourceError, TemplateError, TokenizerError, load_tokenizer, prepare_data
-from nanotune.loss import cross_entropy_sum
+from nanotune.loss import cross_entropy_sum, linear_cross_entropy_sum, lm_head_weight
 from nanotune.metrics import log
 from nanotune.optim import build_optimizer, lr_at
 from nanotune.packing import BatchLoader
@@ -108,6 +108,7 @@ def check_config(cfg: Config) -> None:
         "train.precision": (cfg.train.precision, tuple(PARAM_DTYPES)),
         "train.nonfinite": (cfg.train.nonfinite, ("error", "skip")),
         "train.activation_checkpointing": (cfg.train.activation_checkpointing, ("none", "full")),
+        "train.loss": (cfg.train.loss, ("auto", "plain", "chunked")),
         "optim.schedule": (cfg.optim.schedule, ("constant", "linear", "cosine")),
         "device": (cfg.device, ("auto", "cpu", "cuda")),
     }
@@ -143,7 +144,37 @@ def forget_metrics_after(output_dir: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-def evaluate(model, loader, max_batches: int, device, autocast) -> dict:
+def choose_loss(model, setting: str, dist):
+    """The token-loss function of the run: the plain CE on (B, T, V) logits, or the chunked LM head + CE that never
+    holds fp32 logits for all tokens. `auto` takes the chunked one where it applies: one process (under FSDP the
+    head weight is sharded outside its module's forward) and a plain linear head (not LoRA- or NF4-wrapped)."""
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def plain(model, batch, device):
+        logits = model(batch["input_ids"].to(device), batch["position_ids"].to(device),
+                       batch["cu_seqlens"].to(device), batch["max_seqlen"])  # (B, T, V)
+        return cross_entropy_sum(logits, batch["labels"].to(device))
+
+    def chunked(model, batch, device):
+        hidden = model(batch["input_ids"].to(device), batch["position_ids"].to(device),
+                       batch["cu_seqlens"].to(device), batch["max_seqlen"], return_hidden=True)  # (B, T, D)
+        return linear_cross_entropy_sum(hidden, lm_head_weight(model.lm_head), batch["labels"].to(device),
+                                        softcap=softcap)
+
+    if setting == "plain":
+        return plain
+    try:
+        lm_head_weight(model.lm_head)
+        usable = not dist.enabled
+        why = "it needs one process for now (the head weight is sharded under FSDP2)"
+    except ValueError as e:
+        usable, why = False, str(e)
+    if setting == "chunked" and not usable:
+        raise ConfigError(f"train.loss = 'chunked' cannot be used here: {why}; use train.loss = 'auto' or 'plain'")
+    return chunked if usable else plain
+
+
+def evaluate(model, loader, max_batches: int, device, autocast, token_loss_sum) -> dict:
     model.eval()
     loader.rewind()  # from the first eval batch, also after an earlier pass stopped at max_batches
     loss_sum = tokens = 0.0
@@ -152,9 +183,7 @@ def evaluate(model, loader, max_batches: int, device, autocast) -> dict:
             if max_batches and i >= max_batches:
                 break
             with autocast():
-                logits = model(batch["input_ids"].to(device), batch["position_ids"].to(device),
-                               batch["cu_seqlens"].to(device), batch["max_seqlen"])
-            loss_sum += cross_entropy_sum(logits, batch["labels"].to(device)).item()
+                loss_sum += token_loss_sum(model, batch, device).item()
             tokens += batch["num_trainable_tokens"]
     model.train()
     return {"loss_sum": loss_sum, "tokens": tokens}
@@ -207,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     model.activation_checkpointing = cfg.train.activation_checkpointing == "full"
+    if cfg.train.kernels:
+        from nanotune.kernels import apply_kernels
+
+        log.info(f"Triton kernels: {len(apply_kernels(model))} modules swapped")
     if cfg.train.compile:  # each decoder block compiled on its own: parameter names and the loop stay as they are
         for layer in model.model.layers:
             layer.compile()
@@ -219,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     offload = (lambda: torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")) \
         if cfg.train.activation_offload else contextlib.nullcontext
     optimizer = build_optimizer(model, cfg.optim, device)
+    token_loss_sum = choose_loss(model, cfg.train.loss, dist)
 
     # ---- resume: model, optimizer, data position, RNG states and step, exactly
     step, epoch = 0, 0
@@ -252,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             epoch += 1
 
     def run_eval():
-        result = evaluate(model, eval_loader, cfg.train.eval_batches, device, autocast)
+        result = evaluate(model, eval_loader, cfg.train.eval_batches, device, autocast, token_loss_sum)
         loss = parallel.all_reduce_sum(result["loss_sum"], dist) / max(1.0, parallel.all_reduce_sum(result["tokens"], dist))
         log.info(f"eval at step {step}: loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f}")
         logger.write({"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))})
@@ -275,17 +309,15 @@ def main(argv: list[str] | None = None) -> int:
             if dist.enabled:  # FSDP2 reduces gradients once, after the last micro-batch
                 model.set_requires_gradient_sync(i == accum - 1)
             with autocast(), offload():
-                logits = model(batch["input_ids"].to(device), batch["position_ids"].to(device),
-                               batch["cu_seqlens"].to(device), batch["max_seqlen"])  # (B, T, V)
-                token_loss_sum = cross_entropy_sum(logits, batch["labels"].to(device))
+                loss_i = token_loss_sum(model, batch, device)  # summed over this micro-batch's trained tokens
                 # FSDP averages gradients over ranks: scale by world_size to get the sum over all ranks instead
-                objective = token_loss_sum * dist.world_size / max(step_tokens, 1.0)
+                objective = loss_i * dist.world_size / max(step_tokens, 1.0)
                 aux = getattr(model, "aux_loss", None)  # MoE load balancing, already times router_aux_loss_coef
                 if aux is not None:
                     objective = objective + aux / accum  # a mean over the step's micro-batches (and ranks, by FSDP)
                     aux_sum += aux.item() / accum
             objective.backward()
-            loss_sum += token_loss_sum.item()
+            loss_sum += loss_i.item()
         loss = parallel.all_reduce_sum(loss_sum, dist) / max(step_tokens, 1.0)
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)

@@ -66,12 +66,16 @@ def final_params(out):
     return load_file(out / "final" / "model.safetensors")
 
 
-def assert_same_params(a, b, atol=3e-5):
-    """Equal up to fp32 summation order. AdamW's first step moves each weight by about lr * sign(grad), so where a
-    gradient is ~1e-8 a rounding difference can change that weight by up to lr (3e-3): atol is 1% of lr."""
+def assert_same_params(a, b, atol=3e-5, max_outlier_fraction=1e-4, outlier_atol=2e-3):
+    """Equal up to fp32 summation order. AdamW moves each weight by about lr * m / sqrt(v) per step, which is close
+    to lr * sign(grad) early on: where a gradient is ~1e-8, a rounding difference can flip that sign and move the
+    weight by up to ~lr (3e-3 here). So: all but a handful of elements (1e-4 of them) agree to 3e-5 (1% of lr), and
+    none differ by more than about one such step."""
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-5, msg=k)
+        diff = (a[k] - b[k]).abs()
+        assert diff.max() <= outlier_atol, f"{k}: max diff {diff.max():.3g}"
+        assert (diff > atol).float().mean() <= max_outlier_fraction, f"{k}: {(diff > atol).sum()} elements differ"
 
 
 def test_loss_does_not_depend_on_micro_batch_size_or_accumulation(run):
@@ -112,7 +116,7 @@ def test_resume_is_exact(run, extra):
     shutil.rmtree(resumed_dir / "step-6")
     run("--train.max_steps=6", "--checkpoint.every=3", "--checkpoint.resume=auto", *extra, name="resumed")
     assert losses(resumed_dir) == losses(straight)  # bit-identical on CPU in fp32
-    assert_same_params(final_params(resumed_dir), final_params(straight), atol=0)
+    assert_same_params(final_params(resumed_dir), final_params(straight), atol=0, max_outlier_fraction=0)
 
 
 def test_checkpoints_keep_the_newest_and_never_leave_partial_folders(run):
@@ -261,3 +265,18 @@ def test_quickstart_command_and_generate_script(tmp_path):
     result = subprocess.run(gen_cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("'reverse: abc' -> ")
+
+
+def test_chunked_and_plain_loss_train_the_same(run):
+    chunked = run("--train.loss=chunked", "--train.max_steps=2")
+    plain = run("--train.loss=plain", "--train.max_steps=2")
+    assert losses(chunked) == pytest.approx(losses(plain), rel=1e-5)
+    assert_same_params(final_params(chunked), final_params(plain))
+
+
+def test_activation_checkpointing_and_offload_change_nothing_but_memory(run):
+    plain = run("--train.max_steps=2")
+    saving = run("--train.max_steps=2", "--train.activation_checkpointing=full", "--train.activation_offload=true")
+    assert losses(saving) == pytest.approx(losses(plain), rel=1e-6)
+    assert_same_params(final_params(saving), final_params(plain), atol=1e-6, max_outlier_fraction=0)
+
