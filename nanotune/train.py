@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         # divide by trainable tokens in the whole step (all micro-batches, all ranks) so that the loss and gradients
         # do not depend on micro-batch size, accumulation steps or world size
         step_tokens = parallel.all_reduce_sum(sum(b["num_trainable_tokens"] for b in batches), dist)
-        loss_sum = aux_sum = 0.0
+        loss_sum = aux_sum = torch.zeros((), device=device)  # summed on the device: one host sync per step
         for i, batch in enumerate(batches):
             if dist.enabled:  # FSDP2 reduces gradients once, after the last micro-batch
                 model.set_requires_gradient_sync(i == accum - 1)
@@ -315,10 +315,10 @@ def main(argv: list[str] | None = None) -> int:
                 aux = getattr(model, "aux_loss", None)  # MoE load balancing, already times router_aux_loss_coef
                 if aux is not None:
                     objective = objective + aux / accum  # a mean over the step's micro-batches (and ranks, by FSDP)
-                    aux_sum += aux.item() / accum
+                    aux_sum = aux_sum + aux.detach() / accum
             objective.backward()
-            loss_sum += loss_i.item()
-        loss = parallel.all_reduce_sum(loss_sum, dist) / max(step_tokens, 1.0)
+            loss_sum = loss_sum + loss_i.detach()
+        loss = parallel.all_reduce_sum(loss_sum.item(), dist) / max(step_tokens, 1.0)
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             record = {"step": step, "loss": sum(loss_window) / len(loss_window), "lr": lr, "grad_norm": grad_norm,
                       "tokens_per_s": tokens_per_s, "epoch": epoch}
             if getattr(model, "aux_loss", None) is not None:
-                record["aux_loss"] = parallel.all_reduce_sum(aux_sum, dist) / dist.world_size
+                record["aux_loss"] = parallel.all_reduce_sum(aux_sum.item(), dist) / dist.world_size
             if peak:
                 record["mfu"] = flops_per_token * tokens_per_s / dist.world_size / peak
             if device.type == "cuda":
