@@ -89,21 +89,46 @@ def test_loss_does_not_depend_on_micro_batch_size_or_accumulation(run):
     assert moved.abs().max() > 1e-3
 
 
-@pytest.mark.slow
-def test_two_processes_match_one(run, tmp_path):
-    """2 processes x 1 row x 2 accumulation == 1 process x 1 row x 4 accumulation (FSDP2 over gloo)."""
-    single = run("--train.micro_batch_size=1", "--train.grad_accum_steps=4", "--train.max_steps=2")
-    config = (single / "config.toml").read_text()
-    (tmp_path / "dist.toml").write_text(config)
-    out = tmp_path / "dist"
+def torchrun(config_path, *overrides):
+    """Two processes (FSDP2 over gloo) on a config file; returns the completed process."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "nanotune" / "train.py"), str(tmp_path / "dist.toml"), "--train.grad_accum_steps=2",
-           f"--output_dir={out}"]
+           str(ROOT / "nanotune" / "train.py"), str(config_path), *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--lora.enabled=true", "--lora.rank=4", "--lora.targets=['q_proj','up_proj']"]],
+                         ids=["full", "lora"])
+def test_two_processes_match_one(run, tmp_path, extra):
+    """2 processes x 1 row x 2 accumulation == 1 process x 1 row x 4 accumulation (FSDP2 over gloo); with LoRA the
+    gathered adapter/ and merged final/ match too."""
+    single = run("--train.micro_batch_size=1", "--train.grad_accum_steps=4", "--train.max_steps=2",
+                 "--train.loss=plain", *extra)
+    (tmp_path / "dist.toml").write_text((single / "config.toml").read_text())
+    out = tmp_path / "dist"
+    torchrun(tmp_path / "dist.toml", "--train.grad_accum_steps=2", f"--output_dir={out}")
     assert losses(out) == pytest.approx(losses(single), rel=1e-5)
     assert_same_params(final_params(out), final_params(single))
+    if extra:
+        assert_same_params(load_file(out / "adapter" / "adapter_model.safetensors"),
+                           load_file(single / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_two_process_resume_is_exact(run, tmp_path):
+    """Sharded (DCP) checkpoints: 2 processes x 4 steps == 2 processes x 2 steps, then resumed for 2 more."""
+    base = run("--train.max_steps=1", name="base")  # only for its resolved config
+    (tmp_path / "dist.toml").write_text((base / "config.toml").read_text())
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    torchrun(tmp_path / "dist.toml", "--train.max_steps=4", f"--output_dir={straight}")
+    torchrun(tmp_path / "dist.toml", "--train.max_steps=4", "--checkpoint.every=2", f"--output_dir={resumed}")
+    shutil.rmtree(resumed / "step-4")
+    torchrun(tmp_path / "dist.toml", "--train.max_steps=4", "--checkpoint.resume=auto", f"--output_dir={resumed}")
+    assert losses(resumed) == losses(straight)
+    assert_same_params(final_params(resumed), final_params(straight), atol=0, max_outlier_fraction=0)
 
 
 @pytest.mark.parametrize("extra", [[], ["--lora.enabled=true", "--lora.rank=4", "--lora.dropout=0.1"]],
