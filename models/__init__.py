@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from models import mistral, safetensors_io
+from models import safetensors_io
 from models.llama import LlamaConfig, LlamaForCausalLM
 from models.mistral import MistralConfig, MistralForCausalLM
 from models.gemma import GemmaConfig, GemmaForCausalLM
@@ -269,4 +269,4 @@ def parse_size(size: int | str) -> int:
 
 
 __all__ = ["from_pretrained", "save_pretrained", "from_size", "build_model", "config_from_hf", "FAMILIES", "SIZES",
-           "CheckpointError", "mistral"]
+           "DTYPES", "CheckpointError"]

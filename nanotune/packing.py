@@ -29,6 +29,7 @@ Batch (B rows, T columns; T = seq_len when packing):
     cu_seqlens    (S + 1,) int32  segment boundaries over the flattened B*T tokens (documents and padding runs)
     max_seqlen    int             longest segment
     num_trainable_tokens int      labels != -100 in this micro-batch
+    attention_mask (B, T) bool    False in padding slots (HF's meaning; attention itself uses the segments above)
 """
 
 from __future__ import annotations
@@ -171,6 +172,7 @@ class BatchLoader:
         input_ids = np.full((B, T), self.pad_id, dtype=np.int64)
         labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
         position_ids = np.zeros((B, T), dtype=np.int64)
+        real = np.zeros((B, T), dtype=bool)  # False in padding slots
         seqlens = []  # segment lengths in order over the flattened (B*T,) tokens
         for b, row in enumerate(rows):
             o = 0
@@ -181,6 +183,7 @@ class BatchLoader:
                 # (n-1,) pre-shifted: the logits at t are trained on ids[t+1] when that token is a target
                 labels[b, o : o + n - 1] = np.where(mask[1:] != 0, ids[1:], IGNORE_INDEX)
                 position_ids[b, o : o + n] = np.arange(n)
+                real[b, o : o + n] = True
                 seqlens.append(n)
                 o += n
             if o < T:  # the padding run: its own segment, never trained
@@ -195,4 +198,5 @@ class BatchLoader:
             "cu_seqlens": torch.from_numpy(cu_seqlens),
             "max_seqlen": int(max(seqlens)),
             "num_trainable_tokens": int((labels != IGNORE_INDEX).sum()),
+            "attention_mask": torch.from_numpy(real),
         }

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import shutil
@@ -150,14 +151,20 @@ def choose_loss(model, setting: str, dist):
     head weight is sharded outside its module's forward) and a plain linear head (not LoRA- or NF4-wrapped)."""
     softcap = getattr(model.config, "final_logit_softcapping", None)
 
+    # MoE routers' load-balancing loss leaves padding slots out, as HF's attention_mask does
+    takes_mask = "aux_loss_mask" in inspect.signature(model.forward).parameters
+
+    def forward(model, batch, device, return_hidden):
+        extra = {"aux_loss_mask": batch["attention_mask"].to(device)} if takes_mask else {}
+        return model(batch["input_ids"].to(device), batch["position_ids"].to(device), batch["cu_seqlens"].to(device),
+                     batch["max_seqlen"], return_hidden=return_hidden, **extra)
+
     def plain(model, batch, device):
-        logits = model(batch["input_ids"].to(device), batch["position_ids"].to(device),
-                       batch["cu_seqlens"].to(device), batch["max_seqlen"])  # (B, T, V)
+        logits = forward(model, batch, device, return_hidden=False)  # (B, T, V)
         return cross_entropy_sum(logits, batch["labels"].to(device))
 
     def chunked(model, batch, device):
-        hidden = model(batch["input_ids"].to(device), batch["position_ids"].to(device),
-                       batch["cu_seqlens"].to(device), batch["max_seqlen"], return_hidden=True)  # (B, T, D)
+        hidden = forward(model, batch, device, return_hidden=True)  # (B, T, D)
         return linear_cross_entropy_sum(hidden, lm_head_weight(model.lm_head), batch["labels"].to(device),
                                         softcap=softcap)
 

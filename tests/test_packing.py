@@ -87,6 +87,7 @@ def test_batch_tensors_shapes_positions_and_cu_seqlens():
         # every segment lies inside one row; padding (pad_id -1) is never a target
         assert all(s // T == (s + n - 1) // T for s, n in zip(cu[:-1], seg))
         assert (b["labels"][b["input_ids"] == -1] == -100).all()
+        assert torch.equal(b["attention_mask"], b["input_ids"] != -1)  # False exactly in the padding slots
         # the last token of each segment is never trained (it would predict the next document's first token)
         ends = np.array(cu[1:]) - 1
         assert (b["labels"].flatten()[ends] == -100).all()
