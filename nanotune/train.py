@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         step += 1
 
         loss_window.append(loss)
-        tokens_window += sum(int(b["input_ids"].numel()) for b in batches) * dist.world_size
+        tokens_window += sum(int(b["attention_mask"].sum()) for b in batches) * dist.world_size  # real, not padding
         if step % cfg.logging.every == 0 or step == total_steps:
             elapsed = timer.lap()
             tokens_per_s = tokens_window / elapsed
