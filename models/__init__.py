@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from models import safetensors_io
+from models.safetensors_io import CheckpointError
 from models.llama import LlamaConfig, LlamaForCausalLM
 from models.mistral import MistralConfig, MistralForCausalLM
 from models.gemma import GemmaConfig, GemmaForCausalLM
@@ -61,10 +62,6 @@ SIZES: dict[str, dict] = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class CheckpointError(ValueError):
-    """A model folder that cannot be loaded as it is, with a message naming the file or keys."""
-
-
 def config_from_hf(hf: dict):
     model_type = hf.get("model_type")
     if model_type not in FAMILIES:
@@ -93,6 +90,7 @@ def from_size(name: str, vocab_size: int, dtype=torch.float32, device="cpu", att
         raise CheckpointError(f"model.size {name!r} is unknown; choose one of {sorted(SIZES)}")
     config = config_from_hf({**SIZES[name], "vocab_size": vocab_size})
     config.attn_implementation = attn_implementation
+    config.hf_config = {}  # not read from a file: save_pretrained writes a complete config.json (hf_config_from)
     model = build_model(config, "meta", dtype)
     if torch.device(device).type == "meta":
         return model

@@ -22,6 +22,10 @@ DTYPES = {
 }
 
 
+class CheckpointError(ValueError):
+    """A model folder that cannot be loaded as it is, with a message naming the file or keys."""
+
+
 def checkpoint_files(folder: Path) -> list[Path]:
     """The safetensors files of a model folder: the shards named by the index, or the single model.safetensors."""
     index = folder / "model.safetensors.index.json"
@@ -30,7 +34,7 @@ def checkpoint_files(folder: Path) -> list[Path]:
         files = [folder / name for name in dict.fromkeys(weight_map.values())]
         absent = [f.name for f in files if not f.is_file()]
         if absent:
-            raise FileNotFoundError(f"{index} names shards that are not in {folder}: {absent}")
+            raise CheckpointError(f"{index} names shards that are not in {folder}: {absent}")
         return files
     single = folder / "model.safetensors"
     if single.is_file():
@@ -39,18 +43,32 @@ def checkpoint_files(folder: Path) -> list[Path]:
     if found:
         return found
     hint = " (nanotune reads safetensors only; convert .bin weights first)" if any(folder.glob("*.bin")) else ""
-    raise FileNotFoundError(f"{folder} has no model.safetensors or model.safetensors.index.json{hint}")
+    raise CheckpointError(f"{folder} has no model.safetensors or model.safetensors.index.json{hint}")
 
 
 def read_header(path: Path) -> dict[str, dict]:
+    """The JSON header, each entry with its absolute `start` and `nbytes`; refuses files that are not whole."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+        head = f.read(8)
+        if head.startswith(b"version "):
+            raise CheckpointError(f"{path} is a git-lfs pointer, not the weights: run `git lfs pull` in its folder")
+        (n,) = struct.unpack("<Q", head) if len(head) == 8 else (size,)
+        if n + 8 > size:
+            raise CheckpointError(f"{path} is not a safetensors file or is truncated (header of {n} bytes in a "
+                                  f"{size}-byte file); download it again")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise CheckpointError(f"{path} has a corrupt safetensors header; download it again") from None
     header.pop("__metadata__", None)
     base = 8 + n
     for info in header.values():
         info["start"] = base + info["data_offsets"][0]
         info["nbytes"] = info["data_offsets"][1] - info["data_offsets"][0]
+        if info["start"] + info["nbytes"] > size:
+            raise CheckpointError(f"{path} is truncated ({size} bytes, its header needs "
+                                  f"{info['start'] + info['nbytes']}); download it again")
     return header
 
 

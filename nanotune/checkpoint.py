@@ -18,6 +18,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from nanotune.config import ConfigError
 from nanotune.parallel import DistInfo, barrier
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -61,19 +62,27 @@ def save(output_dir: Path, step: int, model, optimizer, extra: dict, info: DistI
     return final
 
 
-def load(path: Path, model, optimizer, info: DistInfo) -> dict:
-    """Restore model and optimizer in place; returns this process's extra state (RNG states already restored)."""
+def load(path: Path, model, optimizer, info: DistInfo, check=None) -> dict:
+    """Restore model and optimizer in place; returns this process's extra state (RNG states already restored).
+    `check(extra)` runs first, before any tensor is read (e.g. to refuse a changed config)."""
     extra_file = path / f"extra-rank{info.rank}.pt"
     if not extra_file.is_file():
-        raise FileNotFoundError(
+        raise ConfigError(
             f"{path} has no {extra_file.name}: it was written by a run with a different number of processes "
             f"or is incomplete; resume with the same number of processes or start anew"
         )
+    extra = torch.load(extra_file, weights_only=False)
+    if check is not None:
+        check(extra)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as e:  # DCP reports missing or mis-shaped tensors as a long chain of errors
+        first = str(e).strip().splitlines()[0][:300]
+        raise ConfigError(f"{path} does not fit this model and optimizer ({first}); resume with the settings it was "
+                          "written with") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=OPTIONS)
-    extra = torch.load(extra_file, weights_only=False)
     set_rng_state(extra["rng"])
     return extra
 
@@ -95,5 +104,6 @@ def resolve_resume(resume: str, output_dir: Path) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / ".metadata").is_file():
-        raise FileNotFoundError(f"checkpoint.resume = {resume!r} is not a complete step-N checkpoint folder")
+        raise ConfigError(f"checkpoint.resume = {resume!r} is not a complete step-N checkpoint folder; "
+                          "give a step-N folder or 'auto'")
     return path

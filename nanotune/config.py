@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import sys
 import types
 import typing
@@ -84,12 +85,14 @@ class TrainConfig:
     micro_batch_size: int = 1  # rows per forward pass (per process)
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     max_steps: int = 0  # stop after this many optimizer steps (0: run `epochs`)
-    epochs: float = 1.0
+    epochs: float = 1.0  # passes over the training data, when max_steps is 0 (fractions allowed)
     max_grad_norm: float = 1.0  # 0 disables clipping
     eval_every: int = 0  # steps between evaluations (0: only at the end)
-    eval_batches: int = 0  # micro-batches per evaluation (0: the whole eval split)
+    eval_batches: int = 0  # micro-batches per evaluation and process (0: the whole eval split)
     nonfinite: str = "error"  # error | skip: what a non-finite loss or gradient norm does
-    precision: str = "fp32"  # fp32 | bf16 (bf16 parameters, fp32 optimizer states) | amp-bf16 (fp32 params, bf16 autocast)
+    # fp32 | bf16 (bf16 parameters, gradients and AdamW states; LoRA adapters stay fp32) | amp-bf16 (fp32 parameters
+    # and AdamW states, bf16 compute)
+    precision: str = "fp32"
     activation_checkpointing: str = "none"  # none | full: recompute each decoder layer in the backward
     activation_offload: bool = False  # keep saved activations in host memory between forward and backward
     compile: bool = False  # torch.compile each decoder block
@@ -132,7 +135,7 @@ class AttentionConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 0  # steps between checkpoints (0: only when stopped by a signal)
-    keep: int = 2  # keep the newest K step-N checkpoints
+    keep: int = 2  # keep the newest K step-N checkpoints (0: keep all)
     resume: str = ""  # "" | auto (newest step-N in output_dir) | a path to a step-N folder
     save_final: bool = True  # write <output_dir>/final in HF format
 
@@ -302,7 +305,7 @@ def toml_value(v) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return json.dumps(v, ensure_ascii=False)  # JSON string escapes are valid in TOML basic strings
     if isinstance(v, list):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
     if isinstance(v, dict):

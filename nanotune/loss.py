@@ -52,6 +52,8 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
     (nanotune/kernels/cross_entropy.py: no fp32 copy, ~chunk_size x V x 2 bytes a chunk); None = on CUDA when triton
     is installed. The PyTorch path below is its reference.
     """
+    if not torch.is_grad_enabled():  # evaluation: no gradient may be computed, for the weight either
+        hidden, weight = hidden.detach(), weight.detach()
     hidden_ND, labels_N = hidden.flatten(0, 1), labels.flatten()
     keep = labels_N != IGNORE_INDEX
     hidden_ND, labels_N = hidden_ND[keep], labels_N[keep]  # (N, D), (N,): trained positions only

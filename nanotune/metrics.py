@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -19,6 +20,8 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "R
 
 
 def setup_logging(output_dir: Path | None, is_main: bool) -> None:
+    for handler in log.handlers:
+        handler.close()
     log.handlers.clear()
     log.setLevel(logging.INFO if is_main else logging.WARNING)
     log.propagate = False
@@ -43,6 +46,9 @@ def flops_per_token(model, seq_len: int, trainable_fraction: float = 1.0) -> flo
     """PaLM (appendix B): 6N + 12 L H Q T for full training; frozen weights get no weight gradient (4N)."""
     c = model.config
     n = sum(p.numel() for n_, p in model.named_parameters() if "embed_tokens" not in n_)
+    if getattr(c, "num_experts", None) and getattr(c, "num_experts_per_tok", None):  # MoE: only active experts work
+        experts = sum(p.numel() for n_, p in model.named_parameters() if ".experts." in n_)
+        n -= experts * (1 - c.num_experts_per_tok / c.num_experts)
     if getattr(c, "tie_word_embeddings", False):
         n += c.vocab_size * c.hidden_size  # the LM head still does its matmul
     factor = 6 if trainable_fraction > 0.5 else 4
@@ -144,10 +150,21 @@ def plot_loss(output_dir: Path) -> Path | None:
 
 
 class Timer:
+    """Training time per log window; time spent inside `paused()` (evaluation, checkpoints) is left out."""
+
     def __init__(self):
         self.start = time.perf_counter()
+        self.excluded = 0.0
 
     def lap(self) -> float:
         now = time.perf_counter()
-        elapsed, self.start = now - self.start, now
+        elapsed, self.start, self.excluded = now - self.start - self.excluded, now, 0.0
         return elapsed
+
+    @contextlib.contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - start

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from nanotune.config import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -40,7 +42,7 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device = 'cuda' but no CUDA device is visible; set device = 'cpu' or 'auto'")
+            raise ConfigError("device = 'cuda' but no CUDA device is visible; set device = 'cpu' or 'auto'")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device(name)

@@ -26,6 +26,7 @@ import shutil
 import signal
 import sys
 import time
+import tomllib
 import warnings
 from pathlib import Path
 
@@ -35,8 +36,8 @@ if __package__ in (None, ""):  # run as a script: make `nanotune` and `models` i
 import torch
 
 import models
-from nanotune import checkpoint, lora, metrics, parallel
-from nanotune.config import Config, ConfigError, load_config, to_toml
+from nanotune import attention, checkpoint, lora, metrics, parallel
+from nanotune.config import Config, ConfigError, load_config, to_dict, to_toml
 from nanotune.data import DataError, RowError, SourceError, TemplateError, TokenizerError, load_tokenizer, prepare_data
 from nanotune.loss import cross_entropy_sum, linear_cross_entropy_sum, lm_head_weight
 from nanotune.metrics import log
@@ -58,6 +59,8 @@ class StopRequested:
             signal.signal(sig, self.handle)
 
     def handle(self, signum, frame):
+        if self.signal is not None:  # a second signal: stop now, without the checkpoint
+            raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
 
 
@@ -112,29 +115,72 @@ def check_config(cfg: Config) -> None:
         "train.loss": (cfg.train.loss, ("auto", "plain", "chunked")),
         "optim.schedule": (cfg.optim.schedule, ("constant", "linear", "cosine")),
         "device": (cfg.device, ("auto", "cpu", "cuda")),
+        "attention.implementation": (cfg.attention.implementation, attention.IMPLEMENTATIONS),
+        "parallel.backend": (cfg.parallel.backend, ("auto", "nccl", "gloo")),
+        "optim.fused": (cfg.optim.fused, ("auto", "true", "false")),
+        "lora.quantize": (cfg.lora.quantize, ("", "nf4")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} = {value!r} is not one of {allowed}")
-    for key, value in [("train.micro_batch_size", cfg.train.micro_batch_size),
-                       ("train.grad_accum_steps", cfg.train.grad_accum_steps), ("data.seq_len", cfg.data.seq_len)]:
-        if value < 1:
-            raise ConfigError(f"{key} must be at least 1, got {value}")
+    t, o = cfg.train, cfg.optim
+    for key, value, least in [
+        ("train.micro_batch_size", t.micro_batch_size, 1), ("train.grad_accum_steps", t.grad_accum_steps, 1),
+        ("data.seq_len", cfg.data.seq_len, 1), ("logging.every", cfg.logging.every, 1),
+        ("train.max_steps", t.max_steps, 0), ("train.eval_every", t.eval_every, 0),
+        ("train.eval_batches", t.eval_batches, 0), ("train.max_grad_norm", t.max_grad_norm, 0),
+        ("checkpoint.every", cfg.checkpoint.every, 0), ("checkpoint.keep", cfg.checkpoint.keep, 0),
+        ("optim.lr", o.lr, 0), ("optim.warmup_steps", o.warmup_steps, 0), ("optim.weight_decay", o.weight_decay, 0),
+    ]:
+        if value < least:
+            raise ConfigError(f"{key} must be at least {least}, got {value}")
+    betas = cfg.optim.betas
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {betas}")
     if cfg.train.max_steps <= 0 and cfg.train.epochs <= 0:
         raise ConfigError("set train.max_steps or train.epochs to a positive number")
 
 
-def check_output_dir(output_dir: Path, resume: str) -> None:
-    """Refuse to start a new run on top of an old one: its checkpoints and final model would be overwritten."""
-    if resume:
+def check_output_dir(output_dir: Path, resume_from: Path | None) -> None:
+    """Refuse to start a new run on top of an old one: its checkpoints, final model and metrics would be lost."""
+    if resume_from is not None:
         return
-    previous = [p.name for p in sorted(output_dir.glob("step-*"))] + [p.name for p in (output_dir / "final",
-                                                                                        output_dir / "adapter") if p.exists()]
+    previous = [p.name for p in sorted(output_dir.glob("step-*")) if checkpoint.STEP_DIR.match(p.name)]
+    previous += [p.name for p in (output_dir / "final", output_dir / "adapter", output_dir / "metrics.jsonl")
+                 if p.exists()]
     if previous:
+        hint = ("continue it with --checkpoint.resume=auto" if any(p.startswith("step-") for p in previous)
+                else "it has no checkpoint to resume")
         raise ConfigError(
-            f"output_dir {output_dir} already holds a run ({', '.join(previous[:4])}); continue it with "
-            "--checkpoint.resume=auto, or start anew with another --output_dir"
+            f"output_dir {output_dir} already holds a run ({', '.join(previous[:4])}); {hint}, or start anew with "
+            "another --output_dir"
         )
+
+
+# What a resumed run must keep as it was: the model, the adapters, the data and its order.
+RESUME_INVARIANT = ("seed", "model", "lora", "data", "train.micro_batch_size")
+RESUME_FREE = ("data.cache_dir", "data.num_workers")
+
+
+def check_resumable(saved_toml: str, cfg: Config) -> None:
+    """Refuse to resume with settings that change the model, its adapters or the batch plan (by key)."""
+    saved, now = flatten(tomllib.loads(saved_toml)), flatten(tomllib.loads(to_toml(cfg)))
+    changed = [k for k in sorted(saved.keys() | now.keys())
+               if k.startswith(RESUME_INVARIANT) and not k.startswith(RESUME_FREE) and saved.get(k) != now.get(k)]
+    if changed:
+        diffs = ", ".join(f"{k} (checkpoint {saved.get(k)!r}, now {now.get(k)!r})" for k in changed[:5])
+        raise ConfigError(f"cannot resume: {diffs} changed since the checkpoint was written; resume with the same "
+                          "settings, or start a new run in another output_dir")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not prefix.startswith("data.datasets"):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def forget_metrics_after(output_dir: Path, step: int) -> None:
@@ -197,14 +243,25 @@ def evaluate(model, loader, max_batches: int, device, autocast, token_loss_sum) 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run training; the caller's signal handlers are restored afterwards (it may be a notebook or a test)."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return run(argv)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(args.config, overrides)
     check_config(cfg)
     dist = parallel.init_distributed(cfg.device, cfg.parallel.backend)
     device = dist.device
     output_dir = Path(cfg.output_dir)
+    resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, output_dir)  # None: a fresh start
     if not args.dry_run:
-        check_output_dir(output_dir, cfg.checkpoint.resume)
+        check_output_dir(output_dir, resume_from)
     metrics.setup_logging(None if args.dry_run else output_dir, dist.is_main)
     torch.manual_seed(cfg.seed)
 
@@ -263,18 +320,20 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- resume: model, optimizer, data position, RNG states and step, exactly
     step, epoch = 0, 0
-    resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, output_dir)
     if resume_from is not None:
-        extra = checkpoint.load(resume_from, model, optimizer, dist)
+        extra = checkpoint.load(resume_from, model, optimizer, dist, check=lambda e: check_resumable(e["config"], cfg))
         step, epoch = extra["step"], extra["epoch"]
         train_loader.load_state_dict(extra["data"])
         if dist.is_main:
             forget_metrics_after(output_dir, step)
         log.info(f"resumed from {resume_from} at step {step}")
+    finished_before = resume_from is not None and step >= total_steps
+    if finished_before:
+        log.info(f"{resume_from} is the end of this run ({total_steps} steps): nothing left to train")
     if dist.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.toml").write_text(to_toml(cfg))
-    logger = metrics.MetricsLogger(output_dir, cfg.logging, dist.is_main, run_config=vars(cfg))
+    logger = metrics.MetricsLogger(output_dir, cfg.logging, dist.is_main, run_config=to_dict(cfg))
     stop = StopRequested()
     flops_per_token = metrics.flops_per_token(model, cfg.data.seq_len, num_trainable / num_params)
     peak = metrics.peak_flops(device)
@@ -360,11 +419,12 @@ def main(argv: list[str] | None = None) -> int:
             log.info(metrics.format_progress(record, total_steps))
             logger.write(record)
             loss_window, tokens_window = [], 0
-        if eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
-            run_eval()
-        signalled = parallel.all_reduce_sum(stop.signal is not None, dist) > 0
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or signalled:
-            save_checkpoint()
+        with timer.paused():  # evaluation and checkpoints do not count against tokens/s
+            if eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                run_eval()
+            signalled = parallel.all_reduce_sum(stop.signal is not None, dist) > 0
+            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or signalled:
+                save_checkpoint()
         if signalled:
             log.info(f"stopped by {stop.signal or 'a signal'} after step {step}; resume with --checkpoint.resume=auto")
             logger.close()
@@ -372,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
 
     # ---- the end: last eval, final model in HF format
-    if eval_loader is not None and not (cfg.train.eval_every and step % cfg.train.eval_every == 0):
+    if eval_loader is not None and not finished_before and not (cfg.train.eval_every and step % cfg.train.eval_every == 0):
         run_eval()  # the end of the run, unless the loop just evaluated this step
     if cfg.checkpoint.save_final:
         save_final(model, cfg, output_dir, dist)
@@ -392,6 +452,8 @@ def save_final(model, cfg: Config, output_dir: Path, dist) -> None:
             parallel.barrier(dist)
             return
     tokenizer_source = Path(cfg.model.tokenizer or cfg.model.path)
+    tmp = output_dir / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a run that died while saving
     if cfg.lora.enabled:
         adapter = output_dir / "adapter"
         lora.save_adapter(model, adapter, base_model_name_or_path=cfg.model.path or None)
@@ -403,13 +465,11 @@ def save_final(model, cfg: Config, output_dir: Path, dist) -> None:
             # merge into the original full-precision weights, not into dequantised NF4 ones
             from scripts.merge_lora import merge
 
-            merge(cfg.model.path, adapter, output_dir / "final.tmp")
+            merge(Path(cfg.model.path), adapter, tmp)
             finish_final(output_dir, tokenizer_source)
             parallel.barrier(dist)
             return
         lora.merge_lora(model)
-    tmp = output_dir / "final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     models.save_pretrained(model, tmp)
     finish_final(output_dir, tokenizer_source)
     parallel.barrier(dist)
@@ -449,7 +509,7 @@ def copy_tokenizer_files(source: Path, target: Path) -> None:
 
 
 USER_ERRORS = (ConfigError, models.CheckpointError, DataError, RowError, SourceError, TemplateError, TokenizerError,
-               FileNotFoundError, FloatingPointError)
+               FloatingPointError)
 
 
 def cli() -> None:

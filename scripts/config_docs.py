@@ -36,12 +36,16 @@ This file is generated from `nanotune/config.py` by `python scripts/config_docs.
 
 
 def comments(cls) -> dict[str, str]:
-    """field name -> the comment that ends its line in the source."""
-    out = {}
+    """field name -> the comment that ends its line in the source, or the comment lines just above it."""
+    out, above = {}, []
     for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+        if re.match(r"\s+#", line):
+            above.append(line.strip().lstrip("#").strip())
+            continue
+        m = re.match(r"\s+(\w+): [^=]+=[^#]*(?:#\s*(.*))?$", line)
         if m:
-            out[m.group(1)] = m.group(2)
+            out[m.group(1)] = m.group(2) or " ".join(above)
+        above = []
     return out
 
 

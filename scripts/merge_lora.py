@@ -37,6 +37,7 @@ def checkpoint_dtype(base: Path) -> torch.dtype:
 
 
 def merge(base: Path, adapter: Path, out: Path, dtype: torch.dtype | None = None, device: str = "cpu") -> None:
+    base, adapter, out = Path(base), Path(adapter), Path(out)
     read_adapter_config(adapter)  # a malformed or unsupported adapter stops here, before the base is read
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out} is not empty; choose a new output folder.")

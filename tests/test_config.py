@@ -33,6 +33,14 @@ def test_resolved_config_round_trips(tmp_path):
     assert load_config(tmp_path / "c.toml") == cfg
 
 
+def test_resolved_config_keeps_strings_with_newlines_and_quotes(tmp_path):
+    (tmp_path / "c.toml").write_text('[[data.datasets]]\npath = "a.jsonl"\nsystem_prompt = """Be brief.\nSay "hi" \\\\ ok"""\n')
+    cfg = load_config(tmp_path / "c.toml")
+    (tmp_path / "resolved.toml").write_text(to_toml(cfg))
+    assert load_config(tmp_path / "resolved.toml") == cfg
+    assert cfg.data.datasets[0].system_prompt == 'Be brief.\nSay "hi" \\ ok'
+
+
 def test_overrides_are_typed():
     cfg = load_config(None, ["--train.max_steps=12", "--optim.lr=1e-3", "--data.packing=false",
                              "--lora.targets=['q_proj','v_proj']", "--output_dir=out/x", "--optim.betas=[0.9, 0.95]"])

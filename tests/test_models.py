@@ -106,6 +106,9 @@ def test_random_init_model_saves_in_a_format_transformers_loads(tmp_path):
     transformers = pytest.importorskip("transformers")
     model = models.from_size("llama-tiny", vocab_size=80)
     models.save_pretrained(model, tmp_path / "tiny")
+    written = json.loads((tmp_path / "tiny" / "config.json").read_text())
+    assert written["architectures"] == ["LlamaForCausalLM"] and written["hidden_act"] == "silu"
+    assert written["rope_theta"] == 10000.0 and written["rms_norm_eps"] == 1e-6  # explicit, not left to defaults
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tiny", attn_implementation="eager").eval()
     assert max_logit_diff(model, loaded, torch.randint(0, 80, (2, 24))) <= 1e-4
 
@@ -138,7 +141,19 @@ def test_missing_folder_config_and_weights(tmp_path, hf_checkpoint):
         models.from_pretrained(tmp_path / "empty")
     folder, _ = hf_checkpoint("llama")
     (folder / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        models.from_pretrained(folder)
+
+
+def test_truncated_and_lfs_pointer_weights_are_named(hf_checkpoint):
+    folder, _ = hf_checkpoint("llama")
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="is truncated"):
+        models.from_pretrained(folder)
+    weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
+    with pytest.raises(CheckpointError, match="git lfs pull"):
         models.from_pretrained(folder)
 
 

@@ -154,8 +154,25 @@ def test_nonfinite_loss_stops_with_the_step_or_skips(run, tmp_path):
     with pytest.raises(FloatingPointError, match=r"step 2: .* is not finite"):
         run("--optim.lr=1e30", "--optim.schedule=constant", "--checkpoint.every=1", name="nan")
     assert sorted(p.name for p in (tmp_path / "nan").glob("step-*")) == ["step-1"]  # step 2 never saved
-    out = run("--optim.lr=1e30", "--optim.schedule=constant", "--train.nonfinite=skip", name="skip")
-    assert (out / "final" / "config.json").exists()
+
+
+
+def test_nonfinite_step_is_skipped_when_configured(run, monkeypatch, capsys):
+    """A NaN loss in the second of three steps: that step changes nothing, the others train, the weights stay finite."""
+    calls = iter(range(1000))
+    real = train.cross_entropy_sum
+
+    def nan_on_second_step(logits, labels):
+        value = real(logits, labels)
+        return value * float("nan") if next(calls) == 1 else value
+
+    monkeypatch.setattr(train, "cross_entropy_sum", nan_on_second_step)
+    out = run("--train.nonfinite=skip", "--train.loss=plain", "--train.max_steps=3", "--train.eval_every=0",
+              "--data.eval_datasets=[]", name="skip")
+    assert "step 2: non-finite loss or gradient norm, step skipped" in capsys.readouterr().out
+    steps = metrics(out)
+    assert [r["step"] for r in steps] == [1, 2, 3] and steps[1]["loss"] != steps[1]["loss"]  # NaN logged as is
+    assert all(torch.isfinite(t).all() for t in final_params(out).values())
 
 
 def test_final_model_loads_in_transformers_with_same_logits(run):
@@ -216,6 +233,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(run, tmp_path):
         ("--trian.max_steps=3", "unknown config key trian; did you mean train?"),
         ("train.max_steps=3", "must look like --section.key=value"),
         ("--train.precision=fp8", "train.precision = 'fp8' is not one of"),
+        ("--logging.every=0", "logging.every must be at least 1, got 0"),
+        ("--checkpoint.every=-1", "checkpoint.every must be at least 0, got -1"),
+        ("--optim.betas=[0.9]", "optim.betas must be two numbers in [0, 1)"),
+        ("--attention.implementation=bogus", "attention.implementation = 'bogus' is not one of"),
+        ("--checkpoint.resume=/nowhere", "checkpoint.resume = '/nowhere' is not a complete step-N checkpoint folder"),
     ],
 )
 def test_config_errors_name_the_key(run, override, message):
@@ -270,9 +292,35 @@ def test_moe_run_logs_the_router_aux_loss(run, tmp_path):
 def test_a_new_run_never_overwrites_an_old_one(run, tmp_path):
     run("--train.max_steps=1", "--checkpoint.every=1", name="old")
     before = (tmp_path / "old" / "final" / "model.safetensors").read_bytes()
-    with pytest.raises(ConfigError, match=r"already holds a run \(step-1, final\).*--checkpoint.resume=auto"):
+    with pytest.raises(ConfigError, match=r"already holds a run \(step-1, final, metrics.jsonl\).*--checkpoint.resume=auto"):
         run("--train.max_steps=1", name="old")
     assert (tmp_path / "old" / "final" / "model.safetensors").read_bytes() == before
+    # a finished run without checkpoints: resume=auto finds nothing to resume and must not start over on top of it
+    run("--train.max_steps=1", name="no-ckpt")
+    with pytest.raises(ConfigError, match="it has no checkpoint to resume"):
+        run("--train.max_steps=1", "--checkpoint.resume=auto", name="no-ckpt")
+    # resume=auto into an empty folder is a fresh start (the usual setting for preemptible jobs)
+    assert (run("--train.max_steps=1", "--checkpoint.resume=auto", name="fresh") / "final").exists()
+
+
+def test_resuming_a_finished_run_trains_and_logs_nothing_more(run, tmp_path):
+    out = run("--train.max_steps=2", "--checkpoint.every=2", "--train.eval_every=2", name="done")
+    before = metrics(out)
+    run("--train.max_steps=2", "--checkpoint.every=2", "--train.eval_every=2", "--checkpoint.resume=auto", name="done")
+    assert metrics(out) == before
+
+
+def test_qlora_run_on_cpu_writes_adapter_and_merged_model(run, hf_checkpoint):
+    pytest.importorskip("bitsandbytes")
+    import models
+
+    folder, _ = hf_checkpoint("llama", vocab_size=64)
+    out = run(f"--model.path={folder}", "--lora.enabled=true", "--lora.quantize=nf4", "--lora.rank=4",
+              "--train.max_steps=2", "--train.precision=bf16")
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    merged = models.from_pretrained(out / "final")  # merged into the original full-precision weights
+    assert {p.dtype for p in merged.parameters()} == {torch.float32}
+    assert not (out / "final.tmp").exists()
 
 
 def test_quickstart_command_and_generate_script(tmp_path):
@@ -305,3 +353,17 @@ def test_activation_checkpointing_and_offload_change_nothing_but_memory(run):
     assert losses(saving) == pytest.approx(losses(plain), rel=1e-6)
     assert_same_params(final_params(saving), final_params(plain), atol=1e-6, max_outlier_fraction=0)
 
+
+
+@pytest.mark.parametrize("change,key", [("--data.seq_len=96", "data.seq_len"), ("--lora.enabled=true", "lora.enabled"),
+                                        ("--train.micro_batch_size=4", "train.micro_batch_size")])
+def test_resume_refuses_changed_settings(run, change, key):
+    run("--train.max_steps=4", "--checkpoint.every=2", name="base")
+    with pytest.raises(ConfigError, match=rf"cannot resume: {key} \(checkpoint"):
+        run("--train.max_steps=6", "--checkpoint.resume=auto", change, name="base")
+
+
+def test_signal_handlers_are_restored_after_a_run(run):
+    before = signal.getsignal(signal.SIGINT)
+    run("--train.max_steps=1")
+    assert signal.getsignal(signal.SIGINT) is before
