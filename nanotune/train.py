@@ -403,7 +403,8 @@ def run(argv: list[str] | None = None) -> int:
 
         loss_window.append(loss)
         tokens_window += sum(int(b["attention_mask"].sum()) for b in batches) * dist.world_size  # real, not padding
-        if step % cfg.logging.every == 0 or step == total_steps:
+        signalled = parallel.all_reduce_sum(stop.signal is not None, dist) > 0  # every rank stops at the same step
+        if step % cfg.logging.every == 0 or step == total_steps or signalled:  # a stopped run logs its last steps
             elapsed = timer.lap()
             tokens_per_s = tokens_window / elapsed
             record = {"step": step, "loss": sum(loss_window) / len(loss_window), "lr": lr, "grad_norm": grad_norm,
@@ -422,7 +423,6 @@ def run(argv: list[str] | None = None) -> int:
         with timer.paused():  # evaluation and checkpoints do not count against tokens/s
             if eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 run_eval()
-            signalled = parallel.all_reduce_sum(stop.signal is not None, dist) > 0
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or signalled:
                 save_checkpoint()
         if signalled:
