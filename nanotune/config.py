@@ -195,6 +195,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return from_dict(Config, raw, prefix="")
 
 
+def parse_toml(text: str) -> dict:
+    return tomllib.loads(text)
+
+
 def parse_override(item: str) -> tuple[str, object]:
     if not item.startswith("--") or "=" not in item:
         raise ConfigError(f"override {item!r} must look like --section.key=value (e.g. --train.max_steps=100)")

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=4 nanotune/train.py configs/x.toml          # FSDP2 over 4 processes
     python nanotune/train.py configs/x.toml --train.max_steps=100 --output_dir=outputs/try --dry-run
 
-The run: config -> tokenizer and data -> model (meta device -> LoRA swaps -> sharding -> weights) -> optimizer ->
+The run: config -> tokenizer and data -> model (meta device -> LoRA swaps -> weights -> sharding) -> optimizer ->
 resume -> for each step: accumulate micro-batches, normalise by the trainable tokens of the whole step, clip, step,
 log, evaluate, checkpoint -> final/ (HF format) and adapter/.
 
@@ -26,7 +26,6 @@ import shutil
 import signal
 import sys
 import time
-import tomllib
 import warnings
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import torch
 
 import models
 from nanotune import attention, checkpoint, lora, metrics, parallel
-from nanotune.config import Config, ConfigError, load_config, to_dict, to_toml
+from nanotune.config import Config, ConfigError, load_config, parse_toml, to_dict, to_toml
 from nanotune.data import DataError, RowError, SourceError, TemplateError, TokenizerError, load_tokenizer, prepare_data
 from nanotune.loss import cross_entropy_sum, linear_cross_entropy_sum, lm_head_weight
 from nanotune.metrics import log
@@ -164,7 +163,7 @@ RESUME_FREE = ("data.cache_dir", "data.num_workers")
 
 def check_resumable(saved_toml: str, cfg: Config) -> None:
     """Refuse to resume with settings that change the model, its adapters or the batch plan (by key)."""
-    saved, now = flatten(tomllib.loads(saved_toml)), flatten(tomllib.loads(to_toml(cfg)))
+    saved, now = flatten(parse_toml(saved_toml)), flatten(parse_toml(to_toml(cfg)))
     changed = [k for k in sorted(saved.keys() | now.keys())
                if k.startswith(RESUME_INVARIANT) and not k.startswith(RESUME_FREE) and saved.get(k) != now.get(k)]
     if changed:
@@ -287,7 +286,7 @@ def run(argv: list[str] | None = None) -> int:
         )
     total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
 
-    # ---- model: meta device -> (LoRA) -> sharding -> weights; see models/__init__.py for the build order
+    # ---- model: meta device -> (LoRA) -> weights -> sharding; see docs/architecture.md for the build order
     model = build_model(cfg, tokenizer.vocab_size, torch.device("meta") if args.dry_run else device)
     num_trainable, num_params = lora.count_parameters(model)
     tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * accum * dist.world_size
