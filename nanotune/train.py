@@ -302,7 +302,10 @@ def run(argv: list[str] | None = None) -> int:
     if cfg.train.kernels:
         from nanotune.kernels import apply_kernels
 
-        log.info(f"Triton kernels: {len(apply_kernels(model))} modules swapped")
+        try:
+            log.info(f"Triton kernels: {len(apply_kernels(model))} modules swapped")
+        except (ImportError, RuntimeError) as e:
+            raise ConfigError(f"train.kernels = true: {e}") from None
     if cfg.train.compile:  # each decoder block compiled on its own: parameter names and the loop stay as they are
         for layer in model.model.layers:
             layer.compile()

@@ -367,3 +367,14 @@ def test_signal_handlers_are_restored_after_a_run(run):
     before = signal.getsignal(signal.SIGINT)
     run("--train.max_steps=1")
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_triton_kernels_train_like_the_plain_modules(run):
+    """train.kernels swaps RMSNorm and SwiGLU for Triton kernels (run here by Triton's CPU interpreter)."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("the kernels need CUDA or TRITON_INTERPRET=1 (tests/conftest.py sets it on CPU)")
+    plain = run("--train.max_steps=2", "--train.loss=plain")
+    fused = run("--train.max_steps=2", "--train.loss=plain", "--train.kernels=true")
+    assert losses(fused) == pytest.approx(losses(plain), rel=1e-5)
+    assert_same_params(final_params(fused), final_params(plain))
