@@ -378,3 +378,11 @@ def test_triton_kernels_train_like_the_plain_modules(run):
     fused = run("--train.max_steps=2", "--train.loss=plain", "--train.kernels=true")
     assert losses(fused) == pytest.approx(losses(plain), rel=1e-5)
     assert_same_params(final_params(fused), final_params(plain))
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager(run):
+    """train.compile compiles each decoder block (inductor's C++ backend on CPU) without changing the numbers."""
+    eager = run("--train.max_steps=2", "--train.loss=plain")
+    compiled = run("--train.max_steps=2", "--train.loss=plain", "--train.compile=true")
+    assert losses(compiled) == pytest.approx(losses(eager), rel=1e-4)
