@@ -324,7 +324,7 @@ def run(argv: list[str] | None = None) -> int:
     step, epoch = 0, 0
     if resume_from is not None:
         extra = checkpoint.load(resume_from, model, optimizer, dist, check=lambda e: check_resumable(e["config"], cfg))
-        step, epoch = extra["step"], extra["epoch"]
+        step, epoch = extra["step"], extra["data"]["epoch"]
         train_loader.load_state_dict(extra["data"])
         if dist.is_main:
             forget_metrics_after(output_dir, step)
@@ -341,7 +341,7 @@ def run(argv: list[str] | None = None) -> int:
     peak = metrics.peak_flops(device)
 
     def save_checkpoint():
-        extra = {"epoch": epoch, "data": train_loader.state_dict(), "config": to_toml(cfg)}
+        extra = {"data": train_loader.state_dict(), "config": to_toml(cfg)}  # the data state holds the epoch
         path = checkpoint.save(output_dir, step, model, optimizer, extra, dist, cfg.checkpoint.keep)
         log.info(f"saved checkpoint {path}")
 

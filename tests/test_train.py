@@ -386,3 +386,16 @@ def test_compiled_blocks_train_like_eager(run):
     eager = run("--train.max_steps=2", "--train.loss=plain")
     compiled = run("--train.max_steps=2", "--train.loss=plain", "--train.compile=true")
     assert losses(compiled) == pytest.approx(losses(eager), rel=1e-4)
+
+
+def test_resume_at_an_epoch_boundary_is_exact(run):
+    """96 rows in rows of 64 tokens make 22 micro-batches of 2 rows: the checkpoint at step 22 ends epoch 0."""
+    straight = run("--train.max_steps=25", "--train.eval_every=0", name="straight")
+    assert [r["epoch"] for r in metrics(straight) if r["step"] in (22, 25) and "loss" in r] == [0, 1]
+    resumed = run("--train.max_steps=25", "--train.eval_every=0", "--checkpoint.every=22", name="resumed")
+    shutil.rmtree(resumed / "final")
+    (resumed / "metrics.jsonl").unlink()
+    run("--train.max_steps=25", "--train.eval_every=0", "--checkpoint.every=22", "--checkpoint.resume=auto",
+        name="resumed")
+    assert losses(resumed) == [r["loss"] for r in metrics(straight) if r["step"] > 22 and "loss" in r]
+    assert_same_params(final_params(resumed), final_params(straight), atol=0, max_outlier_fraction=0)
