@@ -159,7 +159,7 @@ def expected_checkpoint_keys(model: nn.Module) -> dict[str, tuple[int, ...]]:
         return model.expected_hf_keys()
     shapes = {}
     for name, param in model.named_parameters(remove_duplicate=True):
-        if name.endswith(("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")) or ".lora_" in name:
+        if ".lora_" in name:
             continue  # adapters are not in base checkpoints
         shapes[name] = tuple(getattr(param, "hf_shape", param.shape))
     if getattr(model.config, "tie_word_embeddings", False):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-IGNORE_INDEX = -100
+from nanotune.packing import IGNORE_INDEX  # the batch contract's "not trained" label
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
