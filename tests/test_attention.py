@@ -309,7 +309,7 @@ def test_varlen_refuses_fp32_and_window_without_window_size():
         A.varlen_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), ctx, 3, None, kernel=old_reference_varlen)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="varlen_attn runs flash attention on CUDA only")
+@pytest.mark.cuda  # varlen_attn runs flash attention on CUDA only
 @pytest.mark.parametrize("sliding_window", [None, 5])
 def test_varlen_on_cuda_matches_eager(sliding_window):
     if A.varlen_attn_fn() is None:

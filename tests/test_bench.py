@@ -121,3 +121,16 @@ def test_real_shapes_build_the_same_parameters_as_hf(name):
     nt_shapes = {k: tuple(v.shape) for k, v in nt.state_dict().items() if not k.endswith("inv_freq")}
     assert nt_shapes == hf_shapes
     assert bench.matmul_params(w.hf, w.mode) > 0
+
+
+def test_target_met_reads_speed_memory_and_loss_check():
+    w1, w6 = bench.WORKLOADS["W1"], bench.WORKLOADS["W6"]  # W1: speed and memory vs HF+Liger; W6: speed vs HF
+    ok = dict(loss_ok=True, **{"speed_vs_hf+liger": 1.4, "memory_vs_hf+liger": 0.9})
+    assert bench.target_met(w1, ok) is True
+    assert bench.target_met(w1, {**ok, "speed_vs_hf+liger": 1.2}) is False
+    assert bench.target_met(w1, {**ok, "memory_vs_hf+liger": 1.1}) is False
+    assert bench.target_met(w1, {**ok, "loss_ok": False}) is False
+    assert bench.target_met(w1, {"loss_ok": True, "speed_vs_hf+liger": 1.4}) is None  # no memory measured (CPU)
+    assert bench.target_met(w6, {"loss_ok": True, "speed_vs_hf": 3.1, "speed_vs_hf+liger": 0.5}) is True
+    assert bench.target_met(w6, {"speed_vs_hf": 3.1}) is None  # no loss check
+    assert w1.target == ">= 1.3x HF+Liger tok/s at <= 1x HF+Liger memory"
