@@ -35,7 +35,7 @@ if [ "$MODE" = "--cpu" ]; then
     SMALL=W1,W7 LARGE=W3 LIMIT_SMALL=300 LIMIT_LARGE=300
 else
     BENCH=($PY scripts/bench.py --steps 5 --warmup 2)
-    SMALL=W1,W2,W5,W6,W7 LARGE=W3,W4 LIMIT_SMALL=240 LIMIT_LARGE=150
+    SMALL=W1,W2,W5,W6,W7 LARGE=W3,W4 LIMIT_SMALL=220 LIMIT_LARGE=140
 fi
 
 {
@@ -73,8 +73,8 @@ rm -rf "$PROFILES"
 if [ "$MODE" = "--cpu" ]; then
     step "tests marked cuda (skip on CPU)" 300 tests.log $PY -m pytest -m cuda tests/test_gpu.py -rs
 else
-    step "tests that need a GPU" 150 tests.log $PY -m pytest -m cuda tests/ -rs -q
-    step "Triton kernels and losses compiled for the GPU" 120 tests.log \
+    step "tests that need a GPU" 100 tests.log $PY -m pytest -m cuda tests/ -rs -q
+    step "Triton kernels and losses compiled for the GPU" 70 tests.log \
         $PY -m pytest tests/test_kernels.py tests/test_loss.py -q
 fi
 echo "=== done: results in $OUT"
