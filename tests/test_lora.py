@@ -376,7 +376,7 @@ def test_qlora_loading_peak_memory_stays_near_the_quantised_size(tmp_path):
     print(f"peak RSS growth: bf16 {bf16_peak:.0f} MiB, nf4 {nf4_peak:.0f} MiB (after load {nf4_final:.0f} MiB)")
 
 
-# ------------------------------------------------------------------------------------------------ scripts/merge_lora.py
+# ------------------------------------------------------------------------------- merging from disk, scripts/merge_lora.py
 
 
 def test_merge_script_writes_a_model_transformers_loads_with_peft_logits(hf_checkpoint, tmp_path):
@@ -397,6 +397,20 @@ def test_merge_script_writes_a_model_transformers_loads_with_peft_logits(hf_chec
     assert (tmp_path / "merged" / "tokenizer_config.json").read_text() == '{"model_max_length": 256}'
     with pytest.raises(SystemExit, match="not empty"):
         main([str(folder), str(tmp_path / "adapter"), str(tmp_path / "merged")])
+
+
+def test_library_merge_refuses_a_non_empty_output_before_reading_the_base(hf_checkpoint, tmp_path):
+    """The merge lives in the library (the trainer's QLoRA final/ uses it); the script is only its command line."""
+    folder, _ = hf_checkpoint("llama")
+    model = models.from_pretrained(folder)
+    apply_lora(model, ATTN, rank=4, alpha=8)
+    save_adapter(model, tmp_path / "adapter")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("a user's file")
+    (folder / "model.safetensors").unlink()  # reading the base would fail with another error
+    with pytest.raises(FileExistsError, match="out is not empty; choose a new output folder"):
+        lora.merge_adapter_into_base(folder, tmp_path / "adapter", tmp_path / "out")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "a user's file"
 
 
 def test_prepare_from_config(hf_checkpoint):
