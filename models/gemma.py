@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from nanotune import attention
+from models import attention
 
 SUPPORTED_ROPE_TYPES = ("default", "linear")
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh")  # both spell tanh-approximated GELU

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from nanotune import attention
+from models import attention
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -43,7 +43,7 @@ class LlamaConfig:
     mlp_bias: bool = False
     sliding_window: int | None = None  # Mistral only; Llama leaves it None
     initializer_range: float = 0.02
-    attn_implementation: str = "auto"  # see nanotune.attention
+    attn_implementation: str = "auto"  # see models/attention.py
     model_type: str = "llama"
     hf_config: dict = field(default_factory=dict, repr=False)  # the original config.json, written back on save
 

@@ -4,7 +4,7 @@ Mistral's decoder is Llama's (RMSNorm, RoPE, grouped-query attention, SwiGLU) wi
 `sliding_window` set, token i attends only to tokens i - sliding_window + 1 .. i. Rather than copy ~200 identical
 lines, this file reuses the modules of models/llama.py and only adds the config that keeps the window
 (v0.1 has 4096; v0.2 and v0.3 set it to null, i.e. full causal attention). The window itself is applied by
-nanotune.attention, which every backend implements.
+models/attention.py, which every backend implements.
 
 Reference: Mistral 7B (Jiang et al., 2023).
 """

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from nanotune import attention
+from models import attention
 
 SUPPORTED_ROPE_TYPES = ("default", "linear")
 

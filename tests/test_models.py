@@ -226,3 +226,38 @@ def test_peak_host_memory_is_about_one_model_copy(tmp_path_factory, dtype):
     added = after - before
     assert added <= size + largest + 32 * 2**20, f"loading added {added / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB model"
     assert added < 1.6 * size
+
+
+# ------------------------------------------------------------------------------------------------------ layout
+
+
+def imported_modules(file) -> set[str]:
+    """Top-level names of every module a Python file imports (absolute imports; relative ones are the package)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(file.read_text(), str(file))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_models_import_only_torch_safetensors_and_the_stdlib():
+    """models/ is self-contained: a reader can copy the folder into another project."""
+    allowed = {"torch", "safetensors", "models", "__future__"} | set(sys.stdlib_module_names)
+    files = sorted((ROOT / "models").glob("*.py"))
+    assert {f.name for f in files} >= {"__init__.py", "attention.py", "llama.py"}
+    bad = {f.name: sorted(imported_modules(f) - allowed) for f in files if imported_modules(f) - allowed}
+    assert not bad, f"models/ imports outside torch, safetensors and the stdlib: {bad}"
+
+
+def test_library_never_imports_scripts_transformers_or_peft():
+    """scripts/ are command lines around the library; transformers and peft are test-only references."""
+    files = sorted((ROOT / "nanotune").rglob("*.py"))
+    assert len(files) > 10
+    bad = {str(f.relative_to(ROOT)): sorted(imported_modules(f) & {"scripts", "transformers", "peft"}) for f in files
+           if imported_modules(f) & {"scripts", "transformers", "peft"}}
+    assert not bad, f"the library imports what it must not: {bad}"
+    assert not (ROOT / "nanotune" / "attention.py").exists()  # it lives in models/, with no shim left behind
