@@ -72,7 +72,8 @@ def config_from_hf(hf: dict):
     try:
         return config_cls.from_hf(hf)
     except (TypeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"config.json ({model_type}): {e}") from None
+        # the family's messages start with "config.json: "; say it once, with the model type
+        raise CheckpointError(f"config.json ({model_type}): {str(e).removeprefix('config.json: ')}") from None
 
 
 def build_model(config, device: torch.device | str = "meta", dtype: torch.dtype = torch.float32) -> nn.Module:
