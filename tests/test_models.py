@@ -184,6 +184,34 @@ def test_unknown_rope_scaling_is_an_error(hf_checkpoint):
         models.from_pretrained(folder)
 
 
+def test_llama3_rope_without_original_context_is_refused_before_any_tensor_is_read(hf_checkpoint):
+    folder, _ = hf_checkpoint("llama", rope_scaling=LLAMA3_ROPE, rope_theta=500000.0)
+    config = json.loads((folder / "config.json").read_text())
+    for spelling in ("rope_scaling", "rope_parameters"):  # transformers 4 and 5
+        if config.get(spelling):
+            del config[spelling]["original_max_position_embeddings"]
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"not read")  # reading any tensor would fail differently
+    with pytest.raises(CheckpointError, match=r"^config.json \(llama\): .*'llama3' has no original_max_position_embeddings"):
+        models.from_pretrained(folder)
+
+
+def test_mistral_without_sliding_window_and_kv_heads_reads_transformers_defaults(hf_checkpoint):
+    """Left out of config.json: sliding_window is 4096 and num_key_value_heads 8 for Mistral (not Llama's None and
+    num_attention_heads); the biases transformers' Mistral never builds are not read either."""
+    folder, _ = hf_checkpoint("mistral", sliding_window=8, num_attention_heads=16, num_key_value_heads=8)
+    config = json.loads((folder / "config.json").read_text())
+    del config["sliding_window"], config["num_key_value_heads"]
+    config["attention_bias"] = True
+    (folder / "config.json").write_text(json.dumps(config))
+    reference = pytest.importorskip("transformers").AutoModelForCausalLM.from_pretrained(
+        folder, attn_implementation="eager").eval()
+    model = models.from_pretrained(folder)
+    assert (model.config.sliding_window, model.config.num_key_value_heads) == (4096, 8)
+    assert model.model.layers[0].self_attn.q_proj.bias is None
+    assert max_logit_diff(model, reference, torch.randint(0, 96, (1, 12))) <= 1e-4
+
+
 def test_unsupported_activation_is_an_error(hf_checkpoint):
     folder, _ = hf_checkpoint("llama")
     config = json.loads((folder / "config.json").read_text())
