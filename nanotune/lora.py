@@ -382,6 +382,7 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
     tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    models.make_readable(path)  # 0644 files, 0755 folder, like a saved model
 
 
 # PEFT options that change what an adapter computes and that nanotune does not implement: (key, the harmless value)
@@ -487,3 +488,4 @@ def merge_adapter_into_base(base: str | Path, adapter: str | Path, out: str | Pa
     for name in CARRIED_FILES:
         if (base / name).is_file():
             shutil.copy2(base / name, out / name)
+    models.make_readable(out)  # the copies keep the base's modes; the merged model is for others to read

@@ -480,6 +480,7 @@ def finish_final(output_dir: Path, tokenizer_source: Path) -> None:
     """Copy the tokenizer files next to the weights, then move final.tmp into place (final/ is never half-written)."""
     final, tmp = output_dir / "final", output_dir / "final.tmp"
     copy_tokenizer_files(tokenizer_source, tmp)
+    models.make_readable(tmp)  # the copies keep their source's modes; final/ is for others to read (0644 / 0755)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     log.info(f"saved final model: {final}")

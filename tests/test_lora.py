@@ -413,6 +413,25 @@ def test_library_merge_refuses_a_non_empty_output_before_reading_the_base(hf_che
     assert (tmp_path / "out" / "keep.txt").read_text() == "a user's file"
 
 
+def test_merged_model_and_adapter_are_readable_by_others(hf_checkpoint, tmp_path):
+    """0644 files and 0755 folders even under a umask of 077 and with a 0600 tokenizer file in the base folder."""
+    folder, _ = hf_checkpoint("llama")
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "tokenizer.json").chmod(0o600)
+    model = models.from_pretrained(folder)
+    apply_lora(model, ATTN, rank=4, alpha=8)
+    old_umask = os.umask(0o077)
+    try:
+        save_adapter(model, tmp_path / "adapter")
+        lora.merge_adapter_into_base(folder, tmp_path / "adapter", tmp_path / "merged")
+    finally:
+        os.umask(old_umask)
+    for out in (tmp_path / "adapter", tmp_path / "merged"):
+        found = {p.name: p.stat().st_mode & 0o777 for p in [out, *out.iterdir()]}
+        assert found == {name: 0o755 if name == out.name else 0o644 for name in found}, found
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+
+
 def test_prepare_from_config(hf_checkpoint):
     from nanotune.config import LoraConfig
 

@@ -102,6 +102,40 @@ def test_saved_model_loads_in_transformers_with_same_logits(hf_checkpoint, tmp_p
     assert max_logit_diff(model, loaded, torch.randint(0, 96, (2, 24))) <= 1e-4
 
 
+def modes(folder):
+    """{relative path: permission bits} of a folder and everything in it."""
+    return {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in [folder, *folder.rglob("*")]}
+
+
+def test_saved_model_is_readable_by_others_whatever_the_umask(hf_checkpoint, tmp_path):
+    """Files 0644 and folders 0755, also when the writer's umask or temp files (mkstemp: 0600) would say otherwise."""
+    import os
+    import tempfile
+
+    folder, _ = hf_checkpoint("llama")
+    model = models.from_pretrained(folder)
+    old_umask = os.umask(0o077)  # what a cautious cluster sets; files come out 0600, folders 0700
+    try:
+        models.save_pretrained(model, tmp_path / "saved", max_shard_size="100KB")
+        fd, name = tempfile.mkstemp(dir=tmp_path / "saved", suffix=".json")  # 0600 whatever the umask
+        os.close(fd)
+        models.make_readable(tmp_path / "saved")
+    finally:
+        os.umask(old_umask)
+    found = modes(tmp_path / "saved")
+    assert len(found) > 4 and os.path.basename(name) in found  # shards, index, config.json, the temp file
+    assert found == {path: 0o755 if path == "." else 0o644 for path in found}
+
+
+def test_make_readable_leaves_link_targets_alone(tmp_path):
+    (tmp_path / "private").write_text("secret")
+    (tmp_path / "private").chmod(0o600)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "link").symlink_to(tmp_path / "private")
+    models.make_readable(tmp_path / "model")
+    assert (tmp_path / "private").stat().st_mode & 0o777 == 0o600
+
+
 def test_random_init_model_saves_in_a_format_transformers_loads(tmp_path):
     transformers = pytest.importorskip("transformers")
     model = models.from_size("llama-tiny", vocab_size=80)
