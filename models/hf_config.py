@@ -4,7 +4,7 @@ Each family file holds one table, `HF_DEFAULTS[model_type] = {config.json key: t
 for that model type takes when config.json leaves the key out}`. A None there means "derived from other keys" (as
 transformers derives it: num_key_value_heads = num_attention_heads, head_dim = hidden_size // num_attention_heads,
 layer_types from the layer pattern) or "off" (no rope scaling, no softcapping). The tables are tested key by key
-against transformers' config classes (tests/test_models.py).
+against transformers' config classes (tests/test_models_hf_config.py).
 
 RoPE settings come in two spellings: transformers 4's top-level `rope_theta` and `rope_scaling`, and transformers 5's
 `rope_parameters` (rope_theta inside it). Both are read; as in transformers, `rope_scaling` wins over
@@ -65,8 +65,8 @@ def check_rope_scaling(scaling: dict | None, supported: tuple[str, ...], model_t
         )
     missing = [key for key in ROPE_REQUIRED_KEYS[kind] if scaling.get(key) is None]
     if missing:
+        known = " (original_max_position_embeddings is 8192 for Llama 3.1 to 3.3)" if kind == "llama3" else ""
         raise ValueError(
             f"config.json: rope_scaling (or rope_parameters) of rope_type {kind!r} has no {', '.join(missing)}; "
-            f"add {'them' if len(missing) > 1 else 'it'} with the values the model was trained with "
-            "(see the model card)"
+            f"add {'them' if len(missing) > 1 else 'it'} as the model was trained{known}"
         )

@@ -182,6 +182,9 @@ def test_llama3_rope_without_original_context_is_refused_while_reading_the_confi
         with pytest.raises(CheckpointError, match=r"^config.json \(llama\): rope_scaling \(or rope_parameters\) of "
                                                   r"rope_type 'llama3' has no original_max_position_embeddings"):
             models.config_from_hf(hf)
+    linear = {"model_type": "qwen3_moe", "rope_parameters": {"rope_type": "linear", "rope_theta": 1e6}}
+    with pytest.raises(CheckpointError, match=r"rope_type 'linear' has no factor"):
+        models.config_from_hf(linear)
 
 
 def test_a_null_where_transformers_needs_a_value_is_named():
