@@ -72,7 +72,8 @@ def config_from_hf(hf: dict):
     try:
         return config_cls.from_hf(hf)
     except (TypeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"config.json ({model_type}): {e}") from None
+        # the family's messages start with "config.json: "; say it once, with the model type
+        raise CheckpointError(f"config.json ({model_type}): {str(e).removeprefix('config.json: ')}") from None
 
 
 def build_model(config, device: torch.device | str = "meta", dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -241,6 +242,17 @@ def save_pretrained(model: nn.Module, path: str | Path, max_shard_size: int | st
     tmp = path / "config.json.tmp"
     tmp.write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path / "config.json")
+    make_readable(path)
+
+
+def make_readable(folder: str | Path) -> None:
+    """Files 0644 and folders 0755 in `folder` (itself included): a saved model is meant to be read by others (a
+    serving process, colleagues), whatever the writer's umask or temp-file machinery (mkstemp creates files 0600)."""
+    folder = Path(folder)
+    folder.chmod(0o755)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():  # a link's target may lie outside the folder: leave it as it is
+            path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def hf_config_from(config) -> dict:
@@ -266,5 +278,5 @@ def parse_size(size: int | str) -> int:
     return int(text)
 
 
-__all__ = ["from_pretrained", "save_pretrained", "from_size", "build_model", "config_from_hf", "FAMILIES", "SIZES",
-           "DTYPES", "CheckpointError"]
+__all__ = ["from_pretrained", "save_pretrained", "make_readable", "from_size", "build_model", "config_from_hf",
+           "FAMILIES", "SIZES", "DTYPES", "CheckpointError"]

@@ -22,17 +22,46 @@ RoFormer (Su et al., 2021).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from nanotune import attention
+from models import attention
+from models.hf_config import check_rope_scaling, read_keys, rope_from_hf, rope_scaling_of
 
 SUPPORTED_ROPE_TYPES = ("default", "linear")
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh")  # both spell tanh-approximated GELU
+
+
+# config.json key -> the value transformers' Gemma2Config / Gemma3TextConfig takes when the key is left out. None:
+# derived (layer_types from the layer pattern: every 2nd layer global for Gemma 2, every sliding_window_pattern-th for
+# Gemma 3) or off (softcapping, rope scaling). Gemma 3's rope_theta is the global layers' base, rope_local_base_freq the
+# sliding layers'. Keys not listed are not read.
+HF_DEFAULTS = {
+    "gemma2": {
+        "vocab_size": 256000, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": 8192, "initializer_range": 0.02, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+        "attention_bias": False, "query_pre_attn_scalar": 256, "sliding_window": 4096, "layer_types": None,
+        "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0, "use_bidirectional_attention": None,
+        "rope_theta": 10000.0, "rope_scaling": None,
+    },
+    "gemma3_text": {
+        "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": 131072, "initializer_range": 0.02, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+        "attention_bias": False, "query_pre_attn_scalar": 256, "sliding_window": 4096, "layer_types": None,
+        "sliding_window_pattern": 6, "final_logit_softcapping": None, "attn_logit_softcapping": None,
+        "use_bidirectional_attention": False, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+        "rope_scaling": None,
+    },
+}
+# null where the default is a value: no softcapping, no window (an error if layers slide), causal attention
+NULLABLE_HF_KEYS = frozenset({"final_logit_softcapping", "attn_logit_softcapping", "sliding_window",
+                              "use_bidirectional_attention"})
 
 
 @dataclass
@@ -78,51 +107,40 @@ class GemmaConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        kind = (self.rope_scaling or {}).get("rope_type", "default")
-        if kind not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(
-                f"config.json: rope scaling type {kind!r} is not supported; nanotune implements {SUPPORTED_ROPE_TYPES}"
-            )
+        check_rope_scaling(self.rope_scaling, SUPPORTED_ROPE_TYPES, self.model_type)
 
     @classmethod
     def from_hf(cls, hf: dict) -> "GemmaConfig":
-        """Build from a gemma2 or gemma3_text config.json (or gemma3's text_config), refusing unsupported settings."""
+        """Build from a gemma2 or gemma3_text config.json (or gemma3's text_config) as transformers reads it (its
+        defaults for that model type for keys left out), refusing unsupported settings."""
         model_type = hf.get("model_type")
         if model_type == "gemma3":
             return cls.from_hf_image_text(hf)
-        if model_type not in ("gemma2", "gemma3_text"):
+        if model_type not in HF_DEFAULTS:
             raise ValueError(f"model_type {model_type!r} is not a Gemma 2 / Gemma 3 text model (gemma2, gemma3_text)")
-        act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
+        values = read_keys(hf, HF_DEFAULTS[model_type], NULLABLE_HF_KEYS)
+        act = values.pop("hidden_activation")
         if act not in SUPPORTED_ACTIVATIONS:
             raise ValueError(
                 f"config.json: hidden_activation {act!r} is not supported by {model_type} (only 'gelu_pytorch_tanh')"
             )
-        if hf.get("use_bidirectional_attention"):
+        if values.pop("use_bidirectional_attention"):
             raise ValueError(
                 "config.json: use_bidirectional_attention = true (an embedding model) is not supported; "
                 "nanotune trains causal language models"
             )
-        if model_type == "gemma3_text":  # transformers' Gemma3TextConfig defaults, for files that leave them out
-            hf = {"vocab_size": 262_208, "max_position_embeddings": 131_072, **hf}
-        skip = {"hf_config", "attn_implementation", "hf_key_prefix", "rope_theta", "rope_scaling", "rope_local_theta",
-                "qk_norm", "layer_types", "attn_logit_softcapping", "final_logit_softcapping", "sliding_window"}
-        known = {f.name for f in fields(cls)} - skip
-        kwargs = {k: v for k, v in hf.items() if k in known and v is not None}
-        kwargs["final_logit_softcapping"] = hf.get("final_logit_softcapping")
-        kwargs["sliding_window"] = hf.get("sliding_window", 4096)
-        num_layers = hf.get("num_hidden_layers", cls.num_hidden_layers)
         if model_type == "gemma2":
-            kwargs["attn_logit_softcapping"] = hf.get("attn_logit_softcapping")
-            kwargs["rope_theta"], kwargs["rope_scaling"] = single_rope_from_hf(hf)
+            values["rope_theta"], values["rope_scaling"] = rope_from_hf(hf, values["rope_theta"])
             pattern = 2
         else:
             # Gemma 3 ignores attn_logit_softcapping (transformers' Gemma 3 attention never applies it); so do we.
-            kwargs["qk_norm"] = True
-            kwargs.update(gemma3_ropes_from_hf(hf))
-            pattern = hf.get("sliding_window_pattern", 6)  # older config.json files: the period, not layer_types
-        implied = [alternating_layer_type(i, pattern) for i in range(num_layers)]
-        kwargs["layer_types"] = list(hf.get("layer_types") or implied)
-        return cls(**kwargs, hf_config=dict(hf))
+            values["attn_logit_softcapping"] = None
+            values["qk_norm"] = True
+            values.update(gemma3_ropes_from_hf(hf, values["rope_theta"], values.pop("rope_local_base_freq")))
+            pattern = values.pop("sliding_window_pattern")  # older config.json files: the period, not layer_types
+        implied = [alternating_layer_type(i, pattern) for i in range(values["num_hidden_layers"])]
+        values["layer_types"] = values["layer_types"] or implied
+        return cls(**values, model_type=model_type, hf_config=dict(hf))
 
     @classmethod
     def from_hf_image_text(cls, hf: dict) -> "GemmaConfig":
@@ -144,39 +162,23 @@ def alternating_layer_type(layer: int, period: int) -> str:
     return "sliding_attention" if (layer + 1) % period else "full_attention"
 
 
-def _rope_scaling(params: dict) -> dict | None:
-    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-    if "type" in scaling and "rope_type" not in scaling:
-        scaling["rope_type"] = scaling.pop("type")
-    return None if scaling.get("rope_type", "default") == "default" else scaling
-
-
-def single_rope_from_hf(hf: dict) -> tuple[float, dict | None]:
-    """Gemma 2: one rope for all layers, from transformers 5's `rope_parameters` or older rope_theta/rope_scaling."""
-    params = dict(hf.get("rope_parameters") or {})
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    return float(theta), _rope_scaling(dict(hf.get("rope_scaling") or params))
-
-
-def gemma3_ropes_from_hf(hf: dict) -> dict:
+def gemma3_ropes_from_hf(hf: dict, theta: float, local_theta: float) -> dict:
     """Gemma 3: global layers (rope_theta, rope_scaling) and local layers (their own base, never scaled).
 
     transformers 5 writes rope_parameters = {"full_attention": {...}, "sliding_attention": {...}}; older files have
-    rope_theta (default 1M), rope_local_base_freq (default 10k) and rope_scaling for the global layers.
+    rope_theta, rope_local_base_freq and rope_scaling (for the global layers) at the top level. `theta` and
+    `local_theta` are the top-level values or their defaults.
     """
     params = hf.get("rope_parameters") or {}
     if "full_attention" in params or "sliding_attention" in params:
         full = dict(params.get("full_attention") or {})
         local = dict(params.get("sliding_attention") or {})
-        if _rope_scaling(local) is not None:
-            raise ValueError(f"config.json: rope scaling on sliding_attention layers ({local}) is not supported")
-        return dict(rope_theta=float(full.get("rope_theta", 1_000_000.0)), rope_scaling=_rope_scaling(full),
-                    rope_local_theta=float(local.get("rope_theta", 10_000.0)))
-    return dict(
-        rope_theta=float(hf.get("rope_theta", 1_000_000.0)),
-        rope_scaling=_rope_scaling(dict(hf.get("rope_scaling") or {})),
-        rope_local_theta=float(hf.get("rope_local_base_freq", 10_000.0)),
-    )
+    else:
+        full, local = dict(hf.get("rope_scaling") or params), {}
+    if rope_scaling_of(local) is not None:
+        raise ValueError(f"config.json: rope scaling on sliding_attention layers ({local}) is not supported")
+    return dict(rope_theta=float(full.get("rope_theta", theta)), rope_scaling=rope_scaling_of(full),
+                rope_local_theta=float(local.get("rope_theta", local_theta)))
 
 
 # ------------------------------------------------------------------------------------------ norm, rope, attention

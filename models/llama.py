@@ -13,16 +13,30 @@ References: Llama 2 (Touvron et al., 2023), RoFormer (Su et al., 2021) for rotar
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from nanotune import attention
+from models import attention
+from models.hf_config import check_rope_scaling, read_keys, rope_from_hf
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+# config.json key -> the value transformers' LlamaConfig takes when the key is left out. None: derived in __post_init__
+# as transformers derives it (num_key_value_heads = num_attention_heads, head_dim = hidden_size // num_attention_heads),
+# or off (rope_scaling). Keys not listed are not read (pretraining_tp only split matmuls in old HF code: same math).
+HF_DEFAULTS = {
+    "llama": {
+        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None, "hidden_act": "silu",
+        "max_position_embeddings": 2048, "initializer_range": 0.02, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+        "rope_theta": 10000.0, "rope_scaling": None,
+    },
+}
 
 
 @dataclass
@@ -43,11 +57,14 @@ class LlamaConfig:
     mlp_bias: bool = False
     sliding_window: int | None = None  # Mistral only; Llama leaves it None
     initializer_range: float = 0.02
-    attn_implementation: str = "auto"  # see nanotune.attention
+    attn_implementation: str = "auto"  # see models/attention.py
     model_type: str = "llama"
     hf_config: dict = field(default_factory=dict, repr=False)  # the original config.json, written back on save
 
-    IGNORED_HF_KEYS = {"sliding_window"}  # HF's Llama ignores it too
+    # class attributes, not fields: the table from_hf reads (MistralConfig has its own) and the keys whose null
+    # means "derive it", as when the key is left out
+    hf_defaults = HF_DEFAULTS["llama"]
+    nullable_hf_keys = frozenset({"num_key_value_heads"})
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -59,42 +76,18 @@ class LlamaConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        check_rope_scaling(self.rope_scaling)
+        check_rope_scaling(self.rope_scaling, SUPPORTED_ROPE_TYPES, self.model_type)
 
     @classmethod
     def from_hf(cls, hf: dict) -> "LlamaConfig":
-        """Build from an HF config.json dict, refusing settings that would change the math but are not implemented."""
-        act = hf.get("hidden_act", "silu")
+        """Build from an HF config.json dict as transformers reads it (its defaults for keys left out), refusing
+        settings that would change the math but are not implemented."""
+        values = read_keys(hf, cls.hf_defaults, cls.nullable_hf_keys)
+        act = values.pop("hidden_act")
         if act != "silu":
             raise ValueError(f"config.json: hidden_act {act!r} is not supported by {cls.__name__} (only 'silu')")
-        # pretraining_tp only split matmuls for speed in old HF code; the math is the same, so it is ignored
-        known = {f.name for f in fields(cls)} - {"hf_config", "rope_theta", "rope_scaling", "attn_implementation"}
-        known -= cls.IGNORED_HF_KEYS
-        kwargs = {k: v for k, v in hf.items() if k in known and v is not None}
-        kwargs["rope_theta"], kwargs["rope_scaling"] = rope_from_hf(hf)
-        return cls(**kwargs, hf_config=dict(hf))
-
-
-def rope_from_hf(hf: dict) -> tuple[float, dict | None]:
-    """(rope_theta, rope_scaling) from either the transformers 4 keys or the transformers 5 `rope_parameters`."""
-    params = dict(hf.get("rope_parameters") or {})
-    theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
-    scaling = dict(hf.get("rope_scaling") or params or {})
-    if "type" in scaling and "rope_type" not in scaling:
-        scaling["rope_type"] = scaling.pop("type")
-    if scaling.get("rope_type", "default") == "default":
-        scaling = None
-    return float(theta), scaling
-
-
-def check_rope_scaling(scaling: dict | None) -> None:
-    if scaling is None:
-        return
-    kind = scaling.get("rope_type")
-    if kind not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(
-            f"config.json: rope scaling type {kind!r} is not supported; nanotune implements {SUPPORTED_ROPE_TYPES}"
-        )
+        values["rope_theta"], values["rope_scaling"] = rope_from_hf(hf, values["rope_theta"])
+        return cls(**values, hf_config=dict(hf))
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:

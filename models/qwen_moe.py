@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from nanotune import attention
+from models import attention
+from models.hf_config import check_rope_scaling, read_keys, rope_from_hf
 
 SUPPORTED_ROPE_TYPES = ("default", "linear")
 
@@ -45,6 +46,32 @@ EXPERT_KEYS = {
     "down_proj.weight": ("down_proj", "all"),  # (D, I) -> down_proj[e]
 }
 _EXPERT_KEY_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+\.weight)$")
+
+
+# config.json key -> the value transformers' config class for each model type takes when the key is left out.
+# None: derived (num_key_value_heads = num_attention_heads when null, head_dim = hidden_size // num_attention_heads, as
+# transformers' attention reads it) or empty (mlp_only_layers). Qwen3-MoE's expert count may also be spelled
+# num_local_experts (transformers 5 writes that name). Keys not listed are not read.
+HF_DEFAULTS = {
+    "qwen2_moe": {
+        "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": None, "hidden_act": "silu",
+        "max_position_embeddings": 32768, "initializer_range": 0.02, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False, "rope_theta": 10000.0, "rope_scaling": None, "use_sliding_window": False,
+        "qkv_bias": True, "num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
+        "shared_expert_intermediate_size": 5632, "norm_topk_prob": False, "decoder_sparse_step": 1,
+        "mlp_only_layers": None, "router_aux_loss_coef": 0.001,
+    },
+    "qwen3_moe": {
+        "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 24,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": None, "hidden_act": "silu",
+        "max_position_embeddings": 32768, "initializer_range": 0.02, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False, "rope_theta": 10000.0, "rope_scaling": None, "use_sliding_window": False,
+        "attention_bias": False, "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+        "norm_topk_prob": False, "decoder_sparse_step": 1, "mlp_only_layers": None, "router_aux_loss_coef": 0.001,
+    },
+}
+NULLABLE_HF_KEYS = frozenset({"num_key_value_heads"})  # null: as many as query heads
 
 
 @dataclass
@@ -91,11 +118,7 @@ class QwenMoeConfig:
             raise ValueError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts ({self.num_experts})"
             )
-        if self.rope_scaling is not None and self.rope_scaling.get("rope_type") not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(
-                f"config.json: rope scaling type {self.rope_scaling.get('rope_type')!r} is not supported; "
-                f"nanotune implements {SUPPORTED_ROPE_TYPES} for {self.model_type}"
-            )
+        check_rope_scaling(self.rope_scaling, SUPPORTED_ROPE_TYPES, self.model_type)
 
     def is_sparse(self, layer: int) -> bool:
         """Whether layer `layer` has the mixture of experts (else a dense MLP), by transformers' rule."""
@@ -104,43 +127,31 @@ class QwenMoeConfig:
 
     @classmethod
     def from_hf(cls, hf: dict) -> "QwenMoeConfig":
-        """Build from a qwen2_moe or qwen3_moe config.json, refusing unimplemented settings that change the math."""
-        model_type = hf.get("model_type", "qwen2_moe")
-        if model_type not in ("qwen2_moe", "qwen3_moe"):
+        """Build from a qwen2_moe or qwen3_moe config.json as transformers reads it (its defaults for that model type
+        for keys left out), refusing unimplemented settings that change the math."""
+        model_type = hf.get("model_type")
+        if model_type not in HF_DEFAULTS:
             raise ValueError(f"model_type {model_type!r} is not a Qwen MoE (qwen2_moe, qwen3_moe)")
-        act = hf.get("hidden_act", "silu")
+        spelled = hf
+        if hf.get("num_experts") is None and hf.get("num_local_experts") is not None:
+            spelled = {**hf, "num_experts": hf["num_local_experts"]}  # transformers 5's name for Qwen3-MoE's count
+        values = read_keys(spelled, HF_DEFAULTS[model_type], NULLABLE_HF_KEYS)
+        act = values.pop("hidden_act")
         if act != "silu":
             raise ValueError(f"config.json: hidden_act {act!r} is not supported by {model_type} (only 'silu')")
-        if hf.get("use_sliding_window"):
+        if values.pop("use_sliding_window"):
             raise ValueError(
                 f"config.json: use_sliding_window = true is not supported for {model_type} (released checkpoints set "
                 "it false); set it to false to train with full causal attention"
             )
-        known = {f.name for f in fields(cls)} - {"hf_config", "rope_theta", "rope_scaling", "attn_implementation",
-                                                  "qkv_bias", "o_bias", "qk_norm", "shared_expert_intermediate_size"}
-        kwargs = {k: v for k, v in hf.items() if k in known and v is not None}
-        kwargs["rope_theta"], kwargs["rope_scaling"] = rope_from_hf(hf)
-        if hf.get("num_experts") is None and hf.get("num_local_experts") is not None:
-            kwargs["num_experts"] = hf["num_local_experts"]  # transformers 5 writes Qwen3-MoE's count under this name
-        if model_type == "qwen2_moe":  # transformers' Qwen2-MoE: q/k/v bias unless qkv_bias = false, o_proj none
-            kwargs.update(qkv_bias=hf.get("qkv_bias", True), o_bias=False, qk_norm=False,
-                          shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size", 5632))
+        values["rope_theta"], values["rope_scaling"] = rope_from_hf(hf, values["rope_theta"])
+        values["mlp_only_layers"] = values["mlp_only_layers"] or []
+        if model_type == "qwen2_moe":  # biases on q/k/v unless qkv_bias = false, none on o_proj; a shared expert
+            values.update(o_bias=False, qk_norm=False)
         else:  # Qwen3-MoE: attention_bias on all four projections, q/k norms, no shared expert
-            bias = bool(hf.get("attention_bias", False))
-            kwargs.update(qkv_bias=bias, o_bias=bias, qk_norm=True, shared_expert_intermediate_size=0)
-        return cls(**kwargs, hf_config=dict(hf))
-
-
-def rope_from_hf(hf: dict) -> tuple[float, dict | None]:
-    """(rope_theta, rope_scaling) from either the transformers 4 keys or the transformers 5 `rope_parameters`."""
-    params = dict(hf.get("rope_parameters") or {})
-    theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
-    scaling = dict(hf.get("rope_scaling") or params or {})
-    if "type" in scaling and "rope_type" not in scaling:
-        scaling["rope_type"] = scaling.pop("type")
-    if scaling.get("rope_type", "default") == "default":
-        scaling = None
-    return float(theta), scaling
+            bias = values.pop("attention_bias")
+            values.update(qkv_bias=bias, o_bias=bias, qk_norm=True, shared_expert_intermediate_size=0)
+        return cls(**values, model_type=model_type, hf_config=dict(hf))
 
 
 # ------------------------------------------------------------------------------------------ norm, rope, attention

@@ -12,6 +12,7 @@ the paper, treated as a constant in the backward pass.
     save_adapter(model, "out/adapter")                              # loads in peft.PeftModel.from_pretrained
     load_adapter(model, "some/peft_adapter")                        # made by PEFT or by nanotune
     merge_lora(model)                                               # plain nn.Linear again, ready to save in HF format
+    merge_adapter_into_base("base/", "out/adapter", "out/merged")   # from disk: full-precision base + adapter -> HF folder
 
 Parameter names match PEFT's saved keys after the "base_model.model." prefix: `...q_proj.lora_A.weight`,
 `...q_proj.lora_B.weight`, `...q_proj.lora_magnitude_vector`; modules trained in full (`modules_to_save`) are saved
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -32,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import models
 from nanotune.qlora import NF4Linear
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -379,6 +382,7 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
     tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    models.make_readable(path)  # 0644 files, 0755 folder, like a saved model
 
 
 # PEFT options that change what an adapter computes and that nanotune does not implement: (key, the harmless value)
@@ -447,3 +451,41 @@ def load_adapter(model: nn.Module, path: str | Path, dtype: torch.dtype = torch.
             params[name].copy_(tensor)
     return model
 
+
+
+# files of a model folder that are not weights and carry over to a merged model unchanged
+CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                 "generation_config.json", "chat_template.jinja", "chat_template.json")
+
+
+def checkpoint_dtype(base: str | Path) -> torch.dtype:
+    """The dtype a base folder's config.json declares (float32 when it declares none)."""
+    hf = models.read_config(base)
+    name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    if name not in models.DTYPES:
+        raise ValueError(f"{Path(base) / 'config.json'}: dtype {name!r} is not one of {sorted(models.DTYPES)}; "
+                         "give the merge a dtype explicitly.")
+    return models.DTYPES[name]
+
+
+def merge_adapter_into_base(base: str | Path, adapter: str | Path, out: str | Path, dtype: torch.dtype | None = None,
+                            device: str = "cpu") -> None:
+    """Fold an adapter folder into the full-precision base folder and write an HF-format folder to `out`.
+
+    The base is read in its checkpoint dtype unless `dtype` says otherwise; each merged weight is computed in fp32
+    and stored in that dtype. Tokenizer and generation files of the base are copied alongside. An adapter trained
+    with QLoRA is merged into the original weights, not into dequantised NF4 ones (the usual practice).
+    """
+    base, adapter, out = Path(base), Path(adapter), Path(out)
+    read_adapter_config(adapter)  # a malformed or unsupported adapter stops here, before the base is read
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; choose a new output folder for the merged model.")
+    dtype = dtype or checkpoint_dtype(base)
+    model = models.from_pretrained(base, dtype=dtype, device=device)
+    load_adapter(model, adapter)
+    merge_lora(model)
+    models.save_pretrained(model, out, dtype=dtype)
+    for name in CARRIED_FILES:
+        if (base / name).is_file():
+            shutil.copy2(base / name, out / name)
+    models.make_readable(out)  # the copies keep the base's modes; the merged model is for others to read

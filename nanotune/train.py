@@ -35,7 +35,8 @@ if __package__ in (None, ""):  # run as a script: make `nanotune` and `models` i
 import torch
 
 import models
-from nanotune import attention, checkpoint, lora, metrics, parallel
+from models import attention
+from nanotune import checkpoint, lora, metrics, parallel
 from nanotune.config import Config, ConfigError, load_config, parse_toml, to_dict, to_toml
 from nanotune.data import DataError, RowError, SourceError, TemplateError, TokenizerError, load_tokenizer, prepare_data
 from nanotune.loss import cross_entropy_sum, linear_cross_entropy_sum, lm_head_weight
@@ -465,9 +466,7 @@ def save_final(model, cfg: Config, output_dir: Path, dist) -> None:
             return
         if cfg.lora.quantize and cfg.model.path:
             # merge into the original full-precision weights, not into dequantised NF4 ones
-            from scripts.merge_lora import merge
-
-            merge(Path(cfg.model.path), adapter, tmp)
+            lora.merge_adapter_into_base(Path(cfg.model.path), adapter, tmp)
             finish_final(output_dir, tokenizer_source)
             parallel.barrier(dist)
             return
@@ -481,6 +480,7 @@ def finish_final(output_dir: Path, tokenizer_source: Path) -> None:
     """Copy the tokenizer files next to the weights, then move final.tmp into place (final/ is never half-written)."""
     final, tmp = output_dir / "final", output_dir / "final.tmp"
     copy_tokenizer_files(tokenizer_source, tmp)
+    models.make_readable(tmp)  # the copies keep their source's modes; final/ is for others to read (0644 / 0755)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     log.info(f"saved final model: {final}")

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nanotune import attention as A
+from models import attention as A
 
 HEAD_SHAPES = {"llama-1b": (32, 8, 64), "llama-8b": (32, 8, 128)}  # (query heads, key/value heads, head_dim)
 TINY_HEAD_SHAPES = {"tiny": (4, 2, 16)}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanotune import attention as A
+from models import attention as A
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

@@ -376,7 +376,7 @@ def test_qlora_loading_peak_memory_stays_near_the_quantised_size(tmp_path):
     print(f"peak RSS growth: bf16 {bf16_peak:.0f} MiB, nf4 {nf4_peak:.0f} MiB (after load {nf4_final:.0f} MiB)")
 
 
-# ------------------------------------------------------------------------------------------------ scripts/merge_lora.py
+# ------------------------------------------------------------------------------- merging from disk, scripts/merge_lora.py
 
 
 def test_merge_script_writes_a_model_transformers_loads_with_peft_logits(hf_checkpoint, tmp_path):
@@ -397,6 +397,39 @@ def test_merge_script_writes_a_model_transformers_loads_with_peft_logits(hf_chec
     assert (tmp_path / "merged" / "tokenizer_config.json").read_text() == '{"model_max_length": 256}'
     with pytest.raises(SystemExit, match="not empty"):
         main([str(folder), str(tmp_path / "adapter"), str(tmp_path / "merged")])
+
+
+def test_library_merge_refuses_a_non_empty_output_before_reading_the_base(hf_checkpoint, tmp_path):
+    """The merge lives in the library (the trainer's QLoRA final/ uses it); the script is only its command line."""
+    folder, _ = hf_checkpoint("llama")
+    model = models.from_pretrained(folder)
+    apply_lora(model, ATTN, rank=4, alpha=8)
+    save_adapter(model, tmp_path / "adapter")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("a user's file")
+    (folder / "model.safetensors").unlink()  # reading the base would fail with another error
+    with pytest.raises(FileExistsError, match="out is not empty; choose a new output folder"):
+        lora.merge_adapter_into_base(folder, tmp_path / "adapter", tmp_path / "out")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "a user's file"
+
+
+def test_merged_model_and_adapter_are_readable_by_others(hf_checkpoint, tmp_path):
+    """0644 files and 0755 folders even under a umask of 077 and with a 0600 tokenizer file in the base folder."""
+    folder, _ = hf_checkpoint("llama")
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "tokenizer.json").chmod(0o600)
+    model = models.from_pretrained(folder)
+    apply_lora(model, ATTN, rank=4, alpha=8)
+    old_umask = os.umask(0o077)
+    try:
+        save_adapter(model, tmp_path / "adapter")
+        lora.merge_adapter_into_base(folder, tmp_path / "adapter", tmp_path / "merged")
+    finally:
+        os.umask(old_umask)
+    for out in (tmp_path / "adapter", tmp_path / "merged"):
+        found = {p.name: p.stat().st_mode & 0o777 for p in [out, *out.iterdir()]}
+        assert found == {name: 0o755 if name == out.name else 0o644 for name in found}, found
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
 
 
 def test_prepare_from_config(hf_checkpoint):

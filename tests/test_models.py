@@ -102,6 +102,40 @@ def test_saved_model_loads_in_transformers_with_same_logits(hf_checkpoint, tmp_p
     assert max_logit_diff(model, loaded, torch.randint(0, 96, (2, 24))) <= 1e-4
 
 
+def modes(folder):
+    """{relative path: permission bits} of a folder and everything in it."""
+    return {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in [folder, *folder.rglob("*")]}
+
+
+def test_saved_model_is_readable_by_others_whatever_the_umask(hf_checkpoint, tmp_path):
+    """Files 0644 and folders 0755, also when the writer's umask or temp files (mkstemp: 0600) would say otherwise."""
+    import os
+    import tempfile
+
+    folder, _ = hf_checkpoint("llama")
+    model = models.from_pretrained(folder)
+    old_umask = os.umask(0o077)  # what a cautious cluster sets; files come out 0600, folders 0700
+    try:
+        models.save_pretrained(model, tmp_path / "saved", max_shard_size="100KB")
+        fd, name = tempfile.mkstemp(dir=tmp_path / "saved", suffix=".json")  # 0600 whatever the umask
+        os.close(fd)
+        models.make_readable(tmp_path / "saved")
+    finally:
+        os.umask(old_umask)
+    found = modes(tmp_path / "saved")
+    assert len(found) > 4 and os.path.basename(name) in found  # shards, index, config.json, the temp file
+    assert found == {path: 0o755 if path == "." else 0o644 for path in found}
+
+
+def test_make_readable_leaves_link_targets_alone(tmp_path):
+    (tmp_path / "private").write_text("secret")
+    (tmp_path / "private").chmod(0o600)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "link").symlink_to(tmp_path / "private")
+    models.make_readable(tmp_path / "model")
+    assert (tmp_path / "private").stat().st_mode & 0o777 == 0o600
+
+
 def test_random_init_model_saves_in_a_format_transformers_loads(tmp_path):
     transformers = pytest.importorskip("transformers")
     model = models.from_size("llama-tiny", vocab_size=80)
@@ -184,6 +218,34 @@ def test_unknown_rope_scaling_is_an_error(hf_checkpoint):
         models.from_pretrained(folder)
 
 
+def test_llama3_rope_without_original_context_is_refused_before_any_tensor_is_read(hf_checkpoint):
+    folder, _ = hf_checkpoint("llama", rope_scaling=LLAMA3_ROPE, rope_theta=500000.0)
+    config = json.loads((folder / "config.json").read_text())
+    for spelling in ("rope_scaling", "rope_parameters"):  # transformers 4 and 5
+        if config.get(spelling):
+            del config[spelling]["original_max_position_embeddings"]
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"not read")  # reading any tensor would fail differently
+    with pytest.raises(CheckpointError, match=r"^config.json \(llama\): .*'llama3' has no original_max_position_embeddings"):
+        models.from_pretrained(folder)
+
+
+def test_mistral_without_sliding_window_and_kv_heads_reads_transformers_defaults(hf_checkpoint):
+    """Left out of config.json: sliding_window is 4096 and num_key_value_heads 8 for Mistral (not Llama's None and
+    num_attention_heads); the biases transformers' Mistral never builds are not read either."""
+    folder, _ = hf_checkpoint("mistral", sliding_window=8, num_attention_heads=16, num_key_value_heads=8)
+    config = json.loads((folder / "config.json").read_text())
+    del config["sliding_window"], config["num_key_value_heads"]
+    config["attention_bias"] = True
+    (folder / "config.json").write_text(json.dumps(config))
+    reference = pytest.importorskip("transformers").AutoModelForCausalLM.from_pretrained(
+        folder, attn_implementation="eager").eval()
+    model = models.from_pretrained(folder)
+    assert (model.config.sliding_window, model.config.num_key_value_heads) == (4096, 8)
+    assert model.model.layers[0].self_attn.q_proj.bias is None
+    assert max_logit_diff(model, reference, torch.randint(0, 96, (1, 12))) <= 1e-4
+
+
 def test_unsupported_activation_is_an_error(hf_checkpoint):
     folder, _ = hf_checkpoint("llama")
     config = json.loads((folder / "config.json").read_text())
@@ -226,3 +288,38 @@ def test_peak_host_memory_is_about_one_model_copy(tmp_path_factory, dtype):
     added = after - before
     assert added <= size + largest + 32 * 2**20, f"loading added {added / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB model"
     assert added < 1.6 * size
+
+
+# ------------------------------------------------------------------------------------------------------ layout
+
+
+def imported_modules(file) -> set[str]:
+    """Top-level names of every module a Python file imports (absolute imports; relative ones are the package)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(file.read_text(), str(file))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_models_import_only_torch_safetensors_and_the_stdlib():
+    """models/ is self-contained: a reader can copy the folder into another project."""
+    allowed = {"torch", "safetensors", "models", "__future__"} | set(sys.stdlib_module_names)
+    files = sorted((ROOT / "models").glob("*.py"))
+    assert {f.name for f in files} >= {"__init__.py", "attention.py", "llama.py"}
+    bad = {f.name: sorted(imported_modules(f) - allowed) for f in files if imported_modules(f) - allowed}
+    assert not bad, f"models/ imports outside torch, safetensors and the stdlib: {bad}"
+
+
+def test_library_never_imports_scripts_transformers_or_peft():
+    """scripts/ are command lines around the library; transformers and peft are test-only references."""
+    files = sorted((ROOT / "nanotune").rglob("*.py"))
+    assert len(files) > 10
+    bad = {str(f.relative_to(ROOT)): sorted(imported_modules(f) & {"scripts", "transformers", "peft"}) for f in files
+           if imported_modules(f) & {"scripts", "transformers", "peft"}}
+    assert not bad, f"the library imports what it must not: {bad}"
+    assert not (ROOT / "nanotune" / "attention.py").exists()  # it lives in models/, with no shim left behind

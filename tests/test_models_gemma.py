@@ -88,6 +88,24 @@ def test_gemma2_refuses_a_backend_that_cannot_softcap(tmp_path):
         model(torch.randint(0, VOCAB, (1, 8)))
 
 
+def test_gemma2_without_softcap_keys_softcaps_as_transformers_does(tmp_path):
+    """A config.json that leaves the softcaps out gets transformers' Gemma 2 defaults (50 and 30), not no softcapping."""
+    reference = write_checkpoint(tmp_path / "m", "gemma2", attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    with torch.no_grad():  # logits well beyond 30 (tied head), so that the final softcap changes them
+        reference.model.embed_tokens.weight.mul_(400.0)
+    reference.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    del config["attn_logit_softcapping"], config["final_logit_softcapping"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", attn_implementation="eager").eval()
+    model = models.from_pretrained(tmp_path / "m", attn_implementation="eager")
+    assert (model.config.attn_logit_softcapping, model.config.final_logit_softcapping) == (50.0, 30.0)
+    ids = torch.randint(0, VOCAB, (2, 20))
+    with torch.no_grad():
+        assert model.lm_head(model(ids, return_hidden=True)).abs().max() > 40.0  # the cap binds
+    assert max_logit_diff(model, reference, ids) <= 1e-4
+
+
 def test_gemma2_without_layer_types_alternates_local_and_global(tmp_path):
     reference = write_checkpoint(tmp_path / "m", "gemma2", num_hidden_layers=3)
     config = json.loads((tmp_path / "m" / "config.json").read_text())
