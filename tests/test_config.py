@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
 import pytest
 
-from nanotune.config import Config, ConfigError, load_config, to_toml
+from nanotune.config import (ALIASES, DATASET_ALIASES, Config, ConfigError, DatasetConfig, all_keys, load_config,
+                             to_toml)
 from nanotune.train import check_config
 from tests.conftest import ROOT
 
@@ -70,6 +72,57 @@ def test_bad_files_name_the_key(tmp_path, toml, message):
     with pytest.raises(ConfigError) as err:
         load_config(tmp_path / "bad.toml")
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "toml,message",
+    [
+        # names from axolotl and HF TrainingArguments, in any section or at the top level
+        ("learning_rate = 1e-4\n", "unknown config key learning_rate; did you mean optim.lr?"),
+        ("[train]\ngradient_accumulation_steps = 4\n", "did you mean train.grad_accum_steps?"),
+        ("sequence_len = 4096\n", "did you mean data.seq_len?"),
+        ("[data]\nsample_packing = true\n", "unknown config key data.sample_packing; did you mean data.packing?"),
+        ("[train]\nnum_epochs = 3\n", "did you mean train.epochs?"),
+        ("[lora]\nlora_r = 8\n", "unknown config key lora.lora_r; did you mean lora.rank?"),
+        ("[optim]\nwarmup_ratio = 0.1\n", "did you mean optim.warmup_steps (a number of steps, not a ratio)?"),
+        ("[train]\ngradient_checkpointing = true\n", 'did you mean train.activation_checkpointing ("full")?'),
+        ("[[data.datasets]]\ntype = 'alpaca'\n", "data.datasets[0].type; did you mean data.datasets[0].format?"),
+        # typos are matched against the keys of every section, not only the one they were written in
+        ("[optim]\nlerning_rate = 1e-4\n", "unknown config key optim.lerning_rate; did you mean optim.lr?"),
+        ("[train]\nwarmup_step = 10\n", "unknown config key train.warmup_step; did you mean optim.warmup_steps?"),
+        ("[training]\nmax_steps = 3\n", "unknown config key training; did you mean train?"),
+        ("[optim]\nmin_lr = 0.0\n", "did you mean optim.min_lr_ratio?"),
+    ],
+)
+def test_names_from_other_tools_and_typos_point_to_the_nanotune_key(tmp_path, toml, message):
+    (tmp_path / "bad.toml").write_text(toml)
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "bad.toml")
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--optim.lerning_rate=1e-3", "unknown option --optim.lerning_rate; did you mean --optim.lr?"),
+        ("--learning_rate=1e-3", "unknown option --learning_rate; did you mean --optim.lr?"),
+        ("--micro_batch_size=2", "did you mean --train.micro_batch_size?"),
+        ("--train.lr=1e-3", "unknown option --train.lr; it belongs in another section: --optim.lr"),
+        ("--training.max_steps=3", "unknown option --training; did you mean --train?"),
+        ("--optim.zzzz=1", "unknown option --optim.zzzz; valid keys: lr, weight_decay"),
+    ],
+)
+def test_overrides_suggest_the_option_meant(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_every_alias_names_a_real_key():
+    keys = set(all_keys())
+    assert {target for target, _ in ALIASES.values()} <= keys
+    dataset_keys = {f.name for f in dataclasses.fields(DatasetConfig)}
+    assert {target for target, _ in DATASET_ALIASES.values()} <= dataset_keys
 
 
 def test_missing_config_file():
