@@ -430,6 +430,54 @@ def section_classes() -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])}
 
 
+# ------------------------------------------------------------------------------------------------------ paths
+
+
+def is_hub_repo_name(path: str) -> bool:
+    """"org/name" with no data-file suffix: read from the HF Hub when no local file or folder has that name."""
+    return not path.startswith((".", "/", "~")) and path.count("/") == 1 and Path(path).suffix not in (
+        ".jsonl", ".json", ".parquet")
+
+
+def relative_note(path: str | Path, config_file: str | Path | None = None) -> str:
+    """Where a missing relative path was looked for (the current directory), and whether it is next to the config
+    file instead; empty for an absolute path. Appended to "... does not exist"."""
+    path = Path(path).expanduser()
+    if path.is_absolute():
+        return ""
+    note = f" (relative paths are resolved against the current directory {Path.cwd()}"
+    if config_file is not None and (Path(config_file).parent / path).exists():
+        beside = Path(config_file).parent / path
+        note += f"; {beside} exists: run from {Path(config_file).parent} or write the path as {beside}"
+    return note + ")"
+
+
+def check_paths(cfg: Config, config_file: str | Path | None = None) -> None:
+    """Every local file and folder the run reads exists, checked before anything is loaded; the errors say where a
+    relative path was looked for and, for a missing model, how to download it."""
+    def missing(key: str, value: str) -> ConfigError:
+        return ConfigError(f"{key} = {value!r} does not exist{relative_note(value, config_file)}")
+
+    model = cfg.model.path
+    if model:
+        folder = Path(model).expanduser()
+        download = f"download it with: python scripts/download.py ORG/NAME --out {model}"
+        if not folder.exists():
+            raise ConfigError(f"model.path = {model!r}: the model folder does not exist"
+                              f"{relative_note(model, config_file)}; {download}")
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"model.path = {model!r} is not an HF-format model folder (no config.json in it); "
+                              f"{download}")
+    if cfg.model.tokenizer and not Path(cfg.model.tokenizer).expanduser().exists():
+        raise missing("model.tokenizer", cfg.model.tokenizer)
+    if cfg.data.chat_template and not Path(cfg.data.chat_template).expanduser().is_file():
+        raise missing("data.chat_template", cfg.data.chat_template)
+    for kind in ("datasets", "eval_datasets"):
+        for i, ds in enumerate(getattr(cfg.data, kind)):
+            if ds.path and not Path(ds.path).expanduser().exists() and not is_hub_repo_name(ds.path):
+                raise missing(f"data.{kind}[{i}].path", ds.path)
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 

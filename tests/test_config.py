@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from nanotune.config import (ALIASES, DATASET_ALIASES, Config, ConfigError, DatasetConfig, all_keys, load_config,
-                             to_toml)
+from nanotune.config import (ALIASES, DATASET_ALIASES, Config, ConfigError, DatasetConfig, all_keys, check_paths,
+                             load_config, to_toml)
 from nanotune.train import check_config
 from tests.conftest import ROOT
 
@@ -128,3 +128,53 @@ def test_every_alias_names_a_real_key():
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(ROOT / "configs" / "nope.toml")
+
+
+def test_missing_model_folder_says_how_to_download_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["--model.path=models-hf/llama-3.2-1b-instruct"])
+    with pytest.raises(ConfigError) as err:
+        check_paths(cfg)
+    assert str(err.value) == (
+        "model.path = 'models-hf/llama-3.2-1b-instruct': the model folder does not exist (relative paths are resolved "
+        f"against the current directory {tmp_path}); download it with: python scripts/download.py ORG/NAME "
+        "--out models-hf/llama-3.2-1b-instruct"
+    )
+    (tmp_path / "models-hf" / "llama-3.2-1b-instruct").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"is not an HF-format model folder \(no config.json in it\); download"):
+        check_paths(cfg)
+
+
+def test_relative_paths_resolve_against_the_current_directory_and_say_so(tmp_path, monkeypatch):
+    # a config in configs/ naming data/train.jsonl, as the bundled configs do, run from the repository root
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text('{"text": "a"}\n')
+    config_file = tmp_path / "configs" / "run.toml"
+    config_file.write_text('[[data.datasets]]\npath = "data/train.jsonl"\n')
+    monkeypatch.chdir(tmp_path)
+    check_paths(load_config(config_file), config_file)  # found from the repository root
+    monkeypatch.chdir(tmp_path / "configs")
+    with pytest.raises(ConfigError) as err:
+        check_paths(load_config(config_file), config_file)
+    assert str(err.value).startswith(
+        f"data.datasets[0].path = 'data/train.jsonl' does not exist (relative paths are resolved against the current "
+        f"directory {tmp_path / 'configs'}"
+    )
+    # the same path next to the config file: the error says so, and how to fix it
+    (tmp_path / "configs" / "data").mkdir()
+    (tmp_path / "configs" / "data" / "train.jsonl").write_text('{"text": "a"}\n')
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "train.jsonl").unlink()
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'configs' / 'data' / 'train.jsonl'} exists: run from "
+                                          f"{tmp_path / 'configs'} or write the path as"):
+        check_paths(load_config(config_file), config_file)
+
+
+def test_check_paths_leaves_hub_names_and_absolute_paths_alone(tmp_path):
+    cfg = load_config(None, ["--data.datasets=[{path = 'HuggingFaceH4/ultrachat_200k'}]"])
+    check_paths(cfg)  # an HF Hub data set repo: read later from the Hub
+    cfg = load_config(None, [f"--data.chat_template={tmp_path / 'none.jinja'}"])
+    with pytest.raises(ConfigError) as err:
+        check_paths(cfg)
+    assert str(err.value) == f"data.chat_template = '{tmp_path / 'none.jinja'}' does not exist"
