@@ -191,7 +191,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{path} is not valid TOML: {e}") from None
     for item in overrides:
         key, value = parse_override(item)
-        check_override_key(key)
         set_path(raw, key, value)
     return from_dict(Config, raw, prefix="")
 
@@ -209,22 +208,6 @@ def parse_override(item: str) -> tuple[str, object]:
     except tomllib.TOMLDecodeError:
         value = text  # a bare string such as --output_dir=outputs/x
     return key, value
-
-
-def check_override_key(dotted: str) -> None:
-    """An unknown `--section.key` is named as the option it was, with the option that was probably meant."""
-    section, _, name = dotted.rpartition(".")
-    if "." in section:  # deeper paths (into lists of tables) are checked when the config is built
-        return
-    sections = section_classes()
-    if section:
-        valid = [f.name for f in dataclasses.fields(sections[section])] if section in sections else None
-        if valid is None:
-            name, valid = section, [f.name for f in dataclasses.fields(Config)]
-    else:
-        valid = [f.name for f in dataclasses.fields(Config)]
-    if name not in valid:
-        raise ConfigError(unknown_key_message(dotted if name != section else section, valid, option="--"))
 
 
 def set_path(raw: dict, dotted: str, value) -> None:
@@ -378,19 +361,14 @@ def all_keys() -> list[str]:
     return keys
 
 
-def unknown_key_message(key_path: str, valid: list[str], option: str = "") -> str:
+def unknown_key_message(key_path: str, valid: list[str]) -> str:
     """"unknown config key K; did you mean X?" with X from the alias table, the same name in another section, or
-    the closest key of any section. `option` is "--" for a command-line override, so that the hint is one too."""
-    hint = suggestion(key_path)
-    if hint is None:
-        hint = f"; valid keys: {', '.join(valid)}"
-    hint = hint.replace("{--}", option)
-    what = "option" if option else "config key"
-    return f"unknown {what} {option}{key_path}{hint}"
+    the closest key of any section (the same for a TOML file and a --section.key=value override)."""
+    return f"unknown config key {key_path}{suggestion(key_path) or '; valid keys: ' + ', '.join(valid)}"
 
 
 def suggestion(key_path: str) -> str | None:
-    """The hint for an unknown key; "{--}" marks where a key starts (the caller fills in "--" for overrides)."""
+    """The hint for an unknown key, or None when no key is likely to be meant."""
     section, _, name = key_path.rpartition(".")
     normal = name.lower().replace("-", "_")
     if "[" in section:  # a key of one [[data.datasets]] table: only that table's keys can be meant
@@ -401,7 +379,7 @@ def suggestion(key_path: str) -> str | None:
         return did_you_mean(*ALIASES[normal])
     elsewhere = [k for k in all_keys() if k.rpartition(".")[2] == normal and k != key_path]
     if elsewhere:
-        return f"; it belongs in another section: {' or '.join('{--}' + k for k in elsewhere)}"
+        return f"; it belongs in another section: {' or '.join(elsewhere)}"
     # fuzzy: every key of every section by its own name, and every alias, by similarity of the last component
     candidates = {k.rpartition(".")[2]: k for k in all_keys() if k.rpartition(".")[0] != section}
     candidates |= {k.rpartition(".")[2]: k for k in all_keys() if k.rpartition(".")[0] == section}  # same section wins
@@ -422,7 +400,7 @@ def closest(name: str, candidates: dict[str, str], section: str) -> str | None:
 
 
 def did_you_mean(key: str, note: str) -> str:
-    return f"; did you mean {{--}}{key}" + (f" ({note})" if note else "") + "?"
+    return f"; did you mean {key}" + (f" ({note})" if note else "") + "?"
 
 
 def section_classes() -> dict[str, type]:

@@ -34,7 +34,7 @@ valid one. The resolved config is written to `<output_dir>/config.toml`.
 Names from other tools are understood in errors: `learning_rate`, `gradient_accumulation_steps`, `sequence_len`,
 `sample_packing`, `num_epochs`, `lora_r`, ... stop the run with the nanotune key that means the same
 (`optim.lr`, `train.grad_accum_steps`, `data.seq_len`, ...), and a typo in any section names the closest key of every
-section (`--optim.lerning_rate` -> `--optim.lr`).
+section (`--optim.lerning_rate=1e-4` suggests `optim.lr`).
 
 ## Relative paths
 

@@ -104,15 +104,14 @@ def test_names_from_other_tools_and_typos_point_to_the_nanotune_key(tmp_path, to
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("--optim.lerning_rate=1e-3", "unknown option --optim.lerning_rate; did you mean --optim.lr?"),
-        ("--learning_rate=1e-3", "unknown option --learning_rate; did you mean --optim.lr?"),
-        ("--micro_batch_size=2", "did you mean --train.micro_batch_size?"),
-        ("--train.lr=1e-3", "unknown option --train.lr; it belongs in another section: --optim.lr"),
-        ("--training.max_steps=3", "unknown option --training; did you mean --train?"),
-        ("--optim.zzzz=1", "unknown option --optim.zzzz; valid keys: lr, weight_decay"),
+        ("--optim.lerning_rate=1e-3", "unknown config key optim.lerning_rate; did you mean optim.lr?"),
+        ("--learning_rate=1e-3", "unknown config key learning_rate; did you mean optim.lr?"),
+        ("--micro_batch_size=2", "did you mean train.micro_batch_size?"),
+        ("--train.lr=1e-3", "unknown config key train.lr; it belongs in another section: optim.lr"),
+        ("--optim.zzzz=1", "unknown config key optim.zzzz; valid keys: lr, weight_decay"),
     ],
 )
-def test_overrides_suggest_the_option_meant(override, message):
+def test_overrides_suggest_the_key_meant(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert message in str(err.value)

@@ -222,21 +222,22 @@ def test_template_that_rewrites_content_is_an_error():
 
 # Templates come from downloaded repos: a hostile one must stop with an error that names it, not run forever.
 ENDLESS = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
-HOSTILE = {
-    "endless_loop": (ENDLESS, "rendering took longer than 0.5 s"),
-    "endless_output": ("{% for a in range(100000) %}{% for b in range(100000) %}xx{% endfor %}{% endfor %}",
-                       "the rendered text grew past"),
-    "endless_calls": ("{% for a in range(100000) %}{{ range(100000) | join }}{% endfor %}",
+HOSTILE = {  # name: (source, seconds allowed, the limit that must stop it)
+    "endless_loop": (ENDLESS, 0.5, "rendering took longer than 0.5 s"),
+    # the output bound alone (the deadline is far away): a million characters are reached in about a thousand steps
+    "endless_output": ("{% for a in range(100000) %}{% for b in range(100000) %}{{ 'x' * 1000 }}{% endfor %}"
+                       "{% endfor %}", 60.0, "the rendered text grew past"),
+    "endless_calls": ("{% for a in range(100000) %}{{ range(100000) | join }}{% endfor %}", 60.0,
                       "the rendered text grew past"),
-    "huge_repeat": ("{{ 'x' * 10 ** 9 }}", "`*` would build a sequence of 1,000,000,000 items"),
-    "huge_power": ("{{ 7 ** 100000 }}", "`**` would build an integer of more than"),
+    "huge_repeat": ("{{ 'x' * 10 ** 9 }}", 60.0, "`*` would build a sequence of 1,000,000,000 items"),
+    "huge_power": ("{{ 7 ** 100000 }}", 60.0, "`**` would build an integer of more than"),
 }
 
 
 @pytest.mark.parametrize("name", list(HOSTILE))
 def test_hostile_template_stops_with_an_error_naming_it(name):
-    source, reason = HOSTILE[name]
-    template = ChatTemplate(source, {}, name="evil/tokenizer_config.json", max_seconds=0.5)
+    source, seconds, reason = HOSTILE[name]
+    template = ChatTemplate(source, {}, name="evil/tokenizer_config.json", max_seconds=seconds)
     start = time.monotonic()
     with pytest.raises(TemplateError, match=re.escape(f"evil/tokenizer_config.json was stopped: {reason}")):
         template.render([{"role": "user", "content": "hi"}])
