@@ -177,3 +177,14 @@ def test_check_paths_leaves_hub_names_and_absolute_paths_alone(tmp_path):
     with pytest.raises(ConfigError) as err:
         check_paths(cfg)
     assert str(err.value) == f"data.chat_template = '{tmp_path / 'none.jinja'}' does not exist"
+
+
+def test_trainer_checks_paths_before_loading_anything(tmp_path, monkeypatch):
+    from nanotune.train import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.toml").write_text('[model]\npath = "models-hf/missing"\n[[data.datasets]]\npath = "d.jsonl"\n')
+    with pytest.raises(ConfigError, match=r"model.path = 'models-hf/missing': the model folder does not exist .*"
+                                          r"python scripts/download.py ORG/NAME --out models-hf/missing"):
+        main([str(tmp_path / "run.toml")])
+    assert not (tmp_path / "outputs").exists()  # nothing was started
