@@ -41,9 +41,9 @@ section (`--optim.lerning_rate=1e-4` suggests `optim.lr`).
 Relative paths in a config (`model.path`, `model.tokenizer`, `data.chat_template`, data set paths, `output_dir`,
 `data.cache_dir`) are resolved against the **current directory**, as on the command line, not against the folder of
 the config file: the bundled configs name `data/...`, `models-hf/...` and `outputs/...` and are run from the
-repository root (`python nanotune/train.py configs/quickstart.toml`). A path that does not exist stops the run before
-anything is loaded, with the folder it was resolved against, and says so when the path exists next to the config file
-instead. Write absolute paths to run a config from anywhere.
+repository root (`python nanotune/train.py configs/quickstart.toml`). A path the run reads that does not exist stops
+it before anything is loaded, naming the folder it was resolved against, and says so when the path exists next to
+the config file instead. Write absolute paths to run a config from anywhere.
 
 This file is generated from `nanotune/config.py` by `python scripts/config_docs.py`; a test checks it is current.
 """
