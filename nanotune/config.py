@@ -102,26 +102,26 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-5
-    weight_decay: float = 0.0
+    lr: float = 2e-5  # peak learning rate of AdamW (reached after warmup_steps)
+    weight_decay: float = 0.0  # decoupled (AdamW) weight decay; by default not on norms, biases and embeddings
     decay_norms_biases_embeddings: bool = False  # weight decay on norms, biases and embeddings too
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW's [beta1, beta2] moment decay rates
+    eps: float = 1e-8  # AdamW's denominator term, added to the root of the second moment
     schedule: str = "cosine"  # constant | linear | cosine
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # optimizer steps of linear warmup from 0 to lr (a count of steps, not a ratio)
     min_lr_ratio: float = 0.0  # the schedule ends at lr * min_lr_ratio
     fused: str = "auto"  # auto (fused AdamW on CUDA) | true | false
 
 
 @dataclass
 class LoraConfig:
-    enabled: bool = False
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
+    enabled: bool = False  # train low-rank adapters instead of the full model (the base weights stay frozen)
+    rank: int = 16  # r: the inner dimension of each adapter pair A (r x in) and B (out x r)
+    alpha: float = 32.0  # adapter output scale alpha / rank (alpha / sqrt(rank) with rslora)
+    dropout: float = 0.0  # dropout on the adapter's input during training
     targets: list = field(default_factory=lambda: ["all-linear"])  # module-name suffixes, or ["all-linear"]
-    rslora: bool = False
-    dora: bool = False
+    rslora: bool = False  # rank-stabilised scale alpha / sqrt(rank) (Kalajdzievski 2023)
+    dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output feature (Liu et al. 2024)
     modules_to_save: list = field(default_factory=list)  # e.g. ["embed_tokens", "lm_head"], trained in full
     quantize: str = ""  # "" | nf4 (QLoRA through bitsandbytes)
     merge: bool = True  # write the merged model to <output_dir>/final
@@ -143,9 +143,9 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     every: int = 1  # steps between progress lines
-    tensorboard: bool = False
-    wandb: bool = False
-    wandb_project: str = "nanotune"
+    tensorboard: bool = False  # also write TensorBoard event files to <output_dir>/tensorboard (needs tensorboard)
+    wandb: bool = False  # also log to Weights & Biases (needs wandb and a login)
+    wandb_project: str = "nanotune"  # the W&B project the run is logged under
     plot: bool = True  # loss curve PNG at the end (needs matplotlib)
 
 
@@ -259,23 +259,201 @@ def check_value(cls, f, value, key_path: str):
     return value
 
 
+# Names users bring from axolotl and HF TrainingArguments -> the nanotune key that means the same, with a note
+# where the value differs. A test checks that every target is a real key.
+ALIASES: dict[str, tuple[str, str]] = {
+    "learning_rate": ("optim.lr", ""),
+    "gradient_accumulation_steps": ("train.grad_accum_steps", ""),
+    "sequence_len": ("data.seq_len", ""),
+    "sequence_length": ("data.seq_len", ""),
+    "max_seq_length": ("data.seq_len", ""),
+    "max_seq_len": ("data.seq_len", ""),
+    "max_length": ("data.seq_len", ""),
+    "sample_packing": ("data.packing", ""),
+    "micro_batch_size": ("train.micro_batch_size", ""),
+    "per_device_train_batch_size": ("train.micro_batch_size", ""),
+    "batch_size": ("train.micro_batch_size", "rows per forward pass; the step is micro_batch_size x "
+                                               "grad_accum_steps x processes"),
+    "num_epochs": ("train.epochs", ""),
+    "num_train_epochs": ("train.epochs", ""),
+    "warmup_steps": ("optim.warmup_steps", ""),
+    "warmup_ratio": ("optim.warmup_steps", "a number of steps, not a ratio"),
+    "weight_decay": ("optim.weight_decay", ""),
+    "lr_scheduler": ("optim.schedule", ""),
+    "lr_scheduler_type": ("optim.schedule", ""),
+    "cosine_min_lr_ratio": ("optim.min_lr_ratio", ""),
+    "adam_beta1": ("optim.betas", "[beta1, beta2]"),
+    "adam_beta2": ("optim.betas", "[beta1, beta2]"),
+    "adam_epsilon": ("optim.eps", ""),
+    "max_grad_norm": ("train.max_grad_norm", ""),
+    "adapter": ("lora.enabled", "true; for QLoRA also lora.quantize = \"nf4\""),
+    "load_in_4bit": ("lora.quantize", "\"nf4\""),
+    "lora_r": ("lora.rank", ""),
+    "r": ("lora.rank", ""),
+    "lora_alpha": ("lora.alpha", ""),
+    "lora_dropout": ("lora.dropout", ""),
+    "lora_target_modules": ("lora.targets", ""),
+    "target_modules": ("lora.targets", ""),
+    "lora_target_linear": ("lora.targets", "[\"all-linear\"]"),
+    "lora_modules_to_save": ("lora.modules_to_save", ""),
+    "use_rslora": ("lora.rslora", ""),
+    "peft_use_rslora": ("lora.rslora", ""),
+    "use_dora": ("lora.dora", ""),
+    "peft_use_dora": ("lora.dora", ""),
+    "base_model": ("model.path", "a local HF-format folder; fetch one with scripts/download.py"),
+    "model_name_or_path": ("model.path", "a local HF-format folder; fetch one with scripts/download.py"),
+    "tokenizer_name": ("model.tokenizer", ""),
+    "tokenizer_config": ("model.tokenizer", ""),
+    "max_steps": ("train.max_steps", ""),
+    "save_steps": ("checkpoint.every", ""),
+    "save_total_limit": ("checkpoint.keep", ""),
+    "resume_from_checkpoint": ("checkpoint.resume", ""),
+    "eval_steps": ("train.eval_every", ""),
+    "logging_steps": ("logging.every", ""),
+    "report_to": ("logging.wandb", "or logging.tensorboard"),
+    "wandb_project": ("logging.wandb_project", ""),
+    "gradient_checkpointing": ("train.activation_checkpointing", "\"full\""),
+    "activation_offloading": ("train.activation_offload", ""),
+    "torch_compile": ("train.compile", ""),
+    "bf16": ("train.precision", "\"bf16\" or \"amp-bf16\""),
+    "fp16": ("train.precision", "\"amp-bf16\"; there is no fp16 training"),
+    "tf32": ("train.precision", ""),
+    "flash_attention": ("attention.implementation", "\"varlen\""),
+    "sdp_attention": ("attention.implementation", "\"sdpa\""),
+    "flex_attention": ("attention.implementation", "\"flex\""),
+    "attn_implementation": ("attention.implementation", ""),
+    "seed": ("seed", ""),
+    "val_set_size": ("data.eval_fraction", ""),
+    "datasets": ("data.datasets", ""),
+    "test_datasets": ("data.eval_datasets", ""),
+    "chat_template": ("data.chat_template", ""),
+    "train_on_inputs": ("data.train_on_inputs", ""),
+    "dataset_prepared_path": ("data.cache_dir", ""),
+    "dataset_processes": ("data.num_workers", ""),
+    "dataloader_num_workers": ("data.num_workers", ""),
+    "output_dir": ("output_dir", ""),
+}
+
+# The same for the keys of one [[data.datasets]] table (axolotl's dataset entries).
+DATASET_ALIASES: dict[str, tuple[str, str]] = {
+    "type": ("format", ""),
+    "ds_type": ("format", ""),
+    "name": ("data_files", "a glob of files inside the repo"),
+    "field_messages": ("messages_field", ""),
+    "message_field_role": ("role_field", ""),
+    "message_field_content": ("content_field", ""),
+    "roles": ("role_map", "{their name = \"user\"}"),
+    "field_instruction": ("instruction_field", ""),
+    "field_input": ("input_field", ""),
+    "field_output": ("output_field", ""),
+    "field": ("text_field", ""),
+}
+
+
+def all_keys() -> list[str]:
+    """Every key of every section, dotted (e.g. "optim.lr"), sections themselves included."""
+    keys = []
+    for f in dataclasses.fields(Config):
+        keys.append(f.name)
+        section = section_type(Config, f)
+        if section is not None:
+            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(section)]
+    return keys
+
+
 def unknown_key_message(key_path: str, valid: list[str]) -> str:
-    name = key_path.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    elsewhere = [f"{section}.{name}" for section, cls in section_classes().items()
-                 if name in {f.name for f in dataclasses.fields(cls)}]
-    if close:
-        hint = f"; did you mean {key_path[: -len(name)]}{close[0]}?"
-    elif elsewhere:
-        hint = f"; it belongs in another section: {' or '.join(elsewhere)}"
-    else:
-        hint = f"; valid keys: {', '.join(valid)}"
-    return f"unknown config key {key_path}{hint}"
+    """"unknown config key K; did you mean X?" with X from the alias table, the same name in another section, or
+    the closest key of any section (the same for a TOML file and a --section.key=value override)."""
+    return f"unknown config key {key_path}{suggestion(key_path) or '; valid keys: ' + ', '.join(valid)}"
+
+
+def suggestion(key_path: str) -> str | None:
+    """The hint for an unknown key, or None when no key is likely to be meant."""
+    section, _, name = key_path.rpartition(".")
+    normal = name.lower().replace("-", "_")
+    if "[" in section:  # a key of one [[data.datasets]] table: only that table's keys can be meant
+        keys = [f.name for f in dataclasses.fields(DatasetConfig)]
+        target, note = DATASET_ALIASES.get(normal) or (closest(normal, {k: k for k in keys}, ""), "")
+        return None if target is None else did_you_mean(f"{section}.{target}", note)
+    if normal in ALIASES:
+        return did_you_mean(*ALIASES[normal])
+    elsewhere = [k for k in all_keys() if k.rpartition(".")[2] == normal and k != key_path]
+    if elsewhere:
+        return f"; it belongs in another section: {' or '.join(elsewhere)}"
+    # fuzzy: every key of every section by its own name, and every alias, by similarity of the last component
+    candidates = {k.rpartition(".")[2]: k for k in all_keys() if k.rpartition(".")[0] != section}
+    candidates |= {k.rpartition(".")[2]: k for k in all_keys() if k.rpartition(".")[0] == section}  # same section wins
+    candidates |= {alias: target for alias, (target, _) in ALIASES.items() if len(alias) > 3}  # "r" is no typo
+    target = closest(normal, candidates, section)
+    return None if target is None else did_you_mean(target, "")
+
+
+def closest(name: str, candidates: dict[str, str], section: str) -> str | None:
+    """The key (a value of `candidates`) whose name (the dict key) is most similar to `name`; ties favour keys of
+    `section`. None when nothing is similar enough to be a likely typo."""
+    def score(item):
+        other, key = item
+        ratio = difflib.SequenceMatcher(None, name, other).ratio()
+        return ratio, key.rpartition(".")[0] == section
+    best = max(candidates.items(), key=score, default=None)
+    return best[1] if best is not None and score(best)[0] >= 0.6 else None
+
+
+def did_you_mean(key: str, note: str) -> str:
+    return f"; did you mean {key}" + (f" ({note})" if note else "") + "?"
 
 
 def section_classes() -> dict[str, type]:
     hints = typing.get_type_hints(Config)
     return {f.name: hints[f.name] for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])}
+
+
+# ------------------------------------------------------------------------------------------------------ paths
+
+
+def is_hub_repo_name(path: str) -> bool:
+    """"org/name" with no data-file suffix: read from the HF Hub when no local file or folder has that name."""
+    return not path.startswith((".", "/", "~")) and path.count("/") == 1 and Path(path).suffix not in (
+        ".jsonl", ".json", ".parquet")
+
+
+def relative_note(path: str | Path, config_file: str | Path | None = None) -> str:
+    """Where a missing relative path was looked for (the current directory), and whether it is next to the config
+    file instead; empty for an absolute path. Appended to "... does not exist"."""
+    path = Path(path).expanduser()
+    if path.is_absolute():
+        return ""
+    note = f" (relative paths are resolved against the current directory {Path.cwd()}"
+    if config_file is not None and (Path(config_file).parent / path).exists():
+        beside = Path(config_file).parent / path
+        note += f"; {beside} exists: run from {Path(config_file).parent} or write the path as {beside}"
+    return note + ")"
+
+
+def check_paths(cfg: Config, config_file: str | Path | None = None) -> None:
+    """Every local file and folder the run reads exists, checked before anything is loaded; the errors say where a
+    relative path was looked for and, for a missing model, how to download it."""
+    def missing(key: str, value: str) -> ConfigError:
+        return ConfigError(f"{key} = {value!r} does not exist{relative_note(value, config_file)}")
+
+    model = cfg.model.path
+    if model:
+        folder = Path(model).expanduser()
+        download = f"download it with: python scripts/download.py ORG/NAME --out {model}"
+        if not folder.exists():
+            raise ConfigError(f"model.path = {model!r}: the model folder does not exist"
+                              f"{relative_note(model, config_file)}; {download}")
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"model.path = {model!r} is not an HF-format model folder (no config.json in it); "
+                              f"{download}")
+    if cfg.model.tokenizer and not Path(cfg.model.tokenizer).expanduser().exists():
+        raise missing("model.tokenizer", cfg.model.tokenizer)
+    if cfg.data.chat_template and not Path(cfg.data.chat_template).expanduser().is_file():
+        raise missing("data.chat_template", cfg.data.chat_template)
+    for kind in ("datasets", "eval_datasets"):
+        for i, ds in enumerate(getattr(cfg.data, kind)):
+            if ds.path and not Path(ds.path).expanduser().exists() and not is_hub_repo_name(ds.path):
+                raise missing(f"data.{kind}[{i}].path", ds.path)
 
 
 def to_dict(cfg) -> dict:

@@ -37,8 +37,9 @@ import torch
 import models
 from models import attention
 from nanotune import checkpoint, lora, metrics, parallel
-from nanotune.config import Config, ConfigError, load_config, parse_toml, to_dict, to_toml
+from nanotune.config import Config, ConfigError, check_paths, load_config, parse_toml, to_dict, to_toml
 from nanotune.data import DataError, RowError, SourceError, TemplateError, TokenizerError, load_tokenizer, prepare_data
+from nanotune.data.pipeline import describe_rows
 from nanotune.loss import cross_entropy_sum, linear_cross_entropy_sum, lm_head_weight
 from nanotune.metrics import log
 from nanotune.optim import build_optimizer, lr_at
@@ -256,6 +257,7 @@ def run(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(args.config, overrides)
     check_config(cfg)
+    check_paths(cfg, args.config)
     dist = parallel.init_distributed(cfg.device, cfg.parallel.backend)
     device = dist.device
     output_dir = Path(cfg.output_dir)
@@ -293,7 +295,7 @@ def run(argv: list[str] | None = None) -> int:
     tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * accum * dist.world_size
     log.info(f"model: {model.config.model_type}, {num_params:,} parameters, {num_trainable:,} trainable "
              f"({num_trainable / num_params:.2%})")
-    log.info(f"data: {data.stats.get('rows', '?')} rows, {len(train_loader)} micro-batches/epoch/process, "
+    log.info(f"data: {describe_rows(data.stats)}, {len(train_loader)} micro-batches/epoch/process, "
              f"{tokens_per_step:,} token slots/step, {total_steps} steps on {dist.world_size} process(es), {device}")
     if args.dry_run:
         log.info("dry run: config, data and model are valid; nothing was trained")

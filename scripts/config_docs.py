@@ -31,6 +31,20 @@ Values are parsed as TOML (`--lora.targets=['q_proj','v_proj']`, `--data.packing
 Unknown keys and values of the wrong type stop the run before anything is loaded, naming the key and the closest
 valid one. The resolved config is written to `<output_dir>/config.toml`.
 
+Names from other tools are understood in errors: `learning_rate`, `gradient_accumulation_steps`, `sequence_len`,
+`sample_packing`, `num_epochs`, `lora_r`, ... stop the run with the nanotune key that means the same
+(`optim.lr`, `train.grad_accum_steps`, `data.seq_len`, ...), and a typo in any section names the closest key of every
+section (`--optim.lerning_rate=1e-4` suggests `optim.lr`).
+
+## Relative paths
+
+Relative paths in a config (`model.path`, `model.tokenizer`, `data.chat_template`, data set paths, `output_dir`,
+`data.cache_dir`) are resolved against the **current directory**, as on the command line, not against the folder of
+the config file: the bundled configs name `data/...`, `models-hf/...` and `outputs/...` and are run from the
+repository root (`python nanotune/train.py configs/quickstart.toml`). A path the run reads that does not exist stops
+it before anything is loaded, naming the folder it was resolved against, and says so when the path exists next to
+the config file instead. Write absolute paths to run a config from anywhere.
+
 This file is generated from `nanotune/config.py` by `python scripts/config_docs.py`; a test checks it is current.
 """
 
@@ -96,6 +110,10 @@ def render() -> str:
 def main() -> int:
     target = ROOT / "docs" / "config.md"
     text = render()
+    undocumented = [line.split("`")[1] for line in text.splitlines() if line.startswith("| `") and line.endswith("|  |")]
+    if undocumented:
+        print(f"keys without a meaning (add a comment to the field in nanotune/config.py): {', '.join(undocumented)}")
+        return 1
     if "--check" in sys.argv:
         if not target.is_file() or target.read_text() != text:
             print("docs/config.md is out of date: run python scripts/config_docs.py")

@@ -3,6 +3,7 @@ the cache, worker processes, file types, the HF Hub path, and `python -m nanotun
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
 import tiny_tokenizer as tt  # noqa: E402
 
 from nanotune.config import DataConfig, DatasetConfig  # noqa: E402
-from nanotune.data import DataError, RowError, SourceError, load_tokenizer, prepare_data  # noqa: E402
+from nanotune.data import DataError, RowError, SourceError, TokenizerError, load_tokenizer, prepare_data  # noqa: E402
+from nanotune.data.pipeline import describe_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,7 +124,8 @@ def test_chat_without_assistant_turn_is_dropped_and_counted(tmp_path, tok):
     f = write_jsonl(tmp_path / "c.jsonl", rows)
     data = prepare_data(config(tmp_path, [DatasetConfig(path=str(f))]), tok, quiet=True)
     assert data.stats["rows"] == 4 and len(data.train) == 3
-    assert data.stats["dropped"] == {"no_trainable_tokens": 1}
+    assert data.stats["dropped"] == {"no_turn_to_train": 1}
+    assert describe_rows(data.stats) == "4 rows, 1 dropped (no_turn_to_train: 1)"
 
 
 def test_too_long_chat_rows_dropped_or_truncated(tmp_path, tok):
@@ -145,14 +148,14 @@ def test_too_long_chat_rows_dropped_or_truncated(tmp_path, tok):
 
 def test_malformed_json_names_file_and_line(tmp_path, tok):
     f = write_jsonl(tmp_path / "bad.jsonl", [CHAT_ROWS[0], CHAT_ROWS[1], '{"messages": [oops]}'])
-    with pytest.raises(RowError, match=r"bad.jsonl:3: invalid JSON: Expecting value"):
+    with pytest.raises(RowError, match=r"bad.jsonl:3:15: invalid JSON: Expecting value"):
         prepare_data(config(tmp_path, [DatasetConfig(path=str(f))]), tok, quiet=True)
 
 
 def test_malformed_json_list_file_names_line(tmp_path, tok):
     f = tmp_path / "bad.json"
     f.write_text('[\n {"text": "a"},\n {"text": "b",}\n]\n')
-    with pytest.raises(SourceError, match=r"bad.json:3: invalid JSON"):
+    with pytest.raises(SourceError, match=r"bad.json:3:15: invalid JSON: Expecting property name"):
         prepare_data(config(tmp_path, [DatasetConfig(path=str(f), format="text")]), tok, quiet=True)
 
 
@@ -179,7 +182,7 @@ def test_no_rows_left_is_a_clear_error(tmp_path, tok):
 def test_bad_options_and_missing_files(tmp_path, tok):
     with pytest.raises(DataError, match="format = 'chatml'"):
         prepare_data(config(tmp_path, [DatasetConfig(path="x.jsonl", format="chatml")]), tok, quiet=True)
-    with pytest.raises(SourceError, match="nope.jsonl does not exist"):
+    with pytest.raises(SourceError, match=r"data.datasets\[0\].path = '.*nope.jsonl' does not exist"):
         prepare_data(config(tmp_path, [DatasetConfig(path=str(tmp_path / "nope.jsonl"))]), tok, quiet=True)
     with pytest.raises(DataError, match="no training data"):
         prepare_data(config(tmp_path, []), tok, quiet=True)
@@ -194,6 +197,88 @@ def test_missing_chat_template_is_a_clear_error(tmp_path):
     template.write_text((tt.TEMPLATES / "qwen2_5.jinja").read_text())
     data = prepare_data(config(tmp_path, [DatasetConfig(path=str(f))], chat_template=str(template)), tok, quiet=True)
     assert len(data.train) == 1
+
+
+def test_malformed_json_reports_line_and_column(tmp_path, tok):
+    # the column counts characters (as editors do), after a non-ASCII character and a byte-order mark on line 1
+    f = tmp_path / "bad.jsonl"
+    f.write_text("\ufeff" + json.dumps(CHAT_ROWS[0]) + "\n" + '{"text": "é", "x": tru}\n', encoding="utf-8")
+    with pytest.raises(RowError, match=r"bad.jsonl:2:20: invalid JSON: Expecting value"):
+        prepare_data(config(tmp_path, [DatasetConfig(path=str(f))]), tok, quiet=True)
+    f.write_text("\ufeff" + json.dumps(CHAT_ROWS[0]) + "\n", encoding="utf-8")  # a BOM alone is no error
+    assert len(prepare_data(config(tmp_path, [DatasetConfig(path=str(f))]), tok, quiet=True).train) == 1
+
+
+@pytest.mark.parametrize("rows,fmt,looks_like,fields", [
+    (CHAT_ROWS[:2], "alpaca", "chat", "messages"),
+    ([{"instruction": "Add 2 and 2.", "output": "4"}], "chat", "alpaca", "instruction, output"),
+    ([{"prompt": "2+2=", "completion": "4"}], "text", "prompt_completion", "prompt, completion"),
+    ([{"conversations": [{"from": "human", "value": "hi"}]}], "prompt_completion", "chat", "conversations"),
+])
+def test_wrong_format_names_the_format_the_rows_look_like(tmp_path, tok, rows, fmt, looks_like, fields):
+    f = write_jsonl(tmp_path / "rows.jsonl", rows)
+    expected = (f'rows.jsonl:1: the rows look like format = "{looks_like}" \\(fields {fields}\\), but '
+                f'data.datasets\\[0\\].format = "{fmt}"; set data.datasets\\[0\\].format = "{looks_like}"')
+    with pytest.raises(RowError, match=expected):
+        prepare_data(config(tmp_path, [DatasetConfig(path=str(f), format=fmt)]), tok, quiet=True)
+
+
+def test_wrong_format_of_an_eval_file_names_its_key(tmp_path, tok):
+    train = write_jsonl(tmp_path / "train.jsonl", CHAT_ROWS[:2])
+    test = write_jsonl(tmp_path / "test.jsonl", CHAT_ROWS[:2])
+    cfg = config(tmp_path, [DatasetConfig(path=str(train))], eval_datasets=[DatasetConfig(path=str(test),
+                                                                                          format="alpaca")])
+    with pytest.raises(RowError, match=r'set data.eval_datasets\[0\].format = "chat"'):
+        prepare_data(cfg, tok, quiet=True)
+
+
+@pytest.mark.parametrize("name,content", [("e.jsonl", ""), ("blank.jsonl", "\n  \n"), ("e.json", "[]")])
+def test_empty_data_file_is_named(tmp_path, tok, name, content):
+    full = write_jsonl(tmp_path / "full.jsonl", CHAT_ROWS[:2])
+    empty = tmp_path / name
+    empty.write_text(content)
+    cfg = config(tmp_path, [DatasetConfig(path=str(full)), DatasetConfig(path=str(empty))])
+    with pytest.raises(SourceError, match=f"{empty}" + r" (is empty|holds an empty list): no rows to read"):
+        prepare_data(cfg, tok, quiet=True)
+
+
+def test_empty_parquet_file_is_named(tmp_path, tok):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "e.parquet"
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), f)
+    with pytest.raises(SourceError, match="e.parquet is empty"):
+        prepare_data(config(tmp_path, [DatasetConfig(path=str(f), format="text")]), tok, quiet=True)
+
+
+def test_dropped_rows_are_described_by_reason(tmp_path, tok):
+    no_answer = {"messages": [{"role": "user", "content": "only a question"}]}
+    long_answer = {"messages": [{"role": "user", "content": "Hi"},
+                                {"role": "assistant", "content": " ".join(["Hello! How can I help you?"] * 20)}]}
+    train = write_jsonl(tmp_path / "train.jsonl", CHAT_ROWS[:3] + [no_answer, no_answer, long_answer])
+    test = write_jsonl(tmp_path / "test.jsonl", CHAT_ROWS[:2] + [no_answer])
+    cfg = config(tmp_path, [DatasetConfig(path=str(train))], eval_datasets=[DatasetConfig(path=str(test))], seq_len=128)
+    data = prepare_data(cfg, tok, quiet=True)
+    assert describe_rows(data.stats) == ("6 rows, 3 dropped (no_turn_to_train: 2, too_long: 1); "
+                                         "3 eval rows, 1 dropped (no_turn_to_train: 1)")
+
+
+def test_hostile_chat_template_stops_in_a_worker_process(tmp_path, tok):
+    template = tmp_path / "evil.jinja"
+    template.write_text("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}")
+    f = write_jsonl(tmp_path / "c.jsonl", CHAT_ROWS[:1])
+    cfg = config(tmp_path, [DatasetConfig(path=str(f))], chat_template=str(template), num_workers=1)
+    start = time.monotonic()
+    with pytest.raises(RowError, match=f"c.jsonl:1: the chat template {template} was stopped: rendering took longer"):
+        prepare_data(cfg, tok, quiet=True, use_cache=False)
+    assert time.monotonic() - start < 30  # the render stops after 1 s; the rest is starting the worker process
+
+
+def test_missing_tokenizer_folder_says_so(tmp_path):
+    with pytest.raises(TokenizerError, match=r"the tokenizer folder nope/model does not exist \(relative paths are "
+                                             r"resolved against the current directory .*download.py"):
+        load_tokenizer("nope/model")
 
 
 # ------------------------------------------------------------------------------------------------ eval, mixing
@@ -257,7 +342,7 @@ def test_worker_processes_give_identical_examples(tmp_path, tok, monkeypatch):
     lines = f.read_text().splitlines()
     lines[40] = '{"messages": [oops]}'
     f.write_text("\n".join(lines) + "\n")
-    with pytest.raises(RowError, match=r"c.jsonl:41: invalid JSON"):
+    with pytest.raises(RowError, match=r"c.jsonl:41:15: invalid JSON"):
         prepare_data(config(tmp_path, [DatasetConfig(path=str(f))], num_workers=2), tok, quiet=True, use_cache=False)
 
 
@@ -366,7 +451,7 @@ def test_cli_reports_errors_in_one_line(tmp_path, capsys):
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[model]\ntokenizer = "{tmp_path}/none"\n')
     assert main([str(cfg)]) == 1
-    assert "error: no tokenizer.json" in capsys.readouterr().err
+    assert f"error: model.tokenizer = '{tmp_path}/none' does not exist" in capsys.readouterr().err
 
 
 def test_trainable_counts_match_masks(tmp_path, tok):
@@ -382,7 +467,7 @@ def test_trainable_counts_match_masks(tmp_path, tok):
 def test_jsonl_named_json_gets_a_hint(tmp_path, tok):
     f = tmp_path / "rows.json"
     f.write_text('{"text": "a"}\n{"text": "b"}\n')
-    with pytest.raises(SourceError, match=r"rows.json:2: invalid JSON: Extra data.*name the file .jsonl"):
+    with pytest.raises(SourceError, match=r"rows.json:2:1: invalid JSON: Extra data.*name the file .jsonl"):
         prepare_data(config(tmp_path, [DatasetConfig(path=str(f), format="text")]), tok, quiet=True)
 
 

@@ -5,7 +5,10 @@ The four real templates (Llama 3, Gemma 3, Qwen 2.5, Mistral v2/v3) are copied u
 these tests always run; the copies are checked against ../shared/chat_templates when that folder exists.
 """
 
+import re
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -215,3 +218,56 @@ def test_template_that_rewrites_content_is_an_error():
     template = ChatTemplate("{% for m in messages %}{{ m['content'] | upper }}{% endfor %}", {})
     with pytest.raises(TemplateError, match="cannot find message 0"):
         template.render_with_spans([{"role": "user", "content": "hello"}])
+
+
+# Templates come from downloaded repos: a hostile one must stop with an error that names it, not run forever.
+ENDLESS = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
+HOSTILE = {  # name: (source, seconds allowed, the limit that must stop it)
+    "endless_loop": (ENDLESS, 0.5, "rendering took longer than 0.5 s"),
+    # the output bound alone (the deadline is far away): a million characters are reached in about a thousand steps
+    "endless_output": ("{% for a in range(100000) %}{% for b in range(100000) %}{{ 'x' * 1000 }}{% endfor %}"
+                       "{% endfor %}", 60.0, "the rendered text grew past"),
+    "endless_calls": ("{% for a in range(100000) %}{{ range(100000) | join }}{% endfor %}", 60.0,
+                      "the rendered text grew past"),
+    "huge_repeat": ("{{ 'x' * 10 ** 9 }}", 60.0, "`*` would build a sequence of 1,000,000,000 items"),
+    "huge_power": ("{{ 7 ** 100000 }}", 60.0, "`**` would build an integer of more than"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_template_stops_with_an_error_naming_it(name):
+    source, seconds, reason = HOSTILE[name]
+    template = ChatTemplate(source, {}, name="evil/tokenizer_config.json", max_seconds=seconds)
+    start = time.monotonic()
+    with pytest.raises(TemplateError, match=re.escape(f"evil/tokenizer_config.json was stopped: {reason}")):
+        template.render([{"role": "user", "content": "hi"}])
+    assert time.monotonic() - start < 5.0
+
+
+def test_render_bound_works_in_threads():
+    # no signals: the deadline is checked inside the template's own loops, in whichever thread renders
+    template = ChatTemplate(ENDLESS, {}, name="evil.jinja", max_seconds=0.5)
+    errors = []
+
+    def render():
+        try:
+            template.render([{"role": "user", "content": "hi"}])
+        except TemplateError as e:
+            errors.append(str(e))
+
+    threads = [threading.Thread(target=render) for _ in range(2)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert time.monotonic() - start < 5.0
+    assert len(errors) == 2 and all("evil.jinja was stopped: rendering took longer" in e for e in errors)
+
+
+def test_bounded_sandbox_still_allows_what_real_templates_do():
+    # loops, loop variables, calls, `*` on short strings and small powers render as plain Jinja renders them
+    source = ("{% for m in messages %}{{ loop.index }}:{{ m['role'] | upper }}={{ m['content'] }}{{ '-' * 3 }}"
+              "{% endfor %}{{ 2 ** 10 }}{% for i in range(3) %}{{ i }}{% endfor %}")
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    assert ChatTemplate(source, {}).render(messages) == "1:USER=a---2:ASSISTANT=b---1024012"

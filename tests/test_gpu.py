@@ -119,7 +119,7 @@ def test_family_in_bf16_on_cuda_matches_fp32_cpu(family, kernels):
 
 
 def test_flex_attention_compiled_on_cuda_matches_eager_with_window_and_softcap():
-    from nanotune import attention as A
+    from models import attention as A
 
     if A.flex_attention_fn() is None:
         pytest.fail("this torch has no flex_attention")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nanotune.config import ConfigError, load_config
+from nanotune.config import ConfigError, check_paths, load_config
 from nanotune.data.pipeline import DataError, prepare_data
 from nanotune.data.sources import RowError, SourceError
 from nanotune.data.template import TemplateError
@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)
+        check_paths(cfg, args.config)
         tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
         data = prepare_data(cfg.data, tok, seed=cfg.seed, use_cache=not args.no_cache)
     except (ConfigError, DataError, RowError, SourceError, TemplateError, TokenizerError) as e:

@@ -23,7 +23,10 @@ import numpy as np
 from nanotune.data.formats import (
     KNOWN_ROLES,
     MaskOptions,
+    MissingFieldError,
+    RowError,
     chat_messages,
+    guess_format,
     render_chat,
     render_plain,
     role_map_of,
@@ -55,12 +58,15 @@ class RowProcessor:
     """Render, tokenize and mask rows of one data set. Built once per worker process."""
 
     def __init__(self, tok_state: tuple, template_source: str | None, ds, opts: MaskOptions, seq_len: int,
-                 too_long: str, text_too_long: str):
+                 too_long: str, text_too_long: str, template_name: str = "the chat template",
+                 key: str = "the data set"):
         self.tok = Tokenizer.from_state(tok_state)
         self.template = None
         if template_source is not None:
-            self.template = ChatTemplate(template_source, self.tok.special_tokens_map(), self.tok.special_tokens)
+            self.template = ChatTemplate(template_source, self.tok.special_tokens_map(), self.tok.special_tokens,
+                                         name=template_name)
         self.ds, self.opts, self.seq_len = ds, opts, seq_len
+        self.key = key  # the data set's place in the config, e.g. "data.datasets[0]", for errors
         self.too_long, self.text_too_long = too_long, text_too_long
         self.known_roles = set(KNOWN_ROLES) | set(opts.roles_to_train)
         self.known_roles |= set(ds.role_map.values()) | set(ds.fields_to_roles.values())
@@ -68,10 +74,24 @@ class RowProcessor:
 
     def render(self, where: str, raw):
         row = parse_record(where, raw)
-        if self.ds.format == "chat":
-            messages = chat_messages(row, self.ds, where, self.known_roles, self.role_map)
-            return render_chat(messages, self.template, self.opts, where)
-        return render_plain(row, self.ds, self.opts, where)
+        try:
+            if self.ds.format == "chat":
+                messages = chat_messages(row, self.ds, where, self.known_roles, self.role_map)
+                return render_chat(messages, self.template, self.opts, where)
+            return render_plain(row, self.ds, self.opts, where)
+        except MissingFieldError as e:
+            raise self.wrong_format(row, where) or e from None
+
+    def wrong_format(self, row: dict, where: str) -> RowError | None:
+        """A row that lacks a field of its format but has the fields of another: name that format and the key."""
+        guess = guess_format(row)
+        if guess is None or guess[0] == self.ds.format or self.ds.fields_to_roles:
+            return None
+        fmt, fields = guess
+        return RowError(
+            f"{where}: the rows look like format = \"{fmt}\" (fields {', '.join(fields)}), but {self.key}.format = "
+            f"\"{self.ds.format}\"; set {self.key}.format = \"{fmt}\" (see docs/data.md for the formats)"
+        )
 
     def __call__(self, records: list) -> Chunk:
         """records: (where, row id, row) triples, the row a dict or a raw JSON line."""
@@ -96,6 +116,9 @@ class RowProcessor:
                 ids = ids + [eos]
                 if r.eos_trained:
                     ranges.append((len(ids) - 1, len(ids)))
+            if not r.has_trained_turn:
+                chunk.dropped["no_turn_to_train"] += 1  # e.g. a conversation without an assistant turn
+                continue
             fitted = self.fit(ids, ranges, chunk)  # [] when dropped as too long (counted there)
             pieces = [(i, rs) for i, rs in fitted if rs]  # a window without targets carries no signal
             if fitted and not pieces:

@@ -31,6 +31,7 @@ class Rendered:
     spans: list[tuple[int, int]]  # character ranges whose tokens are trained
     add_bos: bool  # prepend the tokenizer's BOS id (plain formats; chat templates write their own)
     eos_trained: bool | None  # append EOS: None = no EOS, else whether it is trained
+    has_trained_turn: bool = True  # chat: some message has a role in roles_to_train (else the row is dropped)
 
 
 @dataclass
@@ -40,11 +41,35 @@ class MaskOptions:
     train_on_eos: str = "turn"  # turn | last | all | none
 
 
+class MissingFieldError(RowError):
+    """A row without a field its format needs; the caller may add which format the row looks like."""
+
+
 def require(row: dict, name: str, where: str, option: str):
     if name not in row:
         keys = ", ".join(map(str, row)) or "none"
-        raise RowError(f"{where}: row has no field {name!r} (fields present: {keys}); set {option} to the right name")
+        raise MissingFieldError(
+            f"{where}: row has no field {name!r} (fields present: {keys}); set {option} to the right name"
+        )
     return row[name]
+
+
+# The fields that give each format away, with their default names, most specific first.
+FORMAT_FIELDS = (
+    ("chat", ("messages",)),
+    ("chat", ("conversations",)),
+    ("alpaca", ("instruction", "output")),
+    ("prompt_completion", ("prompt", "completion")),
+    ("text", ("text",)),
+)
+
+
+def guess_format(row: dict) -> tuple[str, tuple] | None:
+    """(format, the fields that show it) for a row whose fields have a format's default names, else None."""
+    for fmt, fields in FORMAT_FIELDS:
+        if all(f in row for f in fields):
+            return fmt, fields
+    return None
 
 
 def as_text(value, name: str, where: str) -> str:
@@ -127,6 +152,8 @@ def render_chat(messages: list[dict], template: ChatTemplate, opts: MaskOptions,
     if opts.train_on_inputs:
         return Rendered(text, [(0, len(text))], add_bos=False, eos_trained=None)
     trained_turns = [s for s in spans if s.role in opts.roles_to_train]
+    if not trained_turns:  # e.g. a conversation with no assistant turn: nothing to learn from it
+        return Rendered(text, [], add_bos=False, eos_trained=None, has_trained_turn=False)
     ranges = [s.content for s in trained_turns]
     if opts.train_on_eos == "turn":
         ranges += [s.end_of_turn for s in trained_turns if s.end_of_turn]

@@ -24,12 +24,20 @@ from pathlib import Path
 
 import numpy as np
 
+from nanotune.config import relative_note
 from nanotune.data.examples import Part, RowProcessor, TokenizedDataset, load_part, save_part
 from nanotune.data.formats import FORMATS, MaskOptions
-from nanotune.data.sources import file_digest, jsonl_ranges, read_jsonl_range, read_records, resolve_files
+from nanotune.data.sources import (
+    check_not_empty,
+    file_digest,
+    jsonl_ranges,
+    read_jsonl_range,
+    read_records,
+    resolve_files,
+)
 from nanotune.data.tokenizer import Tokenizer
 
-CACHE_VERSION = 2  # bump when the arrays a given input produces, or their files, change
+CACHE_VERSION = 3  # bump when the arrays a given input produces, or their files, change
 ROWS_PER_CHUNK = 512  # rows per task sent to a worker
 
 
@@ -64,20 +72,22 @@ def check_options(cfg) -> None:
                 raise DataError(f"data.{kind}[{i}].weight = {ds.weight}; it must be >= 0")
 
 
-def chat_template_source(cfg, tok: Tokenizer) -> str | None:
+def chat_template_source(cfg, tok: Tokenizer) -> tuple[str | None, str]:
+    """The Jinja source of the chat template and a name for it in errors (its file, or the tokenizer's folder)."""
     if cfg.chat_template:
         path = Path(cfg.chat_template)
         if not path.is_file():
-            raise DataError(f"data.chat_template = {cfg.chat_template!r} does not exist")
-        return path.read_text()
+            raise DataError(f"data.chat_template = {cfg.chat_template!r} does not exist{relative_note(path)}")
+        return path.read_text(), f"the chat template {path}"
+    name = f"the chat template of the tokenizer at {tok.source}"
     if any(ds.format == "chat" for ds in list(cfg.datasets) + list(cfg.eval_datasets)):
         if not tok.chat_template:
             raise DataError(
                 f"the tokenizer at {tok.source} has no chat_template and a data set has format = \"chat\"; "
                 "set data.chat_template to a Jinja template file (e.g. one from the model's HF repo)"
             )
-        return tok.chat_template
-    return None
+        return tok.chat_template, name
+    return None, name
 
 
 def cache_key(ds, files: list[Path], tok: Tokenizer, template: str | None, opts: MaskOptions, cfg) -> str:
@@ -197,18 +207,21 @@ def tokenize_files(files: list[Path], processor_args: tuple, num_workers: int, n
     return Part.from_chunks(chunks), meta
 
 
-def load_dataset(ds, index: int, tok, template, opts, cfg, quiet: bool, use_cache: bool = True):
-    """One data set -> (TokenizedDataset, meta), through the cache."""
-    files = resolve_files(ds, index)
-    key = cache_key(ds, files, tok, template, opts, cfg)
-    folder = Path(cfg.cache_dir) / key[:24]
+def load_dataset(ds, key: str, tok, template, template_name, opts, cfg, quiet: bool, use_cache: bool = True):
+    """One data set (named by `key` in errors, e.g. "data.datasets[0]") -> (TokenizedDataset, meta), through the
+    cache."""
+    files = resolve_files(ds, key)
+    for path in files:
+        check_not_empty(path)
+    digest = cache_key(ds, files, tok, template, opts, cfg)
+    folder = Path(cfg.cache_dir) / digest[:24]
     cached = load_part(folder) if use_cache and cfg.cache_dir else None
     if cached is not None:
         part, meta = cached
         meta = {**meta, "cache": "hit"}
     else:
         args = (tok.to_state(), template if ds.format == "chat" else None, ds, opts, cfg.seq_len, cfg.too_long,
-                cfg.text_too_long)
+                cfg.text_too_long, template_name, key)
         part, meta = tokenize_files(files, args, cfg.num_workers, ds.path, quiet)
         if use_cache and cfg.cache_dir:
             save_part(folder, part, meta)
@@ -223,13 +236,13 @@ def load_dataset(ds, index: int, tok, template, opts, cfg, quiet: bool, use_cach
 def prepare_data(cfg, tok: Tokenizer, seed: int = 0, quiet: bool = False, use_cache: bool = True) -> PreparedData:
     """Tokenized train/eval examples and statistics for a `DataConfig` (see docs/data.md)."""
     check_options(cfg)
-    template = chat_template_source(cfg, tok)
+    template, template_name = chat_template_source(cfg, tok)
     opts = MaskOptions(tuple(cfg.roles_to_train), cfg.train_on_inputs, cfg.train_on_eos)
     rng = np.random.default_rng(seed)
 
     train_sets, eval_sets, per_dataset = [], [], []
     for i, ds in enumerate(cfg.datasets):
-        data, meta = load_dataset(ds, i, tok, template, opts, cfg, quiet, use_cache)
+        data, meta = load_dataset(ds, f"data.datasets[{i}]", tok, template, template_name, opts, cfg, quiet, use_cache)
         held_out = None
         if not cfg.eval_datasets and cfg.eval_fraction > 0:
             data, held_out = split_rows(data, cfg.eval_fraction, rng)
@@ -240,7 +253,8 @@ def prepare_data(cfg, tok: Tokenizer, seed: int = 0, quiet: bool = False, use_ca
                             "eval_examples": len(held_out) if held_out is not None else 0, "cache": meta["cache"]})
     eval_meta = []
     for i, ds in enumerate(cfg.eval_datasets):
-        data, meta = load_dataset(ds, i, tok, template, opts, cfg, quiet, use_cache)
+        data, meta = load_dataset(ds, f"data.eval_datasets[{i}]", tok, template, template_name, opts, cfg, quiet,
+                                  use_cache)
         eval_sets.append(data)
         eval_meta.append(summary(meta))
 
@@ -265,6 +279,19 @@ def prepare_data(cfg, tok: Tokenizer, seed: int = 0, quiet: bool = False, use_ca
             f"check seq_len ({cfg.seq_len}), too_long, roles_to_train and the data set weights"
         )
     return PreparedData(train, evaluation, stats)
+
+
+def describe_rows(stats: dict) -> str:
+    """The rows read and dropped, by reason, for the trainer's data line: "1000 rows, 3 dropped (too_long: 2,
+    no_turn_to_train: 1)"; eval rows likewise when eval files were given."""
+    def part(rows: int, dropped: dict, what: str) -> str:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items()))
+        return f"{rows} {what}rows, {sum(dropped.values())} dropped" + (f" ({reasons})" if reasons else "")
+
+    text = part(stats["rows"], stats["dropped"], "")
+    if "eval_rows" in stats:
+        text += "; " + part(stats["eval_rows"], stats["eval_dropped"], "eval ")
+    return text
 
 
 def summary(meta: dict) -> dict:

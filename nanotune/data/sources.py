@@ -13,6 +13,8 @@ import json
 import mmap
 from pathlib import Path
 
+from nanotune.config import is_hub_repo_name, relative_note
+
 SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
@@ -24,21 +26,23 @@ class RowError(ValueError):
     """A data row that cannot be used; the message starts with where it is (file:line)."""
 
 
-def resolve_files(ds, index: int) -> list[Path]:
-    """The local files of one data set: the file itself, the files of a folder, or the files of an HF Hub repo."""
+def resolve_files(ds, key: str) -> list[Path]:
+    """The local files of one data set: the file itself, the files of a folder, or the files of an HF Hub repo.
+    `key` names the data set in errors, e.g. "data.datasets[0]"."""
     if not ds.path:
-        raise SourceError(f"data set {index}: set its path (a .jsonl/.json/.parquet file or an HF Hub repo org/name)")
+        raise SourceError(f"{key}: set its path (a .jsonl/.json/.parquet file or an HF Hub repo org/name)")
     local = Path(ds.path).expanduser()
     if local.is_file():
         return [local]
     if local.is_dir():
         return select_files(sorted(p for p in local.rglob("*") if p.is_file()), local, ds)
-    if local.suffix in SUFFIXES or ds.path.startswith((".", "/")) or ds.path.count("/") != 1:
-        raise SourceError(f"data set {index}: {ds.path} does not exist (and is not an HF Hub repo name org/name)")
-    return hub_files(ds, index)
+    if not is_hub_repo_name(ds.path):
+        raise SourceError(f"{key}.path = {ds.path!r} does not exist{relative_note(ds.path)} "
+                          "(and is not an HF Hub repo name org/name)")
+    return hub_files(ds, key)
 
 
-def hub_files(ds, index: int) -> list[Path]:
+def hub_files(ds, key: str) -> list[Path]:
     # huggingface_hub keeps a local cache, so a second run reads the files without the network
     try:
         from huggingface_hub import snapshot_download
@@ -49,7 +53,7 @@ def hub_files(ds, index: int) -> list[Path]:
         folder = snapshot_download(ds.path, repo_type="dataset", revision=ds.revision or None, allow_patterns=patterns)
     except Exception as e:
         raise SourceError(
-            f"data set {index}: {ds.path} is not a local file or folder, and downloading it as an HF Hub data set "
+            f"{key}: {ds.path} is not a local file or folder, and downloading it as an HF Hub data set "
             f"failed: {type(e).__name__}: {e}"
         ) from None
     root = Path(folder)
@@ -96,21 +100,23 @@ def read_records(path: Path, file_index: int = 0):
     name = str(path)
     base = file_index * FILE_ID_STRIDE
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is not part of row 1
             for line_no, line in enumerate(f, 1):
                 if line.strip():
                     yield f"{name}:{line_no}", base + line_no - 1, line
     elif path.suffix == ".json":
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             hint = "; one object per line is JSON Lines: name the file .jsonl" if e.msg == "Extra data" else ""
-            raise SourceError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno}){hint}") from None
+            raise SourceError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}{hint}") from None
         if isinstance(rows, dict) and len(rows) == 1 and isinstance(next(iter(rows.values())), list):
             rows = next(iter(rows.values()))  # {"data": [...]}
         if not isinstance(rows, list):
             raise SourceError(f"{path}: a .json data file must hold a list of objects, got {type(rows).__name__}")
+        if not rows:
+            raise SourceError(f"{path} holds an empty list: no rows to read")
         for i, row in enumerate(rows):
             yield f"{path}[{i}]", base + i, row
     elif path.suffix == ".parquet":
@@ -148,18 +154,34 @@ def read_jsonl_range(path: Path, start: int, end: int, first_line: int, file_ind
     """The (where, row id, raw line) records of one range from `jsonl_ranges`."""
     with open(path, "rb") as f:
         f.seek(start)
-        text = f.read(end - start).decode("utf-8")
+        text = f.read(end - start).decode("utf-8-sig" if start == 0 else "utf-8")
     name, base = str(path), file_index * FILE_ID_STRIDE
     return [(f"{name}:{first_line + k + 1}", base + first_line + k, line)
             for k, line in enumerate(text.split("\n")) if line.strip()]
 
 
+def check_not_empty(path: Path) -> None:
+    """An empty data file is a mistake (a failed download, a wrong glob): say which file, before any work."""
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            return  # read_records says what to install
+        empty = pq.ParquetFile(path).metadata.num_rows == 0
+    else:
+        with open(path, "rb") as f:  # the first non-blank byte is normally in the first block
+            empty = all(not block.strip() for block in iter(lambda: f.read(1 << 20), b""))
+    if empty:
+        raise SourceError(f"{path} is empty: no rows to read")
+
+
 def parse_record(where: str, row) -> dict:
+    """A row as a dict; `where` is file:line for a JSONL line, so an error reads file:line:column."""
     if isinstance(row, str):
         try:
             row = json.loads(row)
         except json.JSONDecodeError as e:
-            raise RowError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+            raise RowError(f"{where}:{e.colno}: invalid JSON: {e.msg}") from None
     if not isinstance(row, dict):
         raise RowError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
     return row

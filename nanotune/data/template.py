@@ -13,17 +13,25 @@ The real render must be the skeleton with each hole filled by the content, as is
 side by side gives the exact character span of every message. The end-of-turn marker of a message is the text after
 its content up to and including the first special token (<|eot_id|>, <end_of_turn>, <|im_end|>, </s>, ...).
 Skeletons depend only on the sequence of roles, so they are cached and most rows cost one render.
+
+Templates come from downloaded repos, so a render is also bounded: the sandbox blocks attribute escapes, and every
+loop iteration, call and output piece checks a per-render deadline (`MAX_RENDER_SECONDS`) and the output size. The
+checks run inside the template's own code (no signals), so they work in threads and in data worker processes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 
 import jinja2
 import jinja2.ext
+import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
@@ -65,17 +73,104 @@ class _GenerationTag(jinja2.ext.Extension):
         return caller()
 
 
+# A real template renders a conversation in well under a millisecond; a second is a loop that will not end.
+MAX_RENDER_SECONDS = 1.0
+MAX_SEQUENCE_LENGTH = 1_000_000  # the longest string or list that `*` may build in a template
+MAX_POWER_BITS = 4096  # the largest integer that `**` may build (a huge power runs in C and cannot be stopped)
+
+
+class RenderLimitError(TemplateError):
+    """A render that ran out of time or output; the message says which limit."""
+
+
+class RenderBudget:
+    """The deadline and the output size left to one render."""
+
+    def __init__(self, seconds: float, max_chars: int):
+        self.seconds, self.max_chars = seconds, max_chars
+        self.deadline = time.monotonic() + seconds
+        self.chars = 0
+
+    def tick(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise RenderLimitError(f"rendering took longer than {self.seconds:g} s (a loop that does not end?)")
+
+    def add_output(self, num_chars: int) -> None:
+        self.chars += num_chars
+        if self.chars > self.max_chars:
+            raise RenderLimitError(f"the rendered text grew past {self.max_chars:,} characters")
+        self.tick()
+
+
+class BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, plus a budget checked at every loop iteration, call, `*` and `**`.
+
+    Loops get their checks from `budgeted_loops`, which wraps the iterable of every `{% for %}` in `budgeted`
+    before the template is compiled. The budget of the render in progress is per thread."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self._local = threading.local()
+
+    @property
+    def budget(self) -> RenderBudget | None:
+        return getattr(self._local, "budget", None)
+
+    @budget.setter
+    def budget(self, value: RenderBudget | None) -> None:
+        self._local.budget = value
+
+    def tick(self) -> None:
+        if self.budget is not None:
+            self.budget.tick()
+
+    def budgeted(self, iterable):
+        for item in iterable:
+            self.tick()
+            yield item
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - the sandbox's own signature
+        __self.tick()
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def call_binop(self, context, operator: str, left, right):
+        self.tick()
+        if operator == "*":  # "x" * 10**9 allocates before any check could run
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_SEQUENCE_LENGTH:
+                    raise RenderLimitError(f"`*` would build a sequence of {len(seq) * n:,} items")
+        if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
+            if right * math.log2(abs(left)) > MAX_POWER_BITS:
+                raise RenderLimitError(f"`**` would build an integer of more than {MAX_POWER_BITS} bits")
+        return super().call_binop(context, operator, left, right)
+
+
+def budgeted_loops(tree: jinja2.nodes.Template) -> jinja2.nodes.Template:
+    """Wrap the iterable of every for loop: `{% for x in xs %}` runs as `for x in environment.budgeted(xs)`."""
+    for loop in tree.find_all(jinja2.nodes.For):
+        wrapper = jinja2.nodes.EnvironmentAttribute("budgeted", lineno=loop.lineno)
+        loop.iter = jinja2.nodes.Call(wrapper, [loop.iter], [], None, None, lineno=loop.lineno)
+    return tree
+
+
 def compile_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
-    )
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     try:
-        return env.from_string(source)
+        return env.from_string(budgeted_loops(env.parse(source)))
     except jinja2.TemplateSyntaxError as e:
         raise TemplateError(f"chat template line {e.lineno}: {e.message}") from None
+
+
+def output_limit(messages: list[dict]) -> int:
+    """The most characters a render may produce: generous for any real template (a few hundred characters of
+    markup per message around the contents), far below what a runaway loop writes."""
+    content = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
+    return 1_000_000 + 4 * content + 10_000 * len(messages)
 
 
 # Placeholders for the skeleton render: private-use code points, so no real text contains them and no filter
@@ -85,8 +180,11 @@ _HOLE_RE = re.compile("\ue000(\\d+)\ue001")
 
 
 class ChatTemplate:
-    def __init__(self, source: str, special_tokens_map: dict[str, str], special_tokens: list[str] = ()):
+    def __init__(self, source: str, special_tokens_map: dict[str, str], special_tokens: list[str] = (),
+                 name: str = "the chat template", max_seconds: float = MAX_RENDER_SECONDS):
         self.source = source
+        self.name = name  # where the template came from, for errors (a file, or the tokenizer's folder)
+        self.max_seconds = max_seconds
         self.template = compile_template(source)
         self.variables = dict(special_tokens_map)  # bos_token, eos_token, ... as transformers passes them
         # One pattern for all special tokens (Llama 3 has 256): the leftmost match is the end-of-turn token;
@@ -97,20 +195,31 @@ class ChatTemplate:
         self._turn_ends: dict = {}  # literal text after a content -> end of the end-of-turn marker in it
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, tools=None, **kwargs) -> str:
-        """The rendered conversation; raises TemplateError with the template's own message."""
+        """The rendered conversation; raises TemplateError with the template's own message, or when the render
+        runs past its deadline or output size (see `output_limit`)."""
+        env = self.template.environment
+        env.budget = RenderBudget(self.max_seconds, output_limit(messages))
         try:
-            return self.template.render(
+            pieces = []
+            for piece in self.template.generate(
                 messages=messages,
                 tools=tools,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
                 **self.variables,
                 **kwargs,
-            )
+            ):
+                env.budget.add_output(len(piece))
+                pieces.append(piece)
+            return "".join(pieces)
+        except RenderLimitError as e:
+            raise TemplateError(f"{self.name} was stopped: {e}; use another template (data.chat_template)") from None
         except jinja2.exceptions.TemplateError as e:
-            raise TemplateError(f"the chat template raised: {e.message or e}") from None
+            raise TemplateError(f"{self.name} raised: {e.message or e}") from None
         except Exception as e:  # templates index into messages; a bad row can make any Python error surface here
-            raise TemplateError(f"the chat template failed: {type(e).__name__}: {e}") from None
+            raise TemplateError(f"{self.name} failed: {type(e).__name__}: {e}") from None
+        finally:
+            env.budget = None
 
     def render_with_spans(self, messages: list[dict]) -> tuple[str, list[MessageSpan]]:
         """Render and locate every message's content and end-of-turn marker (see the module docstring)."""

@@ -19,6 +19,8 @@ from pathlib import Path
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as _HFTokenizer
 
+from nanotune.config import relative_note
+
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
@@ -102,6 +104,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if not str(path):
         raise TokenizerError("no tokenizer given: set model.tokenizer (a folder with tokenizer.json) or model.path")
     path = Path(path)
+    if not path.exists():
+        raise TokenizerError(
+            f"the tokenizer folder {path} does not exist{relative_note(path)}; set model.tokenizer or model.path to a "
+            "folder with tokenizer.json (download a model with: python scripts/download.py ORG/NAME --out DIR)"
+        )
     if path.is_dir():
         folder, file = path, path / "tokenizer.json"
     else:
@@ -163,4 +170,4 @@ def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise TokenizerError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        raise TokenizerError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
