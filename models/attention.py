@@ -344,14 +344,17 @@ def flex_attention_fn():
 @functools.cache
 def _compiled_flex():
     # Uncompiled flex materialises the (T, T) scores; compiled, it is a fused kernel that skips masked blocks.
-    return torch.compile(flex_attention_fn())
+    # dynamic=False: one static kernel per (B, H, T, D). On torch 2.11 + CUDA, the dynamic-shape recompile that a
+    # second shape triggers fails inside flex's backward-graph construction when a score_mod (softcap) is used
+    # (seen on an H200: "all unwrapped values must be FakeTensor"); packed rows have one shape per run anyway.
+    return torch.compile(flex_attention_fn(), dynamic=False)
 
 
 @functools.cache
 def _compiled_create_block_mask():
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return torch.compile(create_block_mask)
+    return torch.compile(create_block_mask, dynamic=False)
 
 
 @functools.cache
