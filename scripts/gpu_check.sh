@@ -32,7 +32,7 @@ step() {  # step NAME LIMIT_S LOG COMMAND...: run with a time limit, log to OUT/
 
 if [ "$MODE" = "--cpu" ]; then
     BENCH=($PY scripts/bench.py --device cpu --tiny --no-liger)
-    SMALL=W1,W7 LARGE=W3 LIMIT_SMALL=300 LIMIT_LARGE=300
+    SMALL=W7 LARGE=W3 LIMIT_SMALL=300 LIMIT_LARGE=300
 else
     BENCH=($PY scripts/bench.py --steps 5 --warmup 2)
     SMALL=W1,W2,W5,W6,W7 LARGE=W3,W4 LIMIT_SMALL=270 LIMIT_LARGE=110

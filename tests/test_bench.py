@@ -134,3 +134,25 @@ def test_target_met_reads_speed_memory_and_loss_check():
     assert bench.target_met(w6, {"loss_ok": True, "speed_vs_hf": 3.1, "speed_vs_hf+liger": 0.5}) is True
     assert bench.target_met(w6, {"speed_vs_hf": 3.1}) is None  # no loss check
     assert w1.target == ">= 1.3x HF+Liger tok/s at <= 1x HF+Liger memory"
+
+
+def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
+    """scripts/gpu_check.sh --cpu: every step of the GPU check (versions, both bench calls with profiles, the
+    cuda-marked tests) on tiny shapes, and every output file written."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "check"
+    result = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh"), str(out), "--cpu"], cwd=root,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    for name in ("env.txt", "bench.log", "bench_small.jsonl", "bench_8b.jsonl", "top_ops.txt", "traces.tar.gz",
+                 "tests.log"):
+        assert (out / name).stat().st_size > 0, name
+    assert "torch" in (out / "env.txt").read_text()
+    for jsonl, workload in (("bench_small.jsonl", "W7"), ("bench_8b.jsonl", "W3")):
+        summary = [r for r in read_jsonl(out / jsonl) if r["impl"] == "summary"]
+        assert [s["workload"] for s in summary] == [workload] and summary[0]["loss_ok"], summary
+    assert "## W7_nanotune" in (out / "top_ops.txt").read_text()
+    assert "(time limit)" not in result.stdout and "skipped" in (out / "tests.log").read_text()
