@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -33,6 +34,30 @@ def setup_logging(output_dir: Path | None, is_main: bool) -> None:
         file = logging.FileHandler(output_dir / "train.log")
         file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         log.addHandler(file)
+
+
+def log_error_to_file(e: BaseException, with_traceback: bool = True) -> None:
+    """Write the error that ends a run into train.log (the console shows it already, through the caller)."""
+    if isinstance(e, SystemExit) and not e.code:
+        return
+    files = [h for h in log.handlers if isinstance(h, logging.FileHandler)]
+    if not files:
+        return
+    text = f"error: {type(e).__name__}: {e}" if str(e) else f"error: {type(e).__name__}"
+    if with_traceback:
+        text += "\n" + "".join(traceback.format_exception(e)).rstrip()
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, text, None, None)
+    for handler in files:
+        handler.handle(record)
+
+
+def parse_record(line: str) -> dict | None:
+    """One metrics.jsonl line, or None for an empty or half-written one (a run killed, or a disk full, mid-line)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -131,7 +156,8 @@ def plot_loss(output_dir: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line]
+    lines = (output_dir / "metrics.jsonl").read_text(errors="replace").splitlines()
+    records = [r for r in map(parse_record, lines) if r is not None]
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))

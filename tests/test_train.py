@@ -219,7 +219,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(run, tmp_path):
     assert proc.returncode == 0, stdout
     assert "stopped by SIGTERM" in stdout
     saved = list(out.glob("step-*"))
-    assert len(saved) == 1 and (saved[0] / ".metadata").exists()
+    assert len(saved) == 1 and (saved[0] / "checkpoint.json").exists()
 
 
 # ------------------------------------------------------------------------------------------------ config errors
@@ -260,7 +260,7 @@ def test_lora_run_writes_a_peft_adapter_and_a_merged_model(run, hf_checkpoint):
     out = run(f"--model.path={folder}", "--lora.enabled=true", "--lora.rank=4", "--lora.alpha=8",
               "--lora.targets=['q_proj', 'v_proj', 'down_proj']", "--optim.lr=1e-2", "--checkpoint.every=2")
     # the training checkpoint holds only what trains: adapters (and their optimizer state)
-    saved = dcp.FileSystemReader(str(out / "step-4")).read_metadata().state_dict_metadata
+    saved = dcp.HuggingFaceStorageReader(str(out / "step-4" / "state")).read_metadata().state_dict_metadata
     model_keys = [k for k in saved if k.startswith("model.")]
     assert model_keys and all(".lora_" in k for k in model_keys)
     # adapter/ loads in PEFT on the transformers base, and gives the merged final/ model's logits
@@ -292,7 +292,7 @@ def test_moe_run_logs_the_router_aux_loss(run, tmp_path):
 def test_a_new_run_never_overwrites_an_old_one(run, tmp_path):
     run("--train.max_steps=1", "--checkpoint.every=1", name="old")
     before = (tmp_path / "old" / "final" / "model.safetensors").read_bytes()
-    with pytest.raises(ConfigError, match=r"already holds a run \(step-1, final, metrics.jsonl\).*--checkpoint.resume=auto"):
+    with pytest.raises(ConfigError, match=r"already holds a run \(final, step-1\).*--checkpoint.resume=auto.*--overwrite"):
         run("--train.max_steps=1", name="old")
     assert (tmp_path / "old" / "final" / "model.safetensors").read_bytes() == before
     # a finished run without checkpoints: resume=auto finds nothing to resume and must not start over on top of it
