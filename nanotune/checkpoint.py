@@ -32,6 +32,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from nanotune.config import ConfigError
@@ -123,7 +124,8 @@ def save(output_dir: Path, step: int, model, optimizer, extra: dict, info: DistI
         if info.is_main:  # last: a folder with this file was written completely
             write_json(tmp / INFO_FILE, {"format": FORMAT, "step": step, "world_size": info.world_size,
                                          "config": config_toml})
-    except Exception as e:  # noqa: BLE001 -- every process must learn of the failure, or the others wait forever
+    # (DCP's CheckpointException is a BaseException) every process must learn of a failure, or the others wait forever
+    except (Exception, CheckpointException) as e:  # noqa: BLE001
         failure = e
     # all processes agree on the outcome (DCP itself raises on all of them; our own files may fail on one only)
     num_failed = all_reduce_sum(failure is not None, info)
@@ -171,7 +173,8 @@ def is_disk_full(e: BaseException) -> bool:
 def discard(path: Path) -> None:
     """Remove a folder so that its name never points at a half-deleted one: rename first, then delete."""
     trash = path.with_name(path.name + ".deleting")
-    shutil.rmtree(trash, ignore_errors=True)
+    if trash.exists():  # left by a run killed while deleting
+        shutil.rmtree(trash, ignore_errors=True)
     path.rename(trash)
     shutil.rmtree(trash, ignore_errors=True)
 
@@ -243,7 +246,7 @@ def load(path: Path, model, optimizer, info: DistInfo) -> dict:
     state, param_groups = tensor_state(model, optimizer)
     try:
         dcp.load(state, storage_reader=HuggingFaceStorageReader(str(path / STATE_DIR)))
-    except Exception as e:  # DCP reports missing or mis-shaped tensors as a long chain of errors
+    except (Exception, CheckpointException) as e:  # missing or mis-shaped tensors come as a long chain of errors
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise ConfigError(f"{path} does not fit this model and optimizer, or is damaged ({first}); resume with the "
                           "settings it was written with, or from an earlier step-N folder") from None
