@@ -36,6 +36,13 @@ def setup_logging(output_dir: Path | None, is_main: bool) -> None:
         log.addHandler(file)
 
 
+def close_log_file() -> None:
+    """Detach and close train.log (the console handler stays)."""
+    for handler in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+        handler.close()
+        log.removeHandler(handler)
+
+
 def log_error_to_file(e: BaseException, with_traceback: bool = True) -> None:
     """Write the error that ends a run into train.log (the console shows it already, through the caller)."""
     if isinstance(e, SystemExit) and not e.code:

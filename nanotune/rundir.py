@@ -17,7 +17,8 @@ import shutil
 import socket
 from pathlib import Path
 
-from nanotune.checkpoint import STEP_DIR, remove_leftovers
+from nanotune import checkpoint
+from nanotune.checkpoint import STEP_DIR
 from nanotune.config import ConfigError
 from nanotune.parallel import DistInfo, barrier, broadcast_from_main
 
@@ -103,9 +104,14 @@ def start_afresh(output_dir: Path, info: DistInfo) -> list[str]:
         for p in outputs:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
             removed.append(p.name)
-        removed += remove_leftovers(output_dir)
+        removed += checkpoint.remove_leftovers(output_dir)
     barrier(info)
     return removed
+
+
+def remove_leftovers(output_dir: Path, info: DistInfo) -> list[str]:
+    """Rank 0 removes the step-N.tmp/ and *.deleting/ folders of a run killed while saving or deleting."""
+    return checkpoint.remove_leftovers(output_dir) if info.is_main else []
 
 
 def check_output_dir(output_dir: Path, resume_from: Path | None) -> None:

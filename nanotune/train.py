@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics.log_error_to_file(e, with_traceback=not isinstance(e, USER_ERRORS))
         raise
     finally:
+        metrics.close_log_file()  # a later run in this process must not write into this run's train.log
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -265,10 +266,14 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
     dist = parallel.init_distributed(cfg.device, cfg.parallel.backend)
     device = dist.device
     output_dir = Path(cfg.output_dir)
-    removed = []
-    if not args.dry_run:  # one run per output_dir; what an earlier run left is cleared or checked under the lock
+    if args.dry_run:
+        metrics.setup_logging(None, dist.is_main)
+    else:  # one run per output_dir: the lock first, then what an earlier run left is deleted or kept
         on_exit.callback(rundir.release_lock, rundir.acquire_lock(output_dir, dist))
-        removed = rundir.start_afresh(output_dir, dist) if args.overwrite else checkpoint.remove_leftovers(output_dir)
+        removed = rundir.start_afresh(output_dir, dist) if args.overwrite else rundir.remove_leftovers(output_dir, dist)
+        metrics.setup_logging(output_dir, dist.is_main)  # from here on, an error that ends the run is in train.log
+        if removed:
+            log.info(f"{'--overwrite: deleted' if args.overwrite else 'removed unfinished'} {', '.join(removed)}")
     resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, output_dir)  # None: a fresh start
     if resume_from is not None:  # refuse a checkpoint that cannot be resumed before anything is built
         saved = checkpoint.read_info(resume_from)
@@ -276,9 +281,6 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
         check_resumable(saved["config"], cfg)
     if not args.dry_run:
         rundir.check_output_dir(output_dir, resume_from)
-    metrics.setup_logging(None if args.dry_run else output_dir, dist.is_main)
-    if not args.dry_run and removed:
-        log.info(f"{'--overwrite: deleted' if args.overwrite else 'removed unfinished'} {', '.join(removed)}")
     if "LOCAL_RANK" in os.environ:  # started by torchrun: stop when it dies
         parallel.exit_when_launcher_dies(on_exit=log.error)
     torch.manual_seed(cfg.seed)

@@ -441,6 +441,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again(run, tmp_path):
 
 
 def test_a_second_run_in_the_same_output_dir_is_refused_naming_the_first(run, tmp_path):
+    earlier = run("--train.max_steps=1", name="earlier")  # this process's previous run, with its own train.log
     out = tmp_path / "busy"
     out.mkdir()
     lock = {"pid": os.getppid(), "host": socket.gethostname()}  # a live process that is not this one
@@ -449,6 +450,7 @@ def test_a_second_run_in_the_same_output_dir_is_refused_naming_the_first(run, tm
         run(name="busy")
     assert json.loads((out / "nanotune.lock").read_text()) == lock  # the other run's lock is left alone
     assert sorted(p.name for p in out.iterdir()) == ["nanotune.lock"]
+    assert "in use by another run" not in (earlier / "train.log").read_text()
 
 
 def test_overwrite_starts_afresh_and_deletes_only_run_outputs(run, tmp_path):
@@ -505,6 +507,7 @@ def test_resuming_a_damaged_checkpoint_by_path_gives_one_line(run, tmp_path):
     with pytest.raises(ConfigError) as err:
         run(f"--checkpoint.resume={out / 'step-4'}", name="resumed")
     assert f"checkpoint {out / 'step-4'} is damaged or incomplete" in str(err.value) and "\n" not in str(err.value)
+    assert f"error: ConfigError: {err.value}\n" in (tmp_path / "resumed" / "train.log").read_text()
 
 
 def test_a_checkpoint_from_another_number_of_processes_is_refused_before_the_model_is_built(run, monkeypatch):
