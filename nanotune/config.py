@@ -135,7 +135,7 @@ class AttentionConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # steps between checkpoints (0: only when stopped by a signal)
+    every: int = 0  # steps between checkpoints (0: none by step count; see every_minutes; always on SIGTERM / SIGINT)
     every_minutes: float = 30.0  # also a checkpoint after this much wall-clock time since the last one (0: off)
     keep: int = 2  # keep the newest K step-N checkpoints (0: keep all)
     resume: str = ""  # "" | auto (newest step-N in output_dir) | a path to a step-N folder
