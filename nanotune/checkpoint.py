@@ -35,7 +35,7 @@ from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceSt
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from nanotune.config import ConfigError
+from nanotune.config import ConfigError, parse_toml
 from nanotune.parallel import DistInfo, all_reduce_sum, barrier
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -217,6 +217,10 @@ def read_info(path: Path) -> dict:
     missing = [k for k in ("format", "step", "world_size", "config") if k not in info]
     if missing:
         raise damaged(path, f"{INFO_FILE} lacks {', '.join(missing)}")
+    try:
+        parse_toml(info["config"])
+    except (TypeError, ValueError) as e:  # TOMLDecodeError is a ValueError
+        raise damaged(path, f"{INFO_FILE}: its config is not TOML ({e})") from None
     if info["format"] != FORMAT:
         raise ConfigError(f"{path} has checkpoint format {info['format']!r}; this nanotune reads format {FORMAT}")
     return info

@@ -119,9 +119,11 @@ def exit_when_launcher_dies(on_exit=None, interval_s: float = 1.0) -> None:
     def watch():
         while os.getppid() == launcher:
             time.sleep(interval_s)
-        if on_exit is not None:
-            on_exit(f"the launcher (pid {launcher}) is gone; stopping this worker (pid {os.getpid()})")
-        os._exit(1)
+        try:
+            if on_exit is not None:
+                on_exit(f"the launcher (pid {launcher}) is gone; stopping this worker (pid {os.getpid()})")
+        finally:
+            os._exit(1)
 
     _watchdog = threading.Thread(target=watch, name="launcher-watchdog", daemon=True)
     _watchdog.start()
