@@ -160,6 +160,17 @@ def test_resume_is_exact(run, extra):
     assert_same_params(final_params(resumed_dir), final_params(straight), atol=0, max_outlier_fraction=0)
 
 
+def test_resume_never_opens_pickles_dropped_into_a_checkpoint(run, tmp_path):
+    from tests.test_checkpoint import plant
+
+    out = run("--train.max_steps=2", "--checkpoint.every=2", name="planted")
+    marker = tmp_path / "pwned"
+    for name in (".metadata", "extra-rank0.pt", "state/.metadata", "state/__0_0.distcp"):
+        plant(out / "step-2" / name, marker)
+    run("--train.max_steps=3", "--checkpoint.every=2", "--checkpoint.resume=auto", name="planted")
+    assert not marker.exists() and [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3]
+
+
 def test_checkpoints_keep_the_newest_and_never_leave_partial_folders(run):
     out = run("--train.max_steps=4", "--checkpoint.every=1", "--checkpoint.keep=2")
     assert sorted(p.name for p in out.glob("step-*")) == ["step-3", "step-4"]
