@@ -20,7 +20,9 @@ log = logging.getLogger("nanotune")
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12}
 
 
-def setup_logging(output_dir: Path | None, is_main: bool) -> None:
+def setup_logging(output_dir: Path | None, is_main: bool, rank: int = 0) -> None:
+    """Progress on rank 0's console and in output_dir/train.log; the other ranks print warnings and add their errors
+    to train.log (opened only when one comes), so that every error that ends a run is there."""
     for handler in log.handlers:
         handler.close()
     log.handlers.clear()
@@ -29,10 +31,13 @@ def setup_logging(output_dir: Path | None, is_main: bool) -> None:
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(console)
-    if output_dir is not None and is_main:
+    if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
-        file = logging.FileHandler(output_dir / "train.log")
-        file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        file = logging.FileHandler(output_dir / "train.log", delay=not is_main)
+        who = "" if is_main else f"rank {rank}: "
+        file.setFormatter(logging.Formatter(f"%(asctime)s {who}%(message)s", "%Y-%m-%d %H:%M:%S"))
+        if not is_main:
+            file.setLevel(logging.ERROR)
         log.addHandler(file)
 
 

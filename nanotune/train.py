@@ -271,7 +271,7 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
     else:  # one run per output_dir: the lock first, then what an earlier run left is deleted or kept
         on_exit.callback(rundir.release_lock, rundir.acquire_lock(output_dir, dist))
         removed = rundir.start_afresh(output_dir, dist) if args.overwrite else rundir.remove_leftovers(output_dir, dist)
-        metrics.setup_logging(output_dir, dist.is_main)  # from here on, an error that ends the run is in train.log
+        metrics.setup_logging(output_dir, dist.is_main, dist.rank)  # from here on, an error that ends the run is in train.log
         if removed:
             log.info(f"{'--overwrite: deleted' if args.overwrite else 'removed unfinished'} {', '.join(removed)}")
     resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, output_dir)  # None: a fresh start

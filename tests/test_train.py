@@ -145,6 +145,9 @@ def test_two_process_resume_is_exact(run, tmp_path):
     assert refused.returncode != 0
     message = f"error: {base / 'step-1'} was written by 1 process(es) but this run has 2"
     assert refused.stderr.count(message) == 2, refused.stderr[-3000:]  # rank 0 and rank 1
+    logged = (tmp_path / "two" / "train.log").read_text()  # every error that ends a run is in its log
+    body = message.removeprefix("error: ")
+    assert logged.count(body) == 2 and f"rank 1: error: ConfigError: {body}" in logged, logged
 
 
 @pytest.mark.parametrize("extra", [[], ["--lora.enabled=true", "--lora.rank=4", "--lora.dropout=0.1"]],
