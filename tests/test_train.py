@@ -150,6 +150,41 @@ def test_two_process_resume_is_exact(run, tmp_path):
     assert logged.count(body) == 2 and f"rank 1: error: ConfigError: {body}" in logged, logged
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the launcher's workers")
+def test_workers_stop_when_torchrun_is_killed(run, tmp_path):
+    from tests.test_checkpoint import running
+
+    base = run("--train.max_steps=1", name="base")  # its config, and a warm data cache
+    (tmp_path / "dist.toml").write_text((base / "config.toml").read_text())
+    out = tmp_path / "orphans"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "nanotune" / "train.py"), str(tmp_path / "dist.toml"), "--train.max_steps=100000",
+           f"--output_dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    workers = []
+    try:
+        deadline = time.time() + 120
+        while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        workers = [int(pid) for task in os.listdir(f"/proc/{launcher.pid}/task")
+                   for pid in open(f"/proc/{launcher.pid}/task/{task}/children").read().split()]
+        assert len(workers) == 2 and all(map(running, workers))
+        launcher.kill()  # SIGKILL: torchrun cannot tell its workers
+        launcher.wait()
+        deadline = time.time() + 15
+        while any(map(running, workers)) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(map(running, workers)), "workers kept training after torchrun was killed"
+        assert "the launcher (pid" in (out / "train.log").read_text()
+    finally:
+        launcher.kill()
+        for pid in workers:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("extra", [[], ["--lora.enabled=true", "--lora.rank=4", "--lora.dropout=0.1"]],
                          ids=["full", "lora-with-dropout"])
 def test_resume_is_exact(run, extra):
