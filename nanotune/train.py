@@ -480,7 +480,15 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
     if eval_loader is not None and not finished_before and not (cfg.train.eval_every and step % cfg.train.eval_every == 0):
         run_eval()  # the end of the run, unless the loop just evaluated this step
     if cfg.checkpoint.save_final:
-        save_final(model, cfg, output_dir, dist)
+        try:
+            save_final(model, cfg, output_dir, dist)
+        except Exception as e:
+            if not checkpoint.is_disk_full(e):
+                raise
+            shutil.rmtree(output_dir / "final.tmp", ignore_errors=True)  # give back the space it took
+            raise checkpoint.CheckpointSaveError(
+                f"no space left on device while saving {output_dir / 'final'}; the checkpoints are intact: free some "
+                "space and continue with --checkpoint.resume=auto") from None
     logger.close()
     if dist.is_main and cfg.logging.plot and metrics.plot_loss(output_dir):
         log.info(f"loss curve: {output_dir / 'loss.png'}")

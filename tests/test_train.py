@@ -550,6 +550,22 @@ def test_a_full_disk_stops_with_one_line_and_the_run_continues_once_space_is_fre
     assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4]
 
 
+def test_a_full_disk_while_saving_final_says_so_and_frees_what_it_wrote(run, tmp_path, monkeypatch):
+    import models
+
+    def no_space(model, path, **kwargs):
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(models, "save_pretrained", no_space)
+    with pytest.raises(checkpoint.CheckpointSaveError, match=r"no space left on device while saving .*final; the "
+                                                             r"checkpoints are intact"):
+        run("--train.max_steps=2", "--checkpoint.every=2", name="full-final")
+    out = tmp_path / "full-final"
+    assert not (out / "final.tmp").exists() and not (out / "final").exists() and (out / "step-2").is_dir()
+
+
 def test_resuming_a_damaged_checkpoint_by_path_gives_one_line(run, tmp_path):
     out = run("--checkpoint.every=2", name="damaged")
     (out / "step-4" / "checkpoint.json").write_text('{"format": 1, "st')
