@@ -110,12 +110,12 @@ def save(output_dir: Path, step: int, model, optimizer, extra: dict, info: DistI
     Raises CheckpointSaveError on every process if any process failed to write its part."""
     final = output_dir / f"step-{step}"
     tmp = output_dir / f"step-{step}.tmp"
-    if info.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(info)
     failure = None
-    try:
+    if info.is_main:
+        failure = attempt(lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)))
+    raise_if_any_failed(failure, step, output_dir, tmp, info)  # also the barrier before the others write into tmp
+
+    def write():
         dcp.save(tensor_state(model, optimizer)[0],
                  storage_writer=HuggingFaceStorageWriter(str(tmp / STATE_DIR), save_distributed=True))
         plain, tensors = rng_state()
@@ -124,23 +124,8 @@ def save(output_dir: Path, step: int, model, optimizer, extra: dict, info: DistI
         if info.is_main:  # last: a folder with this file was written completely
             write_json(tmp / INFO_FILE, {"format": FORMAT, "step": step, "world_size": info.world_size,
                                          "config": config_toml})
-    # (DCP's CheckpointException is a BaseException) every process must learn of a failure, or the others wait forever
-    except (Exception, CheckpointException) as e:  # noqa: BLE001
-        failure = e
-    # all processes agree on the outcome (DCP itself raises on all of them; our own files may fail on one only)
-    num_failed = all_reduce_sum(failure is not None, info)
-    if num_failed:
-        disk_full = all_reduce_sum(failure is not None and is_disk_full(failure), info)
-        barrier(info)
-        if info.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if disk_full:
-            raise CheckpointSaveError(
-                f"no space left on device while saving step {step} to {output_dir}; the earlier checkpoints are "
-                "intact: free some space and continue with --checkpoint.resume=auto") from None
-        if failure is not None:
-            raise failure
-        raise CheckpointSaveError(f"saving step {step} failed on another process; see its error")
+
+    raise_if_any_failed(attempt(write), step, output_dir, tmp, info)
     if info.is_main:
         if final.exists():
             discard(final)
@@ -149,6 +134,33 @@ def save(output_dir: Path, step: int, model, optimizer, extra: dict, info: DistI
             discard(old)
     barrier(info)
     return final
+
+
+def attempt(fn) -> BaseException | None:
+    """Run fn; return what it raised (DCP's CheckpointException is a BaseException, so it is caught by name)."""
+    try:
+        fn()
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 -- the caller shares it with the other processes
+        return e
+    return None
+
+
+def raise_if_any_failed(failure: BaseException | None, step: int, output_dir: Path, tmp: Path, info: DistInfo) -> None:
+    """Every process learns whether any process failed (DCP raises on all of them, but our own files may fail on one
+    only; a process left waiting at the next barrier would wait forever), and all raise together."""
+    if not all_reduce_sum(failure is not None, info):
+        return
+    disk_full = all_reduce_sum(failure is not None and is_disk_full(failure), info)
+    barrier(info)
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # the earlier checkpoints stay as they were
+    if disk_full:
+        raise CheckpointSaveError(
+            f"no space left on device while saving step {step} to {output_dir}; the earlier checkpoints are "
+            "intact: free some space and continue with --checkpoint.resume=auto") from None
+    if failure is not None:
+        raise failure
+    raise CheckpointSaveError(f"saving step {step} failed on another process; see its error")
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -102,7 +102,10 @@ def start_afresh(output_dir: Path, info: DistInfo) -> list[str]:
             raise ConfigError(f"--overwrite: {output_dir} holds {', '.join(sorted(names))} but no config.toml, so it "
                               "may not be a nanotune run's output_dir; nothing was deleted; choose another --output_dir")
         for p in outputs:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:  # a file, or a link (only the link goes, never what it points to)
+                p.unlink()
             removed.append(p.name)
         removed += checkpoint.remove_leftovers(output_dir)
     barrier(info)
