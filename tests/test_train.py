@@ -506,12 +506,17 @@ def test_overwrite_starts_afresh_and_deletes_only_run_outputs(run, tmp_path):
     out = run("--checkpoint.every=2", name="old")
     (out / "notes.txt").write_text("mine")
     (out / "step-x").mkdir()  # not a name nanotune writes
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+    (out / "tensorboard").symlink_to(elsewhere)  # a name nanotune writes, linked to someone else's folder
     with pytest.raises(ConfigError, match="--overwrite deletes the checkpoints"):
         run("--checkpoint.resume=auto", "--overwrite", name="old")
     run("--train.max_steps=1", "--overwrite", name="old")
     assert sorted(p.name for p in out.iterdir()) == ["config.toml", "final", "metrics.jsonl", "notes.txt", "step-x",
                                                     "train.log"]
     assert [r["step"] for r in metrics(out)] == [1, 1]  # one train line and one eval line of the new run
+    assert (elsewhere / "keep.txt").read_text() == "mine"  # the link went, not what it points to
     # a folder without a nanotune config.toml is never emptied
     stranger = tmp_path / "stranger"
     (stranger / "final").mkdir(parents=True)
