@@ -300,6 +300,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(run, tmp_path):
         ("--train.precision=fp8", "train.precision = 'fp8' is not one of"),
         ("--logging.every=0", "logging.every must be at least 1, got 0"),
         ("--checkpoint.every=-1", "checkpoint.every must be at least 0, got -1"),
+        ("--checkpoint.every_minutes=-1", "checkpoint.every_minutes must be at least 0, got -1"),
+        ("--train.max_skipped_steps=0", "train.max_skipped_steps must be at least 1, got 0"),
         ("--optim.betas=[0.9]", "optim.betas must be two numbers in [0, 1)"),
         ("--attention.implementation=bogus", "attention.implementation = 'bogus' is not one of"),
         ("--checkpoint.resume=/nowhere", "checkpoint.resume = '/nowhere' is not a complete step-N checkpoint folder"),
