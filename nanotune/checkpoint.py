@@ -268,7 +268,10 @@ def load(path: Path, model, optimizer, info: DistInfo) -> dict:
                           "settings it was written with, or from an earlier step-N folder") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict={"state": state["optim"], "param_groups": param_groups}, options=OPTIONS)
-    set_rng_state(extra["rng"], rng_tensors)
+    try:
+        set_rng_state(extra["rng"], rng_tensors)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # not the lists and tensors that rng_state() wrote
+        raise damaged(path, f"{extra_json.name}: RNG states: {e}") from None
     return extra
 
 

@@ -345,8 +345,11 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
     step, epoch = 0, 0
     if resume_from is not None:
         extra = checkpoint.load(resume_from, model, optimizer, dist)
-        step, epoch = extra["step"], extra["data"]["epoch"]
-        train_loader.load_state_dict(extra["data"])
+        try:
+            train_loader.load_state_dict(extra["data"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"{resume_from}: the data position does not fit this run ({e})") from None
+        step, epoch = extra["step"], train_loader.epoch
         log.info(f"resumed from {resume_from} at step {step}")
     if dist.is_main:  # metrics logged after the checkpoint (all of them, on a fresh start) are logged again
         forget_metrics_after(output_dir, step)

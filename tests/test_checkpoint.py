@@ -172,6 +172,15 @@ def test_old_checkpoints_are_renamed_before_they_are_deleted(tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-2"]
 
 
+def test_tampered_rng_states_are_reported_as_damage(tmp_path):
+    path = save(tmp_path)
+    extra = json.loads((path / "extra-rank0.json").read_text())
+    (path / "extra-rank0.json").write_text(json.dumps({**extra, "rng": {"python": [3, [1, 2], None], "numpy": []}}))
+    model, optimizer = trained(1)
+    with pytest.raises(ConfigError, match="extra-rank0.json: RNG states"):
+        checkpoint.load(path, model, optimizer, ONE)
+
+
 def test_a_damaged_checkpoint_gives_one_line(tmp_path):
     path = save(tmp_path)
     shard = next((path / "state").glob("*.safetensors"))
