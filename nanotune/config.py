@@ -90,6 +90,7 @@ class TrainConfig:
     eval_every: int = 0  # steps between evaluations (0: only at the end)
     eval_batches: int = 0  # micro-batches per evaluation and process (0: the whole eval split)
     nonfinite: str = "error"  # error | skip: what a non-finite loss or gradient norm does
+    max_skipped_steps: int = 10  # with nonfinite = "skip": stop with an error after this many skipped steps in a row
     # fp32 | bf16 (bf16 parameters, gradients and AdamW states; LoRA adapters stay fp32) | amp-bf16 (fp32 parameters
     # and AdamW states, bf16 compute)
     precision: str = "fp32"
@@ -134,7 +135,8 @@ class AttentionConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # steps between checkpoints (0: only when stopped by a signal)
+    every: int = 0  # steps between checkpoints (0: none by step count; see every_minutes; always on SIGTERM / SIGINT)
+    every_minutes: float = 30.0  # also a checkpoint after this much wall-clock time since the last one (0: off)
     keep: int = 2  # keep the newest K step-N checkpoints (0: keep all)
     resume: str = ""  # "" | auto (newest step-N in output_dir) | a path to a step-N folder
     save_final: bool = True  # write <output_dir>/final in HF format

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -19,7 +20,9 @@ log = logging.getLogger("nanotune")
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12}
 
 
-def setup_logging(output_dir: Path | None, is_main: bool) -> None:
+def setup_logging(output_dir: Path | None, is_main: bool, rank: int = 0) -> None:
+    """Progress on rank 0's console and in output_dir/train.log; the other ranks print warnings and add their errors
+    to train.log (opened only when one comes), so that every error that ends a run is there."""
     for handler in log.handlers:
         handler.close()
     log.handlers.clear()
@@ -28,11 +31,45 @@ def setup_logging(output_dir: Path | None, is_main: bool) -> None:
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(console)
-    if output_dir is not None and is_main:
+    if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
-        file = logging.FileHandler(output_dir / "train.log")
-        file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        file = logging.FileHandler(output_dir / "train.log", delay=not is_main)
+        who = "" if is_main else f"rank {rank}: "
+        file.setFormatter(logging.Formatter(f"%(asctime)s {who}%(message)s", "%Y-%m-%d %H:%M:%S"))
+        if not is_main:
+            file.setLevel(logging.ERROR)
         log.addHandler(file)
+
+
+def close_log_file() -> None:
+    """Detach and close train.log (the console handler stays)."""
+    for handler in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+        handler.close()
+        log.removeHandler(handler)
+
+
+def log_error_to_file(e: BaseException, with_traceback: bool = True) -> None:
+    """Write the error that ends a run into train.log (the console shows it already, through the caller)."""
+    if isinstance(e, SystemExit) and not e.code:
+        return
+    files = [h for h in log.handlers if isinstance(h, logging.FileHandler)]
+    if not files:
+        return
+    text = f"error: {type(e).__name__}: {e}" if str(e) else f"error: {type(e).__name__}"
+    if with_traceback:
+        text += "\n" + "".join(traceback.format_exception(e)).rstrip()
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, text, None, None)
+    for handler in files:
+        handler.handle(record)
+
+
+def parse_record(line: str) -> dict | None:
+    """One metrics.jsonl line, or None for an empty or half-written one (a run killed, or a disk full, mid-line)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -131,7 +168,8 @@ def plot_loss(output_dir: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line]
+    lines = (output_dir / "metrics.jsonl").read_text(errors="replace").splitlines()
+    records = [r for r in map(parse_record, lines) if r is not None]
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))

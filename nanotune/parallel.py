@@ -12,6 +12,8 @@ trainable tokens of the whole step, exactly as in one process.
 from __future__ import annotations
 
 import os
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +84,15 @@ def all_reduce_sum(value: float | int, info: DistInfo) -> float:
     return t.item()
 
 
+def broadcast_from_main(value: int, info: DistInfo) -> int:
+    """Rank 0's value on every rank: for decisions all ranks must take together (e.g. a checkpoint on the clock)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor(int(value), dtype=torch.int64, device=info.device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
@@ -90,3 +101,29 @@ def barrier(info: DistInfo) -> None:
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+_watchdog: threading.Thread | None = None
+
+
+def exit_when_launcher_dies(on_exit=None, interval_s: float = 1.0) -> None:
+    """Under a launcher (torchrun), end this worker within seconds of the launcher's death: a `kill -9` of torchrun
+    cannot pass a signal on, and the worker would otherwise train to the end. A daemon thread sees the parent pid
+    change (the orphan is re-parented) and calls `on_exit(message)` (for the log), then exits at once: the other
+    workers may be gone too, so nothing collective (such as a checkpoint) could finish."""
+    global _watchdog
+    if _watchdog is not None and _watchdog.is_alive():
+        return
+    launcher = os.getppid()
+
+    def watch():
+        while os.getppid() == launcher:
+            time.sleep(interval_s)
+        try:
+            if on_exit is not None:
+                on_exit(f"the launcher (pid {launcher}) is gone; stopping this worker (pid {os.getpid()})")
+        finally:
+            os._exit(1)
+
+    _watchdog = threading.Thread(target=watch, name="launcher-watchdog", daemon=True)
+    _watchdog.start()

@@ -3,6 +3,8 @@
     python nanotune/train.py configs/quickstart.toml                      # one process (CPU or one GPU)
     torchrun --nproc_per_node=4 nanotune/train.py configs/x.toml          # FSDP2 over 4 processes
     python nanotune/train.py configs/x.toml --train.max_steps=100 --output_dir=outputs/try --dry-run
+    python nanotune/train.py configs/x.toml --checkpoint.resume=auto    # continue the newest step-N in output_dir
+    python nanotune/train.py configs/x.toml --overwrite                 # delete output_dir's earlier run, start anew
 
 The run: config -> tokenizer and data -> model (meta device -> LoRA swaps -> weights -> sharding) -> optimizer ->
 resume -> for each step: accumulate micro-batches, normalise by the trainable tokens of the whole step, clip, step,
@@ -20,8 +22,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
-import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -36,7 +38,7 @@ import torch
 
 import models
 from models import attention
-from nanotune import checkpoint, lora, metrics, parallel
+from nanotune import checkpoint, lora, metrics, parallel, rundir
 from nanotune.config import Config, ConfigError, check_paths, load_config, parse_toml, to_dict, to_toml
 from nanotune.data import DataError, RowError, SourceError, TemplateError, TokenizerError, load_tokenizer, prepare_data
 from nanotune.data.pipeline import describe_rows
@@ -69,6 +71,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description="Fine-tune a language model.", usage=__doc__)
     parser.add_argument("config", help="a TOML config, e.g. configs/quickstart.toml")
     parser.add_argument("--dry-run", action="store_true", help="validate config, data and model; print the plan")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the earlier run's outputs in output_dir (checkpoints, final/, logs) and start anew")
     args, overrides = parser.parse_known_args(argv)
     return args, overrides
 
@@ -131,6 +135,8 @@ def check_config(cfg: Config) -> None:
         ("train.max_steps", t.max_steps, 0), ("train.eval_every", t.eval_every, 0),
         ("train.eval_batches", t.eval_batches, 0), ("train.max_grad_norm", t.max_grad_norm, 0),
         ("checkpoint.every", cfg.checkpoint.every, 0), ("checkpoint.keep", cfg.checkpoint.keep, 0),
+        ("checkpoint.every_minutes", cfg.checkpoint.every_minutes, 0),
+        ("train.max_skipped_steps", t.max_skipped_steps, 1),
         ("optim.lr", o.lr, 0), ("optim.warmup_steps", o.warmup_steps, 0), ("optim.weight_decay", o.weight_decay, 0),
     ]:
         if value < least:
@@ -140,22 +146,6 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {betas}")
     if cfg.train.max_steps <= 0 and cfg.train.epochs <= 0:
         raise ConfigError("set train.max_steps or train.epochs to a positive number")
-
-
-def check_output_dir(output_dir: Path, resume_from: Path | None) -> None:
-    """Refuse to start a new run on top of an old one: its checkpoints, final model and metrics would be lost."""
-    if resume_from is not None:
-        return
-    previous = [p.name for p in sorted(output_dir.glob("step-*")) if checkpoint.STEP_DIR.match(p.name)]
-    previous += [p.name for p in (output_dir / "final", output_dir / "adapter", output_dir / "metrics.jsonl")
-                 if p.exists()]
-    if previous:
-        hint = ("continue it with --checkpoint.resume=auto" if any(p.startswith("step-") for p in previous)
-                else "it has no checkpoint to resume")
-        raise ConfigError(
-            f"output_dir {output_dir} already holds a run ({', '.join(previous[:4])}); {hint}, or start anew with "
-            "another --output_dir"
-        )
 
 
 # What a resumed run must keep as it was: the model, the adapters, the data and its order.
@@ -185,10 +175,12 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def forget_metrics_after(output_dir: Path, step: int) -> None:
-    """On resume, drop metrics the interrupted run logged after its checkpoint: they are logged again."""
+    """On resume, drop metrics the interrupted run logged after its checkpoint: they are logged again. A line the
+    run was writing when it died (or when the disk filled up) is half-written: it is dropped too."""
     path = output_dir / "metrics.jsonl"
     if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        kept = [line for line in path.read_text(errors="replace").splitlines()
+                if (record := metrics.parse_record(line)) is not None and record.get("step", 0) <= step]
         path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -228,10 +220,15 @@ def choose_loss(model, setting: str, dist):
     return chunked if usable else plain
 
 
-def evaluate(model, loader, max_batches: int, device, autocast, token_loss_sum) -> dict:
+EVAL_PROGRESS_SECONDS = 30.0  # a long evaluation says how far it is at most this often
+
+
+def evaluate(model, loader, max_batches: int, device, autocast, token_loss_sum, step: int = 0) -> dict:
     model.eval()
     loader.rewind()  # from the first eval batch, also after an earlier pass stopped at max_batches
+    num_batches = min(len(loader), max_batches) if max_batches else len(loader)
     loss_sum = tokens = 0.0
+    last_report = time.monotonic()
     with torch.no_grad():
         for i, batch in enumerate(loader):
             if max_batches and i >= max_batches:
@@ -239,32 +236,56 @@ def evaluate(model, loader, max_batches: int, device, autocast, token_loss_sum) 
             with autocast():
                 loss_sum += token_loss_sum(model, batch, device).item()
             tokens += batch["num_trainable_tokens"]
+            if time.monotonic() - last_report >= EVAL_PROGRESS_SECONDS and i + 1 < num_batches:
+                log.info(f"eval at step {step}: {i + 1}/{num_batches} batches")
+                last_report = time.monotonic()
     model.train()
     return {"loss_sum": loss_sum, "tokens": tokens}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run training; the caller's signal handlers are restored afterwards (it may be a notebook or a test)."""
+    """Run training; the caller's signal handlers are restored afterwards (it may be a notebook or a test), the
+    output_dir's lock is released, and an error that ends the run is also written to train.log."""
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return run(argv)
+        with contextlib.ExitStack() as on_exit:
+            return run(argv, on_exit)
+    except BaseException as e:
+        metrics.log_error_to_file(e, with_traceback=not isinstance(e, USER_ERRORS))
+        raise
     finally:
+        metrics.close_log_file()  # a later run in this process must not write into this run's train.log
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def run(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(args.config, overrides)
     check_config(cfg)
     check_paths(cfg, args.config)
+    if args.overwrite and cfg.checkpoint.resume:
+        raise ConfigError("--overwrite deletes the checkpoints that checkpoint.resume would continue from; use one")
     dist = parallel.init_distributed(cfg.device, cfg.parallel.backend)
     device = dist.device
     output_dir = Path(cfg.output_dir)
+    if args.dry_run:
+        metrics.setup_logging(None, dist.is_main)
+    else:  # one run per output_dir: the lock first, then what an earlier run left is deleted or kept
+        on_exit.callback(rundir.release_lock, rundir.acquire_lock(output_dir, dist))
+        removed = rundir.start_afresh(output_dir, dist) if args.overwrite else rundir.remove_leftovers(output_dir, dist)
+        metrics.setup_logging(output_dir, dist.is_main, dist.rank)  # from here on, an error that ends the run is in train.log
+        if removed:
+            log.info(f"{'--overwrite: deleted' if args.overwrite else 'removed unfinished'} {', '.join(removed)}")
     resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, output_dir)  # None: a fresh start
+    if resume_from is not None:  # refuse a checkpoint that cannot be resumed before anything is built
+        saved = checkpoint.read_info(resume_from)
+        checkpoint.check_world_size(saved, resume_from, dist.world_size)
+        check_resumable(saved["config"], cfg)
     if not args.dry_run:
-        check_output_dir(output_dir, resume_from)
-    metrics.setup_logging(None if args.dry_run else output_dir, dist.is_main)
+        rundir.check_output_dir(output_dir, resume_from)
+    if "LOCAL_RANK" in os.environ:  # started by torchrun: stop when it dies
+        parallel.exit_when_launcher_dies(on_exit=log.error)
     torch.manual_seed(cfg.seed)
 
     # ---- tokenizer and data: tokenized once (cached), then packed into rows of seq_len; same step count on every rank
@@ -326,12 +347,15 @@ def run(argv: list[str] | None = None) -> int:
     # ---- resume: model, optimizer, data position, RNG states and step, exactly
     step, epoch = 0, 0
     if resume_from is not None:
-        extra = checkpoint.load(resume_from, model, optimizer, dist, check=lambda e: check_resumable(e["config"], cfg))
-        step, epoch = extra["step"], extra["data"]["epoch"]
-        train_loader.load_state_dict(extra["data"])
-        if dist.is_main:
-            forget_metrics_after(output_dir, step)
+        extra = checkpoint.load(resume_from, model, optimizer, dist)
+        try:
+            train_loader.load_state_dict(extra["data"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"{resume_from}: the data position does not fit this run ({e})") from None
+        step, epoch = extra["step"], train_loader.epoch
         log.info(f"resumed from {resume_from} at step {step}")
+    if dist.is_main:  # metrics logged after the checkpoint (all of them, on a fresh start) are logged again
+        forget_metrics_after(output_dir, step)
     finished_before = resume_from is not None and step >= total_steps
     if finished_before:
         log.info(f"{resume_from} is the end of this run ({total_steps} steps): nothing left to train")
@@ -343,10 +367,24 @@ def run(argv: list[str] | None = None) -> int:
     flops_per_token = metrics.flops_per_token(model, cfg.data.seq_len, num_trainable / num_params)
     peak = metrics.peak_flops(device)
 
+    last_save = time.monotonic()
+
     def save_checkpoint():
-        extra = {"data": train_loader.state_dict(), "config": to_toml(cfg)}  # the data state holds the epoch
-        path = checkpoint.save(output_dir, step, model, optimizer, extra, dist, cfg.checkpoint.keep)
+        nonlocal last_save
+        extra = {"data": train_loader.state_dict()}  # the data state holds the epoch
+        path = checkpoint.save(output_dir, step, model, optimizer, extra, dist, cfg.checkpoint.keep, to_toml(cfg))
         log.info(f"saved checkpoint {path}")
+        last_save = time.monotonic()
+
+    def checkpoint_due() -> bool:
+        """Every `checkpoint.every` steps, and every `checkpoint.every_minutes` of wall-clock time as rank 0's clock
+        says (broadcast, so that every rank saves at the same step)."""
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+            return True
+        if not cfg.checkpoint.every_minutes:
+            return False
+        return bool(parallel.broadcast_from_main(time.monotonic() - last_save >= 60 * cfg.checkpoint.every_minutes,
+                                                 dist))
 
     def micro_batches():
         """Endless stream of micro-batches, epoch after epoch, reshuffled each epoch."""
@@ -357,7 +395,7 @@ def run(argv: list[str] | None = None) -> int:
             epoch += 1
 
     def run_eval():
-        result = evaluate(model, eval_loader, cfg.train.eval_batches, device, autocast, token_loss_sum)
+        result = evaluate(model, eval_loader, cfg.train.eval_batches, device, autocast, token_loss_sum, step)
         loss = parallel.all_reduce_sum(result["loss_sum"], dist) / max(1.0, parallel.all_reduce_sum(result["tokens"], dist))
         log.info(f"eval at step {step}: loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f}")
         logger.write({"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))})
@@ -367,6 +405,7 @@ def run(argv: list[str] | None = None) -> int:
     stream = micro_batches()
     timer, run_start, start_step = metrics.Timer(), time.perf_counter(), step
     loss_window, tokens_window = [], 0
+    num_skipped = 0  # consecutive steps skipped for a non-finite loss or gradient norm
     while step < total_steps:
         lr = lr_at(step, total_steps, cfg.optim)
         for group in optimizer.param_groups:
@@ -401,7 +440,14 @@ def run(argv: list[str] | None = None) -> int:
                     "written for this step. Lower optim.lr, check the data, or set train.nonfinite = 'skip'"
                 )
             log.warning(f"step {step + 1}: non-finite loss or gradient norm, step skipped")
+            num_skipped += 1
+            if num_skipped >= cfg.train.max_skipped_steps:  # the model is not training any more: no final/ of it
+                raise FloatingPointError(
+                    f"steps {step + 2 - num_skipped}-{step + 1}: {num_skipped} steps in a row had a non-finite loss "
+                    f"or gradient norm (train.max_skipped_steps = {cfg.train.max_skipped_steps}); stopping without "
+                    "a final model. Lower optim.lr, check the data, or resume from an earlier step-N")
         else:
+            num_skipped = 0
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -428,7 +474,7 @@ def run(argv: list[str] | None = None) -> int:
         with timer.paused():  # evaluation and checkpoints do not count against tokens/s
             if eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 run_eval()
-            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or signalled:
+            if checkpoint_due() or signalled:
                 save_checkpoint()
         if signalled:
             log.info(f"stopped by {stop.signal or 'a signal'} after step {step}; resume with --checkpoint.resume=auto")
@@ -440,7 +486,15 @@ def run(argv: list[str] | None = None) -> int:
     if eval_loader is not None and not finished_before and not (cfg.train.eval_every and step % cfg.train.eval_every == 0):
         run_eval()  # the end of the run, unless the loop just evaluated this step
     if cfg.checkpoint.save_final:
-        save_final(model, cfg, output_dir, dist)
+        try:
+            save_final(model, cfg, output_dir, dist)
+        except Exception as e:
+            if not checkpoint.is_disk_full(e):
+                raise
+            shutil.rmtree(output_dir / "final.tmp", ignore_errors=True)  # give back the space it took
+            raise checkpoint.CheckpointSaveError(
+                f"no space left on device while saving {output_dir / 'final'}; the checkpoints are intact: free some "
+                "space and continue with --checkpoint.resume=auto") from None
     logger.close()
     if dist.is_main and cfg.logging.plot and metrics.plot_loss(output_dir):
         log.info(f"loss curve: {output_dir / 'loss.png'}")
@@ -513,7 +567,7 @@ def copy_tokenizer_files(source: Path, target: Path) -> None:
 
 
 USER_ERRORS = (ConfigError, models.CheckpointError, DataError, RowError, SourceError, TemplateError, TokenizerError,
-               FloatingPointError)
+               FloatingPointError, checkpoint.CheckpointSaveError)
 
 
 def cli() -> None:

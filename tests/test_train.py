@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nanotune import train
+from nanotune import checkpoint, train
 from nanotune.config import ConfigError
 from tests.conftest import ROOT
 
@@ -89,13 +92,14 @@ def test_loss_does_not_depend_on_micro_batch_size_or_accumulation(run):
     assert moved.abs().max() > 1e-3
 
 
-def torchrun(config_path, *overrides):
+def torchrun(config_path, *overrides, expect_ok=True):
     """Two processes (FSDP2 over gloo) on a config file; returns the completed process."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "nanotune" / "train.py"), str(config_path), *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    if expect_ok:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 
@@ -119,16 +123,66 @@ def test_two_processes_match_one(run, tmp_path, extra):
 
 @pytest.mark.slow
 def test_two_process_resume_is_exact(run, tmp_path):
-    """Sharded (DCP) checkpoints: 2 processes x 4 steps == 2 processes x 2 steps, then resumed for 2 more."""
-    base = run("--train.max_steps=1", name="base")  # only for its resolved config
+    """Sharded (DCP) checkpoints: 2 processes x 4 steps == 2 processes x 2 steps, then resumed for 2 more. The
+    checkpoints are taken on rank 0's clock (every step here): every rank must save at the same step."""
+    base = run("--train.max_steps=1", "--checkpoint.every=1", name="base")  # its config, and a 1-process checkpoint
     (tmp_path / "dist.toml").write_text((base / "config.toml").read_text())
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    torchrun(tmp_path / "dist.toml", "--train.max_steps=4", f"--output_dir={straight}")
-    torchrun(tmp_path / "dist.toml", "--train.max_steps=4", "--checkpoint.every=2", f"--output_dir={resumed}")
+    torchrun(tmp_path / "dist.toml", "--train.max_steps=4", "--checkpoint.every=0", f"--output_dir={straight}")
+    torchrun(tmp_path / "dist.toml", "--train.max_steps=4", "--checkpoint.every=0", "--checkpoint.every_minutes=1e-9",
+             "--checkpoint.keep=0", f"--output_dir={resumed}")
+    assert sorted(p.name for p in resumed.glob("step-*")) == ["step-1", "step-2", "step-3", "step-4"]
     shutil.rmtree(resumed / "step-4")
+    shutil.rmtree(resumed / "step-3")
     torchrun(tmp_path / "dist.toml", "--train.max_steps=4", "--checkpoint.resume=auto", f"--output_dir={resumed}")
     assert losses(resumed) == losses(straight)
     assert_same_params(final_params(resumed), final_params(straight), atol=0, max_outlier_fraction=0)
+    # another number of processes: refused with one line on every rank, before anything is built
+    with pytest.raises(ConfigError, match=r"written by 2 process\(es\) but this run has 1"):
+        run(f"--checkpoint.resume={resumed / 'step-4'}", name="one")
+    refused = torchrun(tmp_path / "dist.toml", f"--checkpoint.resume={base / 'step-1'}", f"--output_dir={tmp_path / 'two'}",
+                       expect_ok=False)
+    assert refused.returncode != 0
+    message = f"error: {base / 'step-1'} was written by 1 process(es) but this run has 2"
+    assert refused.stderr.count(message) == 2, refused.stderr[-3000:]  # rank 0 and rank 1
+    logged = (tmp_path / "two" / "train.log").read_text()  # every error that ends a run is in its log
+    body = message.removeprefix("error: ")
+    assert logged.count(body) == 2 and f"rank 1: error: ConfigError: {body}" in logged, logged
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the launcher's workers")
+def test_workers_stop_when_torchrun_is_killed(run, tmp_path):
+    from tests.test_checkpoint import running
+
+    base = run("--train.max_steps=1", name="base")  # its config, and a warm data cache
+    (tmp_path / "dist.toml").write_text((base / "config.toml").read_text())
+    out = tmp_path / "orphans"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "nanotune" / "train.py"), str(tmp_path / "dist.toml"), "--train.max_steps=100000",
+           f"--output_dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    workers = []
+    try:
+        deadline = time.time() + 120
+        while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        workers = [int(pid) for task in os.listdir(f"/proc/{launcher.pid}/task")
+                   for pid in open(f"/proc/{launcher.pid}/task/{task}/children").read().split()]
+        assert len(workers) == 2 and all(map(running, workers))
+        launcher.kill()  # SIGKILL: torchrun cannot tell its workers
+        launcher.wait()
+        deadline = time.time() + 15
+        while any(map(running, workers)) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(map(running, workers)), "workers kept training after torchrun was killed"
+        assert "the launcher (pid" in (out / "train.log").read_text()
+    finally:
+        launcher.kill()
+        for pid in workers:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("extra", [[], ["--lora.enabled=true", "--lora.rank=4", "--lora.dropout=0.1"]],
@@ -142,6 +196,17 @@ def test_resume_is_exact(run, extra):
     run("--train.max_steps=6", "--checkpoint.every=3", "--checkpoint.resume=auto", *extra, name="resumed")
     assert losses(resumed_dir) == losses(straight)  # bit-identical on CPU in fp32
     assert_same_params(final_params(resumed_dir), final_params(straight), atol=0, max_outlier_fraction=0)
+
+
+def test_resume_never_opens_pickles_dropped_into_a_checkpoint(run, tmp_path):
+    from tests.test_checkpoint import plant
+
+    out = run("--train.max_steps=2", "--checkpoint.every=2", name="planted")
+    marker = tmp_path / "pwned"
+    for name in (".metadata", "extra-rank0.pt", "state/.metadata", "state/__0_0.distcp"):
+        plant(out / "step-2" / name, marker)
+    run("--train.max_steps=3", "--checkpoint.every=2", "--checkpoint.resume=auto", name="planted")
+    assert not marker.exists() and [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3]
 
 
 def test_checkpoints_keep_the_newest_and_never_leave_partial_folders(run):
@@ -219,7 +284,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(run, tmp_path):
     assert proc.returncode == 0, stdout
     assert "stopped by SIGTERM" in stdout
     saved = list(out.glob("step-*"))
-    assert len(saved) == 1 and (saved[0] / ".metadata").exists()
+    assert len(saved) == 1 and (saved[0] / "checkpoint.json").exists()
 
 
 # ------------------------------------------------------------------------------------------------ config errors
@@ -235,6 +300,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(run, tmp_path):
         ("--train.precision=fp8", "train.precision = 'fp8' is not one of"),
         ("--logging.every=0", "logging.every must be at least 1, got 0"),
         ("--checkpoint.every=-1", "checkpoint.every must be at least 0, got -1"),
+        ("--checkpoint.every_minutes=-1", "checkpoint.every_minutes must be at least 0, got -1"),
+        ("--train.max_skipped_steps=0", "train.max_skipped_steps must be at least 1, got 0"),
         ("--optim.betas=[0.9]", "optim.betas must be two numbers in [0, 1)"),
         ("--attention.implementation=bogus", "attention.implementation = 'bogus' is not one of"),
         ("--checkpoint.resume=/nowhere", "checkpoint.resume = '/nowhere' is not a complete step-N checkpoint folder"),
@@ -260,7 +327,7 @@ def test_lora_run_writes_a_peft_adapter_and_a_merged_model(run, hf_checkpoint):
     out = run(f"--model.path={folder}", "--lora.enabled=true", "--lora.rank=4", "--lora.alpha=8",
               "--lora.targets=['q_proj', 'v_proj', 'down_proj']", "--optim.lr=1e-2", "--checkpoint.every=2")
     # the training checkpoint holds only what trains: adapters (and their optimizer state)
-    saved = dcp.FileSystemReader(str(out / "step-4")).read_metadata().state_dict_metadata
+    saved = dcp.HuggingFaceStorageReader(str(out / "step-4" / "state")).read_metadata().state_dict_metadata
     model_keys = [k for k in saved if k.startswith("model.")]
     assert model_keys and all(".lora_" in k for k in model_keys)
     # adapter/ loads in PEFT on the transformers base, and gives the merged final/ model's logits
@@ -292,7 +359,7 @@ def test_moe_run_logs_the_router_aux_loss(run, tmp_path):
 def test_a_new_run_never_overwrites_an_old_one(run, tmp_path):
     run("--train.max_steps=1", "--checkpoint.every=1", name="old")
     before = (tmp_path / "old" / "final" / "model.safetensors").read_bytes()
-    with pytest.raises(ConfigError, match=r"already holds a run \(step-1, final, metrics.jsonl\).*--checkpoint.resume=auto"):
+    with pytest.raises(ConfigError, match=r"already holds a run \(final, step-1\).*--checkpoint.resume=auto.*--overwrite"):
         run("--train.max_steps=1", name="old")
     assert (tmp_path / "old" / "final" / "model.safetensors").read_bytes() == before
     # a finished run without checkpoints: resume=auto finds nothing to resume and must not start over on top of it
@@ -399,3 +466,149 @@ def test_resume_at_an_epoch_boundary_is_exact(run):
         name="resumed")
     assert losses(resumed) == [r["loss"] for r in metrics(straight) if r["step"] > 22 and "loss" in r]
     assert_same_params(final_params(resumed), final_params(straight), atol=0, max_outlier_fraction=0)
+
+
+# ------------------------------------------------------------------------------------------------ runs that always resume
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again(run, tmp_path):
+    """What a run killed during step 3 of its first try leaves: config, logs, metrics, a stale lock, a half-written
+    checkpoint. Starting it again, with or without resume=auto, trains from the start and logs each step once."""
+    out = tmp_path / "killed"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / "nanotune.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    (out / "config.toml").write_text("seed = 0\n")
+    (out / "train.log").write_text("step 1/4\n")
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo')
+    (out / "step-3.tmp").mkdir()
+    run(name="killed")
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4] and 9.0 not in losses(out)
+    assert not (out / "step-3.tmp").exists() and not (out / "nanotune.lock").exists()
+    shutil.rmtree(out / "final")  # killed again before its first checkpoint, this time started with resume=auto
+    run("--checkpoint.resume=auto", name="killed")
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_a_second_run_in_the_same_output_dir_is_refused_naming_the_first(run, tmp_path):
+    earlier = run("--train.max_steps=1", name="earlier")  # this process's previous run, with its own train.log
+    out = tmp_path / "busy"
+    out.mkdir()
+    lock = {"pid": os.getppid(), "host": socket.gethostname()}  # a live process that is not this one
+    (out / "nanotune.lock").write_text(json.dumps(lock))
+    with pytest.raises(ConfigError, match=rf"output_dir {out} is in use by another run \(pid {os.getppid()}"):
+        run(name="busy")
+    assert json.loads((out / "nanotune.lock").read_text()) == lock  # the other run's lock is left alone
+    assert sorted(p.name for p in out.iterdir()) == ["nanotune.lock"]
+    assert "in use by another run" not in (earlier / "train.log").read_text()
+
+
+def test_overwrite_starts_afresh_and_deletes_only_run_outputs(run, tmp_path):
+    out = run("--checkpoint.every=2", name="old")
+    (out / "notes.txt").write_text("mine")
+    (out / "step-x").mkdir()  # not a name nanotune writes
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+    (out / "tensorboard").symlink_to(elsewhere)  # a name nanotune writes, linked to someone else's folder
+    with pytest.raises(ConfigError, match="--overwrite deletes the checkpoints"):
+        run("--checkpoint.resume=auto", "--overwrite", name="old")
+    run("--train.max_steps=1", "--overwrite", name="old")
+    assert sorted(p.name for p in out.iterdir()) == ["config.toml", "final", "metrics.jsonl", "notes.txt", "step-x",
+                                                    "train.log"]
+    assert [r["step"] for r in metrics(out)] == [1, 1]  # one train line and one eval line of the new run
+    assert (elsewhere / "keep.txt").read_text() == "mine"  # the link went, not what it points to
+    # a folder without a nanotune config.toml is never emptied
+    stranger = tmp_path / "stranger"
+    (stranger / "final").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="no config.toml, so it may not be a nanotune run's output_dir"):
+        run("--overwrite", name="stranger")
+    assert (stranger / "final").is_dir()
+
+
+def test_checkpoints_on_the_clock_and_not_when_it_is_off(run):
+    on = run("--checkpoint.every=0", "--checkpoint.every_minutes=1e-9", "--checkpoint.keep=0", "--train.max_steps=3")
+    assert sorted(p.name for p in on.glob("step-*")) == ["step-1", "step-2", "step-3"]
+    off = run("--checkpoint.every=0", "--checkpoint.every_minutes=0", "--train.max_steps=3")
+    assert not list(off.glob("step-*"))
+
+
+def test_a_full_disk_stops_with_one_line_and_the_run_continues_once_space_is_freed(run, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    real_save, calls = safetensors.torch.save, iter(range(100))
+
+    def full_on_second_checkpoint(*args, **kwargs):  # DCP writes each checkpoint's shard with this
+        if next(calls) == 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save", full_on_second_checkpoint)
+    with pytest.raises(checkpoint.CheckpointSaveError, match="no space left on device while saving step 4"):
+        run("--checkpoint.every=2", "--checkpoint.keep=1", name="full")
+    out = tmp_path / "full"
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-2"]
+    assert "no space left on device while saving step 4" in (out / "train.log").read_text()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # the disk filled up in the middle of a line
+    monkeypatch.undo()
+    run("--checkpoint.every=2", "--checkpoint.keep=1", "--checkpoint.resume=auto", name="full")
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_a_full_disk_while_saving_final_says_so_and_frees_what_it_wrote(run, tmp_path, monkeypatch):
+    import models
+
+    def no_space(model, path, **kwargs):
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(models, "save_pretrained", no_space)
+    with pytest.raises(checkpoint.CheckpointSaveError, match=r"no space left on device while saving .*final; the "
+                                                             r"checkpoints are intact"):
+        run("--train.max_steps=2", "--checkpoint.every=2", name="full-final")
+    out = tmp_path / "full-final"
+    assert not (out / "final.tmp").exists() and not (out / "final").exists() and (out / "step-2").is_dir()
+
+
+def test_resuming_a_damaged_checkpoint_by_path_gives_one_line(run, tmp_path):
+    out = run("--checkpoint.every=2", name="damaged")
+    (out / "step-4" / "checkpoint.json").write_text('{"format": 1, "st')
+    with pytest.raises(ConfigError) as err:
+        run(f"--checkpoint.resume={out / 'step-4'}", name="resumed")
+    assert f"checkpoint {out / 'step-4'} is damaged or incomplete" in str(err.value) and "\n" not in str(err.value)
+    assert f"error: ConfigError: {err.value}\n" in (tmp_path / "resumed" / "train.log").read_text()
+
+
+def test_a_checkpoint_from_another_number_of_processes_is_refused_before_the_model_is_built(run, monkeypatch):
+    out = run("--checkpoint.every=2", name="two")
+    info = json.loads((out / "step-4" / "checkpoint.json").read_text())
+    (out / "step-4" / "checkpoint.json").write_text(json.dumps({**info, "world_size": 2}))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the checkpoint was checked")
+
+    monkeypatch.setattr(train, "build_model", no_model)
+    with pytest.raises(ConfigError, match=r"written by 2 process\(es\) but this run has 1"):
+        run("--train.max_steps=6", "--checkpoint.resume=auto", name="two")
+
+
+def test_skipped_steps_in_a_row_stop_the_run_without_a_final_model(run, monkeypatch, tmp_path):
+    monkeypatch.setattr(train, "cross_entropy_sum", lambda logits, labels: logits.sum() * float("nan"))
+    with pytest.raises(FloatingPointError, match=r"steps 1-3: 3 steps in a row had a non-finite loss"):
+        run("--train.nonfinite=skip", "--train.loss=plain", "--train.max_skipped_steps=3", "--train.max_steps=10",
+            name="nan")
+    out = tmp_path / "nan"
+    assert not (out / "final").exists()
+    log_text = (out / "train.log").read_text()
+    assert "error: FloatingPointError: steps 1-3" in log_text and "Traceback" not in log_text
+
+
+def test_long_evaluations_report_progress(run, monkeypatch, capsys):
+    monkeypatch.setattr(train, "EVAL_PROGRESS_SECONDS", 0.0)
+    run("--train.max_steps=1", "--data.eval_datasets=[]", "--data.eval_fraction=0.25")
+    progress = re.findall(r"^eval at step 1: (\d+)/(\d+) batches$", capsys.readouterr().out, flags=re.M)
+    num_batches = int(progress[0][1])
+    assert num_batches > 1 and progress == [(str(i), str(num_batches)) for i in range(1, num_batches)]
