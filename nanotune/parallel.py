@@ -43,6 +43,7 @@ class DistInfo:
     device: torch.device = torch.device("cpu")
     layout: dict = field(default_factory=lambda: dict.fromkeys(MESH_DIMS, 1))  # mesh dimension -> size
     mesh: object = None  # the DeviceMesh over all processes (None in one process)
+    owns_process_group: bool = False  # set up here (and so torn down by cleanup), not by the caller
 
     @property
     def is_main(self) -> bool:
@@ -153,12 +154,13 @@ def init_distributed(device_name: str = "auto", cfg: ParallelConfig | None = Non
     backend = cfg.backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()  # a caller (a notebook, a test running several trainings) may have set it up
+    if owns:
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, tuple(layout[d] for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
-    return DistInfo(dist.get_rank(), world_size, local_rank, device, layout, mesh)
+    return DistInfo(dist.get_rank(), world_size, local_rank, device, layout, mesh, owns)
 
 
 # ----------------------------------------------------------------------------------------------- applying it
@@ -208,6 +210,8 @@ def apply_tp_plan(model: nn.Module, mesh, plan: dict[str, str]) -> None:
     """Shard every module a plan pattern names. A pattern that matches nothing is fine (a MoE layer has no dense MLP)."""
     from torch.distributed.tensor.parallel import parallelize_module
 
+    # torch's styles register new parameters that require grad: keep frozen weights (a LoRA base, its norms) frozen
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     names = [n for n, _ in model.named_modules()]
     for pattern, style in plan.items():
         for name in plan_matches(pattern, names):
@@ -216,6 +220,8 @@ def apply_tp_plan(model: nn.Module, mesh, plan: dict[str, str]) -> None:
                 shard_lora_linear(module, mesh, style)
             else:
                 parallelize_module(module, mesh, tp_style(style))
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable[name])
 
 
 def tp_style(style: str):
@@ -303,5 +309,5 @@ def barrier(info: DistInfo) -> None:
 
 
 def cleanup(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+    if info.enabled and info.owns_process_group and dist.is_initialized():
         dist.destroy_process_group()
