@@ -292,6 +292,108 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, info: DistInfo) 
     return total
 
 
+# ----------------------------------------------------------------------------------------------- sharded loading
+
+
+def loads_sharded(cfg, info: DistInfo) -> bool:
+    """Whether this run builds the model on the meta device, parallelizes it, then fills each rank's shards from the
+    checkpoint. Otherwise every process loads the whole model and then shards it: one process, random init from
+    model.size, and NF4 / DoRA (quantised while loading / magnitudes from whole rows), for now."""
+    return info.enabled and bool(cfg.model.path) and not cfg.lora.quantize and not cfg.lora.dora
+
+
+def local_box(param: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """(this rank's local tensor, its offset in the whole tensor), for a DTensor or a plain (whole) tensor."""
+    if not hasattr(param, "to_local"):
+        return param.data, (0,) * param.ndim
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local = param.to_local()
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    assert tuple(local.shape) == tuple(shape), f"local shard {tuple(local.shape)} != expected {tuple(shape)}"
+    return local, tuple(offset)
+
+
+def overlap(region: list[tuple[int, int, bool]], local_shape, offset) -> tuple[tuple, tuple] | None:
+    """region: per dimension of the whole parameter, (start, stop, squeezed) of one checkpoint tensor (an int index
+    such as one expert of a stacked tensor is squeezed: not a dimension of the checkpoint tensor). -> (slices into
+    the checkpoint tensor, index into the local shard) of the part both hold, or None when they hold nothing alike."""
+    file_index, local_index = [], []
+    for (start, stop, squeezed), size, off in zip(region, local_shape, offset):
+        lo, hi = max(start, off), min(stop, off + size)
+        if lo >= hi:
+            return None
+        if squeezed:
+            local_index.append(lo - off)
+        else:
+            file_index.append(slice(lo - start, hi - start))
+            local_index.append(slice(lo - off, hi - off))
+    return tuple(file_index), tuple(local_index)
+
+
+def key_region(shape, index) -> list[tuple[int, int, bool]]:
+    """The box a checkpoint tensor fills in its parameter: all of it, or `index` (ints and slices, leading dims)."""
+    index = () if index is None else (index if isinstance(index, tuple) else (index,))
+    region = []
+    for dim, size in enumerate(shape):
+        item = index[dim] if dim < len(index) else slice(None)
+        if isinstance(item, int):
+            region.append((item, item + 1, True))
+        else:
+            start, stop, _ = item.indices(size)
+            region.append((start, stop, False))
+    return region
+
+
+@torch.no_grad()
+def load_sharded(model: nn.Module, path, device: torch.device) -> None:
+    """Allocate this rank's shards of a meta-device, already parallelized model and fill them from the safetensors
+    files, reading only the slices this rank owns (`safe_open(...).get_slice`): no process holds the whole model.
+    Adapters and RoPE tables, which checkpoints do not hold, are then initialised as in one process."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    import models
+
+    path = Path(path)
+    model.to_empty(device=device)
+    model.tie_weights()  # to_empty gives plain (not sharded) parameters new storage, which unties them
+    expected = models.expected_checkpoint_keys(model)
+    params = dict(model.named_parameters())
+    for file in models.safetensors_io.checkpoint_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key not in expected:
+                    continue
+                name, index = model.param_for_hf_key(key) if hasattr(model, "param_for_hf_key") else (key, None)
+                target = params[name] if name in params else model.get_buffer(name)
+                local, offset = local_box(target)
+                where = overlap(key_region(target.shape, index), local.shape, offset)
+                if where is not None:
+                    file_index, local_index = where
+                    local[local_index] = f.get_slice(key)[file_index].to(local.dtype)
+    init_after_sharded_load(model, device)
+
+
+def init_after_sharded_load(model: nn.Module, device: torch.device) -> None:
+    """What from_pretrained's `materialize_after_load` does, for sharded tensors: RoPE tables are computed; a LoRA
+    adapter is initialised whole (A Kaiming-uniform, B zero: the same random numbers as one process, drawn in the same
+    module order) and each rank keeps its part."""
+    import math
+
+    for module in model.modules():
+        if hasattr(module, "lora_A") and hasattr(module, "lora_B"):
+            for linear, init in ((module.lora_A, lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5))),
+                                 (module.lora_B, nn.init.zeros_)):
+                whole = torch.empty(linear.weight.shape, dtype=linear.weight.dtype)
+                init(whole)
+                local, offset = local_box(linear.weight)
+                local.copy_(whole[tuple(slice(o, o + n) for o, n in zip(offset, local.shape))])
+        elif hasattr(module, "materialize_after_load"):
+            module.materialize_after_load(device)
+
+
 # ----------------------------------------------------------------------------------------------- collectives
 
 

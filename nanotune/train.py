@@ -288,8 +288,11 @@ def run(argv: list[str] | None = None) -> int:
         )
     total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
 
-    # ---- model: meta device -> (LoRA) -> weights -> sharding; see docs/architecture.md for the build order
-    model = build_model(cfg, tokenizer.vocab_size, torch.device("meta") if args.dry_run else device, dist.layout)
+    # ---- model: meta device -> (LoRA) -> weights -> sharding, or with several processes meta -> (LoRA) -> sharding ->
+    # each rank's slices of the weights; see docs/parallel.md
+    sharded_load = parallel.loads_sharded(cfg, dist)
+    on_meta = args.dry_run or sharded_load
+    model = build_model(cfg, tokenizer.vocab_size, torch.device("meta") if on_meta else device, dist.layout)
     num_trainable, num_params = lora.count_parameters(model)
     tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * accum * dist.dp_size
     log.info(f"model: {model.config.model_type}, {num_params:,} parameters, {num_trainable:,} trainable "
@@ -310,6 +313,8 @@ def run(argv: list[str] | None = None) -> int:
             raise ConfigError(f"train.kernels = true: {e}") from None
     # tensor parallel -> (activation checkpointing) -> compile each block -> FSDP2 / HSDP; see docs/parallel.md
     model = parallel.parallelize(model, dist, cfg.parallel, cfg.train.precision, compile=cfg.train.compile)
+    if sharded_load:
+        parallel.load_sharded(model, cfg.model.path, device)
     use_autocast = cfg.train.precision == "amp-bf16" and dist.dp_size == 1  # else FSDP2 gathers bf16 parameters
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_autocast else contextlib.nullcontext
     # activations saved for the backward go to (pinned) host memory and come back when needed

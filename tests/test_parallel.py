@@ -146,6 +146,21 @@ def test_plans_cover_attention_and_dense_mlps_and_nothing_else(family):
         assert style == want.get(leaf, "colwise"), name
 
 
+# --------------------------------------------------------------------------------------------- sharded loading
+
+
+def test_a_rank_reads_only_the_part_of_a_checkpoint_tensor_it_holds():
+    """Expert 2's rows 4..8 of a stacked (experts=4, rows=8, cols=6) parameter, sharded by experts over 2 ranks."""
+    region = parallel.key_region((4, 8, 6), (2, slice(4, 8)))
+    assert region == [(2, 3, True), (4, 8, False), (0, 6, False)]
+    assert parallel.overlap(region, (2, 8, 6), (0, 0, 0)) is None  # rank 0 holds experts 0 and 1
+    file_index, local_index = parallel.overlap(region, (2, 8, 6), (2, 0, 0))  # rank 1 holds experts 2 and 3
+    assert file_index == (slice(0, 4), slice(0, 6)) and local_index == (0, slice(4, 8), slice(0, 6))
+    # a column-split (tensor-parallel) shard of a whole weight: columns 3..6 of the file
+    assert parallel.overlap(parallel.key_region((8, 6), None), (8, 3), (0, 3)) == (
+        (slice(0, 8), slice(3, 6)), (slice(0, 8), slice(0, 3)))
+
+
 # --------------------------------------------------------------------------------------------- multi-process runs
 
 
