@@ -161,6 +161,22 @@ def test_a_rank_reads_only_the_part_of_a_checkpoint_tensor_it_holds():
         (slice(0, 8), slice(3, 6)), (slice(0, 8), slice(0, 3)))
 
 
+@pytest.mark.slow
+def test_load_memory_script_measures_real_sharded_loads(hf_checkpoint, tmp_path, capsys):
+    """scripts/measure_load_memory.py on a tiny model: every process reports its peak, and the values the processes
+    loaded add up to the checkpoint's (the script raises otherwise), for 1 and 2 processes."""
+    from scripts import measure_load_memory
+
+    folder, _ = hf_checkpoint("llama", vocab_size=64)
+    assert measure_load_memory.main([str(folder), "--nproc", "1", "2", "--json", str(tmp_path / "m.json")]) == 0
+    runs = json.loads((tmp_path / "m.json").read_text())["runs"]
+    assert [len(runs[n]) for n in ("1", "2")] == [1, 2]
+    assert all(r["peak_mib"] >= r["before_mib"] > 0 for n in runs for r in runs[n])
+    halves = [r["checksum"] for r in runs["2"]]
+    assert halves[0] != halves[1] and sum(halves) == pytest.approx(runs["1"][0]["checksum"], rel=1e-9)
+    assert "| 2 |" in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------------------------- multi-process runs
 
 
