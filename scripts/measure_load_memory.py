@@ -42,9 +42,17 @@ def peak_rss_mib() -> float:
 
 
 def write_random_llama(folder: Path, size: str, vocab_size: int = 128256) -> None:
-    """A randomly initialised Llama of a named size (models.SIZES), saved in HF format (fp32)."""
-    model = models.from_size(size, vocab_size, torch.float32, "cpu")
+    """A randomly initialised Llama of a named size (models.SIZES), saved in HF format in bf16 (as released
+    checkpoints are; it is loaded in the training dtype, fp32 by default)."""
+    model = models.from_size(size, vocab_size, torch.bfloat16, "cpu")
     models.save_pretrained(model, folder)
+
+
+def tensor_sum(t: torch.Tensor, rows: int = 4096) -> float:
+    """The sum of a tensor in float64, a block of rows at a time (no float64 copy of a large tensor)."""
+    if t.ndim == 0:
+        return float(t.double())
+    return sum(float(t[i:i + rows].double().sum()) for i in range(0, t.shape[0], rows))
 
 
 def load_and_report(model_path: str, out: Path) -> None:
@@ -57,10 +65,11 @@ def load_and_report(model_path: str, out: Path) -> None:
     model = parallel.parallelize(model, dist, cfg.parallel, cfg.train.precision)
     if sharded:
         parallel.load_sharded(model, model_path, torch.device("cpu"))
+    peak = peak_rss_mib()
     checksum = 0.0  # over this rank's part of every parameter (FSDP: the parts do not overlap)
     for p in {id(p): p for p in model.parameters()}.values():
-        checksum += float((p.to_local() if hasattr(p, "to_local") else p).double().sum())
-    record = {"rank": dist.rank, "world_size": dist.world_size, "peak_mib": peak_rss_mib(), "before_mib": before,
+        checksum += tensor_sum(p.to_local() if hasattr(p, "to_local") else p.data)
+    record = {"rank": dist.rank, "world_size": dist.world_size, "peak_mib": peak, "before_mib": before,
               "checksum": checksum}
     (out / f"rank-{dist.rank}.json").write_text(json.dumps(record))
     parallel.cleanup(dist)
@@ -73,7 +82,11 @@ def file_checksum(model_path: Path) -> float:
     total = 0.0
     for file in models.safetensors_io.checkpoint_files(model_path):
         with safe_open(str(file), framework="pt") as f:
-            total += sum(float(f.get_tensor(k).double().sum()) for k in f.keys())
+            for key in f.keys():
+                part, rows = f.get_slice(key), 4096
+                n = part.get_shape()[0] if part.get_shape() else 0
+                total += sum(float(part[i:i + rows].double().sum()) for i in range(0, n, rows)) if n else \
+                    float(f.get_tensor(key).double().sum())
     return total
 
 
