@@ -394,6 +394,107 @@ def init_after_sharded_load(model: nn.Module, device: torch.device) -> None:
             module.materialize_after_load(device)
 
 
+# ----------------------------------------------------------------------------------------------- streamed saving
+
+
+def saves_streamed(cfg, model: nn.Module) -> bool:
+    """Whether final/ and adapter/ can be written one gathered tensor at a time. Not yet: QLoRA (merged from the
+    original files instead), DoRA (its merge needs whole-row norms), and models whose checkpoint layout differs from
+    their parameters (`hf_state_dict`: stacked MoE experts), which are gathered whole on rank 0 as before."""
+    return not cfg.lora.quantize and not cfg.lora.dora and not hasattr(model, "hf_state_dict")
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every process (a collective for a DTensor: every process must call it, in the same order)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t.detach()
+
+
+def final_tensors(model: nn.Module, merge_lora: bool):
+    """(checkpoint key, a function giving the whole tensor), in state-dict order. With merge_lora a LoRA layer gives
+    one merged weight W + s B A instead of its three tensors; a tied LM head is left out, as HF does."""
+    modules = dict(model.named_modules())
+    skip = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    out = []
+    for key, value in model.state_dict(keep_vars=True).items():
+        owner = modules.get(key.rpartition(".")[0])
+        if key in skip or (merge_lora and ".lora_" in key):
+            continue
+        if merge_lora and owner is not None and key.endswith(".weight") and is_lora(owner):
+            def merged(m=owner):  # (out, in), in the base weight's dtype
+                w = whole(m.weight)
+                delta = (whole(m.lora_B.weight).float() @ whole(m.lora_A.weight).float()) * m.scaling
+                return (w.float() + delta).to(w.dtype)
+            out.append((key, merged, value.shape, value.dtype))
+        else:
+            out.append((key, lambda v=value: whole(v), value.shape, value.dtype))
+    return out
+
+
+@torch.no_grad()
+def save_final_streamed(model: nn.Module, folder, info: DistInfo, merge_lora: bool = False,
+                        max_shard_bytes: int = 5 * 10**9) -> None:
+    """Write an HF-format folder (config.json + safetensors shards + index) from a sharded model: each tensor is
+    gathered in turn (every process takes part), and rank 0 keeps at most one shard file's tensors before writing it,
+    so no process holds the whole model."""
+    import json
+    from pathlib import Path
+
+    import models
+
+    folder = Path(folder)
+    entries = final_tensors(model, merge_lora)
+    shards: list[list] = [[]]  # planned from shapes and dtypes alone, so the file names are known before gathering
+    size = 0
+    for entry in entries:
+        nbytes = entry[2].numel() * entry[3].itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    if info.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        tensors = {}
+        for key, gather, _, _ in shard:
+            tensor = gather()  # (whole shape) on every process
+            if info.is_main:
+                tensors[key] = tensor.contiguous().cpu()
+            del tensor
+        if info.is_main:
+            models.safetensors_io.write_atomic(tensors, folder / name)
+            weight_map.update(dict.fromkeys(tensors, name))
+        del tensors
+    if info.is_main:
+        if len(shards) > 1:
+            total = sum(e[2].numel() * e[3].itemsize for e in entries)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        models.write_config_json(model, folder, str(entries[0][3]).removeprefix("torch."))
+
+
+@torch.no_grad()
+def save_adapter_streamed(model: nn.Module, folder, info: DistInfo, base_model_name_or_path: str | None) -> None:
+    """adapter/ in PEFT's format from a sharded model: the adapters are small, so they are gathered together."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from nanotune import lora
+
+    config = lora.adapter_config(model, base_model_name_or_path)
+    tensors = {k: whole(v).contiguous().cpu() for k, v in lora.adapter_state_dict(model).items()}
+    if info.is_main:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(folder / lora.ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (folder / lora.ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 # ----------------------------------------------------------------------------------------------- collectives
 
 

@@ -451,6 +451,9 @@ def run(argv: list[str] | None = None) -> int:
 def save_final(model, cfg: Config, output_dir: Path, dist) -> None:
     """<output_dir>/final: an HF-format folder (config.json, safetensors, tokenizer files) that transformers loads.
     With LoRA, <output_dir>/adapter in PEFT's format, and final/ holds the merged model (unless lora.merge = false)."""
+    if dist.enabled and parallel.saves_streamed(cfg, model):
+        save_final_streamed(model, cfg, output_dir, dist)
+        return
     if dist.enabled:
         model = gather_on_rank0(model, cfg, dist)
         if model is None:  # other ranks: rank 0 writes
@@ -477,6 +480,21 @@ def save_final(model, cfg: Config, output_dir: Path, dist) -> None:
         lora.merge_lora(model)
     models.save_pretrained(model, tmp)
     finish_final(output_dir, tokenizer_source)
+    parallel.barrier(dist)
+
+
+def save_final_streamed(model, cfg: Config, output_dir: Path, dist) -> None:
+    """save_final for a sharded model: every process takes part in gathering one tensor at a time; rank 0 writes."""
+    tmp = output_dir / "final.tmp"
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run that died while saving
+    if cfg.lora.enabled:
+        parallel.save_adapter_streamed(model, output_dir / "adapter", dist, cfg.model.path or None)
+        log.info(f"saved adapter (PEFT format): {output_dir / 'adapter'}")
+    if not cfg.lora.enabled or cfg.lora.merge:
+        parallel.save_final_streamed(model, tmp, dist, merge_lora=cfg.lora.enabled)
+        if dist.is_main:
+            finish_final(output_dir, Path(cfg.model.tokenizer or cfg.model.path))
     parallel.barrier(dist)
 
 

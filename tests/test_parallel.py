@@ -177,6 +177,30 @@ def test_load_memory_script_measures_real_sharded_loads(hf_checkpoint, tmp_path,
     assert "| 2 |" in capsys.readouterr().out
 
 
+def test_streamed_final_is_the_model_in_hf_shards(hf_checkpoint, tmp_path):
+    """save_final_streamed (here in one process, where gathering is the identity) writes the same tensors as
+    models.save_pretrained, split into shard files with an index; with LoRA, the merged weights of lora.merge_lora."""
+    from nanotune import lora
+
+    folder, _ = hf_checkpoint("llama", vocab_size=64)
+    model = models.from_pretrained(folder)
+    lora.apply_lora(model, ["q_proj", "down_proj"], rank=4, alpha=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # a non-zero update, so that merging changes the weights
+    parallel.save_final_streamed(model, tmp_path / "streamed", parallel.DistInfo(), merge_lora=True,
+                                 max_shard_bytes=60_000)
+    index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    lora.merge_lora(model)
+    models.save_pretrained(model, tmp_path / "reference")
+    streamed = models.from_pretrained(tmp_path / "streamed").state_dict()
+    reference = models.from_pretrained(tmp_path / "reference").state_dict()
+    assert streamed.keys() == reference.keys()
+    assert all(torch.equal(streamed[k], reference[k]) for k in reference)
+
+
 # --------------------------------------------------------------------------------------------- multi-process runs
 
 
