@@ -348,22 +348,19 @@ def key_region(shape, index) -> list[tuple[int, int, bool]]:
 @torch.no_grad()
 def load_sharded(model: nn.Module, path, device: torch.device) -> None:
     """Allocate this rank's shards of a meta-device, already parallelized model and fill them from the safetensors
-    files, reading only the slices this rank owns (`safe_open(...).get_slice`): no process holds the whole model.
+    files, reading only the slices this rank owns (`safetensors_io.read_slice`): no process holds the whole model.
     Adapters and RoPE tables, which checkpoints do not hold, are then initialised as in one process."""
     from pathlib import Path
 
-    from safetensors import safe_open
+    from models import expected_checkpoint_keys, safetensors_io
 
-    import models
-
-    path = Path(path)
     model.to_empty(device=device)
     model.tie_weights()  # to_empty gives plain (not sharded) parameters new storage, which unties them
-    expected = models.expected_checkpoint_keys(model)
+    expected = expected_checkpoint_keys(model)
     params = dict(model.named_parameters())
-    for file in models.safetensors_io.checkpoint_files(path):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in f.keys():
+    for file in safetensors_io.checkpoint_files(Path(path)):
+        with open(file, "rb") as f:
+            for key, info in safetensors_io.read_header(file).items():
                 if key not in expected:
                     continue
                 name, index = model.param_for_hf_key(key) if hasattr(model, "param_for_hf_key") else (key, None)
@@ -372,7 +369,7 @@ def load_sharded(model: nn.Module, path, device: torch.device) -> None:
                 where = overlap(key_region(target.shape, index), local.shape, offset)
                 if where is not None:
                     file_index, local_index = where
-                    local[local_index] = f.get_slice(key)[file_index].to(local.dtype)
+                    local[local_index] = safetensors_io.read_slice(f, info, file_index).to(local.dtype)
     init_after_sharded_load(model, device)
 
 

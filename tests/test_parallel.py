@@ -177,6 +177,18 @@ def test_load_memory_script_measures_real_sharded_loads(hf_checkpoint, tmp_path,
     assert "| 2 |" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("index", [(slice(2, 5),), (slice(None), slice(1, 3)), (slice(1, 2), slice(0, 4), slice(2, 3)),
+                                   (slice(0, 3), slice(0, 4), slice(0, 5)), (slice(3, 3),)])
+def test_read_slice_reads_exactly_a_box_of_a_tensor(tmp_path, index):
+    from safetensors.torch import save_file
+
+    whole = torch.randn(3, 4, 5).to(torch.bfloat16)
+    save_file({"t": whole}, str(tmp_path / "t.safetensors"))
+    info = models.safetensors_io.read_header(tmp_path / "t.safetensors")["t"]
+    with open(tmp_path / "t.safetensors", "rb") as f:
+        assert torch.equal(models.safetensors_io.read_slice(f, info, index), whole[index])
+
+
 def test_streamed_final_is_the_model_in_hf_shards(hf_checkpoint, tmp_path):
     """save_final_streamed (here in one process, where gathering is the identity) writes the same tensors as
     models.save_pretrained, split into shard files with an index; with LoRA, the merged weights of lora.merge_lora."""
