@@ -149,6 +149,9 @@ def init_distributed(device_name: str = "auto", cfg: ParallelConfig | None = Non
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     layout = resolve_layout(cfg, world_size)  # before any process group: a bad layout fails the same on every rank
     device = pick_device(device_name, local_rank)
+    if cfg.cpu_offload and device.type != "cuda":
+        raise ConfigError("parallel.cpu_offload = true keeps FSDP2's shards in host memory while a GPU computes; on "
+                          f"{device.type} everything is in host memory already: set parallel.cpu_offload = false")
     if world_size == 1:
         return DistInfo(device=device)
     backend = cfg.backend

@@ -66,6 +66,11 @@ def test_impossible_layouts_are_refused_naming_the_key(world_size, keys, message
         layout(world_size, **keys)
 
 
+def test_cpu_offload_without_a_gpu_is_refused():
+    with pytest.raises(ConfigError, match="parallel.cpu_offload = true .* set parallel.cpu_offload = false"):
+        parallel.init_distributed("cpu", ParallelConfig(cpu_offload=True))
+
+
 def test_tp_beyond_one_node_is_a_warning(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with pytest.warns(UserWarning, match="parallel.tp = 4 is larger than the 2 processes of one node"):
@@ -257,6 +262,9 @@ LAYOUTS = {
     "hsdp": (2, ["--parallel.dp_replicate=2", "--parallel.dp_shard=1", "--train.grad_accum_steps=2"]),
     "tp": (2, ["--parallel.tp=2", "--train.grad_accum_steps=4"]),
     "fsdp-tp": (4, ["--parallel.dp_shard=2", "--parallel.tp=2", "--train.grad_accum_steps=2"]),
+    # FSDP2 options that change when parameters are gathered and in which dtype gradients are reduced, not the result
+    "fsdp-options": (2, ["--parallel.dp_shard=2", "--train.grad_accum_steps=2", "--parallel.reshard_after_forward=false",
+                         "--parallel.param_dtype=fp32", "--parallel.reduce_dtype=fp32"]),
 }
 FAMILIES = ("llama", "gemma3", "qwen3_moe")
 
@@ -305,8 +313,9 @@ def trained(tmp_path_factory):
     return outs
 
 
-# FSDP x TP needs 4 processes, slow on 2 cores: Llama alone shows the 2-D mesh
-CASES = [(f, t, name) for f in FAMILIES for t in ("full", "lora") for name in LAYOUTS if name != "fsdp-tp" or f == "llama"]
+# FSDP x TP needs 4 processes, slow on 2 cores: Llama alone shows the 2-D mesh (and the FSDP2 options)
+CASES = [(f, t, name) for f in FAMILIES for t in ("full", "lora") for name in LAYOUTS
+         if name not in ("fsdp-tp", "fsdp-options") or f == "llama"]
 
 
 @pytest.mark.slow
