@@ -399,9 +399,8 @@ def init_after_sharded_load(model: nn.Module, device: torch.device) -> None:
 
 def saves_streamed(cfg, model: nn.Module) -> bool:
     """Whether final/ and adapter/ can be written one gathered tensor at a time. Not yet: QLoRA (merged from the
-    original files instead), DoRA (its merge needs whole-row norms), and models whose checkpoint layout differs from
-    their parameters (`hf_state_dict`: stacked MoE experts), which are gathered whole on rank 0 as before."""
-    return not cfg.lora.quantize and not cfg.lora.dora and not hasattr(model, "hf_state_dict")
+    original files instead) and DoRA (its merge needs whole-row norms), which are gathered whole on rank 0 as before."""
+    return not cfg.lora.quantize and not cfg.lora.dora
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:
@@ -409,9 +408,18 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t.detach()
 
 
-def final_tensors(model: nn.Module, merge_lora: bool):
-    """(checkpoint key, a function giving the whole tensor), in state-dict order. With merge_lora a LoRA layer gives
-    one merged weight W + s B A instead of its three tensors; a tied LM head is left out, as HF does."""
+def merged_lora_weight(module: nn.Module) -> torch.Tensor:
+    """W + s B A of a LoRA layer, gathered whole, computed in fp32, in the base weight's dtype: (out, in)."""
+    w = whole(module.weight)
+    delta = (whole(module.lora_B.weight).float() @ whole(module.lora_A.weight).float()) * module.scaling
+    return (w.float() + delta).to(w.dtype)
+
+
+def final_tensors(model: nn.Module, merge_lora: bool) -> list[tuple]:
+    """(checkpoint key, a function giving the whole tensor, shape, dtype), one per tensor of final/. With merge_lora a
+    LoRA layer gives one merged weight instead of its three tensors; a tied LM head is left out, as HF does."""
+    if hasattr(model, "hf_state_dict"):
+        return final_tensors_by_checkpoint_key(model, merge_lora)
     modules = dict(model.named_modules())
     skip = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     out = []
@@ -420,14 +428,32 @@ def final_tensors(model: nn.Module, merge_lora: bool):
         if key in skip or (merge_lora and ".lora_" in key):
             continue
         if merge_lora and owner is not None and key.endswith(".weight") and is_lora(owner):
-            def merged(m=owner):  # (out, in), in the base weight's dtype
-                w = whole(m.weight)
-                delta = (whole(m.lora_B.weight).float() @ whole(m.lora_A.weight).float()) * m.scaling
-                return (w.float() + delta).to(w.dtype)
-            out.append((key, merged, value.shape, value.dtype))
+            out.append((key, lambda m=owner: merged_lora_weight(m), value.shape, value.dtype))
         else:
             out.append((key, lambda v=value: whole(v), value.shape, value.dtype))
     return out
+
+
+def final_tensors_by_checkpoint_key(model: nn.Module, merge_lora: bool) -> list[tuple]:
+    """final_tensors for a model whose checkpoint layout differs from its parameters (stacked MoE experts): each
+    parameter is gathered once and cut into the checkpoint tensors that land in it (`param_for_hf_key`)."""
+    params, modules = dict(model.named_parameters()), dict(model.named_modules())
+    by_param: dict[str, list] = {}  # parameter name -> [(key, index, shape)], so each parameter is gathered once
+    for key, shape in model.expected_hf_keys().items():
+        name, index = model.param_for_hf_key(key)
+        by_param.setdefault(name, []).append((key, index, torch.Size(shape)))
+    cache: dict[str, torch.Tensor] = {}  # the one parameter gathered last
+
+    def gathered(name: str) -> torch.Tensor:
+        if name not in cache:
+            cache.clear()
+            owner = modules[name.rpartition(".")[0]]
+            lora_weight = merge_lora and is_lora(owner) and name.endswith(".weight")
+            cache[name] = merged_lora_weight(owner) if lora_weight else whole(params[name])
+        return cache[name]
+
+    return [(key, lambda n=name, i=index: gathered(n) if i is None else gathered(n)[i], shape, params[name].dtype)
+            for name, keys in by_param.items() for key, index, shape in keys]
 
 
 @torch.no_grad()

@@ -194,12 +194,15 @@ def test_read_slice_reads_exactly_a_box_of_a_tensor(tmp_path, index):
         assert torch.equal(models.safetensors_io.read_slice(f, info, index), whole[index])
 
 
-def test_streamed_final_is_the_model_in_hf_shards(hf_checkpoint, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_streamed_final_is_the_model_in_hf_shards(tmp_path, family):
     """save_final_streamed (here in one process, where gathering is the identity) writes the same tensors as
-    models.save_pretrained, split into shard files with an index; with LoRA, the merged weights of lora.merge_lora."""
+    models.save_pretrained, split into shard files with an index; with LoRA, the merged weights of lora.merge_lora.
+    Qwen3-MoE's stacked experts are cut back into one checkpoint tensor per expert."""
     from nanotune import lora
 
-    folder, _ = hf_checkpoint("llama", vocab_size=64)
+    folder = tmp_path / "model"
+    write_family_checkpoint(folder, family)
     model = models.from_pretrained(folder)
     lora.apply_lora(model, ["q_proj", "down_proj"], rank=4, alpha=8)
     with torch.no_grad():
