@@ -235,14 +235,19 @@ def save_pretrained(model: nn.Module, path: str | Path, max_shard_size: int | st
     tensors = hf_state_dict(model)
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    safetensors_io.save_sharded(tensors, path, parse_size(max_shard_size))
+    write_config_json(model, path, str(next(iter(tensors.values())).dtype).removeprefix("torch."))
+    make_readable(path)
+
+
+def write_config_json(model: nn.Module, path: Path, dtype_name: str) -> None:
+    """config.json for saved weights of dtype `dtype_name` (e.g. "bfloat16"), written atomically."""
     hf = dict(model.config.hf_config) or hf_config_from(model.config)
     hf.pop("torch_dtype", None)
-    hf["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    safetensors_io.save_sharded(tensors, path, parse_size(max_shard_size))
-    tmp = path / "config.json.tmp"
+    hf["dtype"] = dtype_name
+    tmp = Path(path) / "config.json.tmp"
     tmp.write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path / "config.json")
-    make_readable(path)
+    os.replace(tmp, Path(path) / "config.json")
 
 
 def make_readable(folder: str | Path) -> None:

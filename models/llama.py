@@ -164,12 +164,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: attention.AttentionContext):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        # head counts come from the shapes: under tensor parallelism each process holds only some of the heads
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hq, T, hd)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = attention.attend(q, k, v, ctx, sliding_window=self.config.sliding_window)  # (B, Hq, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, Hq * hd) -> (B, T, D)
 
 
 class MLP(nn.Module):
@@ -208,7 +209,22 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
 
 
+# Tensor-parallel plan, applied from outside by nanotune/parallel.py: module-name pattern (`*` = a layer index) ->
+# colwise (split output features: whole heads, MLP columns) | rowwise (split input features, outputs all-reduced).
+TP_PLAN = {
+    "model.layers.*.self_attn.q_proj": "colwise",
+    "model.layers.*.self_attn.k_proj": "colwise",
+    "model.layers.*.self_attn.v_proj": "colwise",
+    "model.layers.*.self_attn.o_proj": "rowwise",
+    "model.layers.*.mlp.gate_proj": "colwise",
+    "model.layers.*.mlp.up_proj": "colwise",
+    "model.layers.*.mlp.down_proj": "rowwise",
+}
+
+
 class LlamaForCausalLM(nn.Module):
+    tp_plan = TP_PLAN
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config

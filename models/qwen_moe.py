@@ -214,14 +214,15 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: attention.AttentionContext):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, Hq, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        # head counts come from the shapes: under tensor parallelism each process holds only some of the heads
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hq, hd)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, hd)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
         y = attention.attend(q, k, v, ctx)  # (B, Hq, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, Hq * hd) -> (B, T, D)
 
 
 class MLP(nn.Module):
@@ -396,7 +397,26 @@ class QwenMoeModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
 
 
+# Tensor-parallel plan, applied from outside by nanotune/parallel.py: module-name pattern (`*` = a layer index) ->
+# colwise (split output features) | rowwise (split input features, outputs all-reduced) | heads_norm (Qwen3's q/k
+# norms over head_dim, run on each process's (B, T, local heads, hd)). Attention and the dense MLPs only: the experts,
+# the router and Qwen2-MoE's shared expert stay whole on every tensor-parallel process (expert parallelism is apart).
+TP_PLAN = {
+    "model.layers.*.self_attn.q_proj": "colwise",
+    "model.layers.*.self_attn.k_proj": "colwise",
+    "model.layers.*.self_attn.v_proj": "colwise",
+    "model.layers.*.self_attn.q_norm": "heads_norm",
+    "model.layers.*.self_attn.k_norm": "heads_norm",
+    "model.layers.*.self_attn.o_proj": "rowwise",
+    "model.layers.*.mlp.gate_proj": "colwise",
+    "model.layers.*.mlp.up_proj": "colwise",
+    "model.layers.*.mlp.down_proj": "rowwise",
+}
+
+
 class QwenMoeForCausalLM(nn.Module):
+    tp_plan = TP_PLAN
+
     def __init__(self, config: QwenMoeConfig):
         super().__init__()
         self.config = config

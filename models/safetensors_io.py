@@ -7,7 +7,9 @@ process's resident memory at one copy of the model plus one tensor in flight, wh
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -80,6 +82,32 @@ def read_tensor(f, info: dict) -> torch.Tensor:
     view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
     if f.readinto(view) != info["nbytes"]:
         raise IOError(f"{f.name}: truncated data for a tensor of shape {info['shape']}")
+    return out
+
+
+def read_slice(f, info: dict, index: tuple[slice, ...]) -> torch.Tensor:
+    """Read only `index` of a tensor (step-1 slices of its leading dimensions) from an open file into a new CPU tensor.
+
+    After the last dimension that is cut, every dimension is whole, so each run of that dimension is contiguous in
+    the file: one read per run (one read in all for a block of rows; one per row for a block of columns). Reading
+    with `readinto`, not through a memory map, keeps the process's resident memory at what it keeps."""
+    shape = list(info["shape"])
+    if not shape:
+        return read_tensor(f, info)
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    bounds = [s.indices(n)[:2] for s, n in zip(index, shape)]  # (start, stop) per dimension
+    out = torch.empty([stop - start for start, stop in bounds], dtype=DTYPES[info["dtype"]])
+    if out.numel() == 0:
+        return out
+    cut = max((d for d, (start, stop) in enumerate(bounds) if (start, stop) != (0, shape[d])), default=0)
+    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]  # in elements, row-major
+    run_bytes = (bounds[cut][1] - bounds[cut][0]) * strides[cut] * out.element_size()
+    buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
+    for i, outer in enumerate(itertools.product(*(range(start, stop) for start, stop in bounds[:cut]))):
+        first = sum(j * s for j, s in zip(outer, strides)) + bounds[cut][0] * strides[cut]  # element offset
+        f.seek(info["start"] + first * out.element_size())
+        if f.readinto(buffer[i * run_bytes:(i + 1) * run_bytes]) != run_bytes:
+            raise IOError(f"{f.name}: truncated data for a tensor of shape {shape}")
     return out
 
 

@@ -153,9 +153,19 @@ class LoggingConfig:
 
 @dataclass
 class ParallelConfig:
-    """Under torchrun every process holds a shard of the model (FSDP2 over one data-parallel dimension)."""
+    """How the processes of a torchrun job share the model: one DeviceMesh (dp_replicate, dp_shard, cp, tp) whose
+    sizes multiply to the number of processes. See docs/parallel.md."""
 
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    dp_replicate: int = 1  # data-parallel replicas of the sharded model (HSDP: > 1, usually the number of nodes)
+    dp_shard: int = -1  # FSDP2: processes that share one copy of the model, each holding 1/dp_shard (-1: the rest)
+    tp: int = 1  # tensor parallel: processes that split every attention / MLP matmul (keep it within one node)
+    cp: int = 1  # context parallel (not built yet: must be 1)
+    ep: int = 1  # expert parallel (not built yet: must be 1)
+    param_dtype: str = "auto"  # FSDP2 compute dtype of gathered parameters: auto (bf16 for amp-bf16) | fp32 | bf16
+    reduce_dtype: str = "auto"  # FSDP2 gradient reduction dtype: auto (fp32 for amp-bf16, else the parameters') | fp32 | bf16
+    reshard_after_forward: bool = True  # free gathered parameters after each layer's forward (False: keep until backward)
+    cpu_offload: bool = False  # FSDP2 keeps parameters, gradients and optimizer state in host memory (CUDA)
 
 
 @dataclass

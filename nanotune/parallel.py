@@ -1,26 +1,40 @@
-"""Process groups and FSDP2 sharding, applied to a finished model from outside.
+"""Several processes, one DeviceMesh: data parallel (FSDP2 / HSDP) and tensor parallel, applied from outside the model.
 
-    dist = init_distributed("auto")              # reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK
-    model = shard_model(model, dist, mp_dtype)    # fully_shard each decoder layer, then the root
+    dist = init_distributed("auto", cfg.parallel)       # reads torchrun's RANK / WORLD_SIZE; builds the mesh
+    model = parallelize(model, dist, cfg.parallel, precision="fp32", compile=False)
 
-One data-parallel dimension for now: each process holds 1/world_size of every parameter, gradient and optimizer
-state (ZeRO-3 style, through `torch.distributed.fsdp.fully_shard`). Gradients are averaged over processes by the
-reduce-scatter; train.py scales its loss by world_size so that the result is the sum over all tokens divided by the
-trainable tokens of the whole step, exactly as in one process.
+The processes form one mesh with named dimensions (dp_replicate, dp_shard, cp, tp); their sizes multiply to the
+world size. Parallelism is applied in a fixed order, the one torchtitan documents:
+
+1. tensor parallel: the model file's TP_PLAN (module-name patterns -> "colwise" / "rowwise" / "heads_norm") splits
+   each attention and dense MLP matmul over the `tp` processes (Megatron-LM, Shoeybi et al. 2019);
+2. activation checkpointing (a flag the model's forward reads);
+3. torch.compile of each decoder block;
+4. FSDP2 (ZeRO-3, `fully_shard`) over `dp_shard`, as HSDP (replicated across `dp_replicate`, sharded within) when
+   dp_replicate > 1: each decoder layer is its own unit, then the root.
+
+Data: the processes of one tensor-parallel group see the same micro-batches (`dp_rank`, `dp_size`); gradients are
+averaged over the data-parallel processes only. train.py scales its loss so that the result is the sum over all tokens
+divided by the trainable tokens of the whole step, exactly as in one process. See docs/parallel.md.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from nanotune.config import ConfigError
+from nanotune.config import ConfigError, ParallelConfig
+
+MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -29,6 +43,9 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    layout: dict = field(default_factory=lambda: dict.fromkeys(MESH_DIMS, 1))  # mesh dimension -> size
+    mesh: object = None  # the DeviceMesh over all processes (None in one process)
+    owns_process_group: bool = False  # set up here (and so torn down by cleanup), not by the caller
 
     @property
     def is_main(self) -> bool:
@@ -37,6 +54,18 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def dp_size(self) -> int:
+        """Processes that see different data: dp_replicate x dp_shard."""
+        return self.layout["dp_replicate"] * self.layout["dp_shard"]
+
+    @property
+    def dp_rank(self) -> int:
+        """This process's index among the data-parallel ones (its tensor-parallel peers share it)."""
+        if self.mesh is None:
+            return 0
+        return self.mesh["dp_replicate"].get_local_rank() * self.layout["dp_shard"] + self.mesh["dp_shard"].get_local_rank()
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -50,30 +79,451 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def init_distributed(device_name: str = "auto", backend: str = "auto") -> DistInfo:
-    """One process: nothing to set up. Under torchrun: a process group (NCCL on CUDA, gloo on CPU)."""
+# ----------------------------------------------------------------------------------------------- the layout
+
+
+def resolve_layout(cfg: ParallelConfig, world_size: int) -> dict[str, int]:
+    """Mesh sizes from the [parallel] keys, dp_shard = -1 filled in; refuses layouts that cannot cover the processes."""
+    for key in ("cp", "ep"):
+        if getattr(cfg, key) != 1:
+            what = "context" if key == "cp" else "expert"
+            raise ConfigError(f"parallel.{key} = {getattr(cfg, key)}: {what} parallelism is not built yet; "
+                              f"set parallel.{key} = 1")
+    for key in ("dp_replicate", "tp"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"parallel.{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.dp_shard == 0 or cfg.dp_shard < -1:
+        raise ConfigError(f"parallel.dp_shard must be -1 (the processes left over) or at least 1, got {cfg.dp_shard}")
+    for key, choices in (("param_dtype", ("auto", *DTYPES)), ("reduce_dtype", ("auto", *DTYPES))):
+        if getattr(cfg, key) not in choices:
+            raise ConfigError(f"parallel.{key} = {getattr(cfg, key)!r} is not one of {choices}")
+    others = cfg.dp_replicate * cfg.cp * cfg.tp
+    dp_shard = cfg.dp_shard
+    if dp_shard == -1:
+        if world_size % others:
+            raise ConfigError(
+                f"parallel.dp_replicate x tp = {others} does not divide the {world_size} processes, so "
+                f"parallel.dp_shard = -1 cannot fill the rest; launch a multiple of {others} processes or change them")
+        dp_shard = world_size // others
+    layout = {"dp_replicate": cfg.dp_replicate, "dp_shard": dp_shard, "cp": cfg.cp, "tp": cfg.tp}
+    product = others * dp_shard
+    if product != world_size:
+        sizes = " x ".join(f"{k} {v}" for k, v in layout.items() if v > 1) or "1"
+        raise ConfigError(
+            f"the [parallel] layout ({sizes} = {product}) does not match the {world_size} processes launched; make "
+            "parallel.dp_replicate x dp_shard x tp equal the world size (dp_shard = -1 takes what is left)")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if cfg.tp > local:
+        warnings.warn(f"parallel.tp = {cfg.tp} is larger than the {local} processes of one node: every layer's "
+                      "tensor-parallel all-reduce crosses the network; keep tp within a node and use dp_shard / "
+                      "dp_replicate across nodes")
+    return layout
+
+
+def check_model_layout(layout: dict[str, int], config, lora_cfg=None) -> None:
+    """Refuse a tensor-parallel size that does not split the model's heads and MLP evenly (before any weight is read)."""
+    tp = layout["tp"]
+    if tp == 1:
+        return
+    sizes = {key: getattr(config, key) for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+             if getattr(config, key, None)}
+    for key, value in sizes.items():
+        if value % tp:
+            fits = [d for d in range(1, tp) if all(v % d == 0 for v in sizes.values())]
+            raise ConfigError(
+                f"parallel.tp = {tp} does not divide the model's {key} ({value}): each tensor-parallel process must "
+                f"hold whole heads and an equal part of the MLP; set parallel.tp to {fits[-1]} or another divisor "
+                f"of {', '.join(f'{k} ({v})' for k, v in sizes.items())}")
+    if lora_cfg is not None and lora_cfg.enabled:
+        if lora_cfg.quantize:
+            raise ConfigError("lora.quantize = 'nf4' with parallel.tp > 1 is not supported (NF4 weights cannot be "
+                              "split by tensor parallelism yet); set parallel.tp = 1 and shard with dp_shard")
+        if lora_cfg.dora:
+            raise ConfigError("lora.dora = true with parallel.tp > 1 is not supported (DoRA's row norms are not "
+                              "split yet); set parallel.tp = 1 or lora.dora = false")
+
+
+def init_distributed(device_name: str = "auto", cfg: ParallelConfig | None = None) -> DistInfo:
+    """One process: nothing to set up. Under torchrun: the layout is checked, then a process group (NCCL on CUDA,
+    gloo on CPU) and one DeviceMesh with the dimensions MESH_DIMS."""
+    cfg = cfg or ParallelConfig()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    layout = resolve_layout(cfg, world_size)  # before any process group: a bad layout fails the same on every rank
     device = pick_device(device_name, local_rank)
+    if cfg.cpu_offload and device.type != "cuda":
+        raise ConfigError("parallel.cpu_offload = true keeps FSDP2's shards in host memory while a GPU computes; on "
+                          f"{device.type} everything is in host memory already: set parallel.cpu_offload = false")
     if world_size == 1:
         return DistInfo(device=device)
+    backend = cfg.backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()  # a caller (a notebook, a test running several trainings) may have set it up
+    if owns:
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-    return DistInfo(dist.get_rank(), world_size, local_rank, device)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, tuple(layout[d] for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
+    return DistInfo(dist.get_rank(), world_size, local_rank, device, layout, mesh, owns)
 
 
-def shard_model(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | None = None) -> nn.Module:
-    """FSDP2: shard every decoder layer as its own unit (gathered just before its forward), then the root."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+# ----------------------------------------------------------------------------------------------- applying it
 
-    mesh = torch.distributed.device_mesh.init_device_mesh(info.device.type, (info.world_size,), mesh_dim_names=("dp",))
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+
+def parallelize(model: nn.Module, info: DistInfo, cfg: ParallelConfig, precision: str = "fp32",
+                compile: bool = False) -> nn.Module:
+    """TP plan -> (activation checkpointing: a flag already set on the model) -> compile each block -> FSDP2/HSDP."""
+    if info.layout["tp"] > 1:
+        apply_tp_plan(model, info.mesh["tp"], model.tp_plan)
+    if compile:  # each decoder block compiled on its own: parameter names and the loop stay as they are
+        for layer in model.model.layers:
+            layer.compile()
+    if info.dp_size > 1:
+        apply_fsdp(model, data_parallel_mesh(info), cfg, precision)
     return model
+
+
+def data_parallel_mesh(info: DistInfo):
+    """The mesh FSDP2 shards over: 1-D (dp_shard), or 2-D (dp_replicate, dp_shard) for HSDP."""
+    if info.layout["dp_replicate"] > 1:
+        return info.mesh["dp_replicate", "dp_shard"]
+    return info.mesh["dp_shard"]
+
+
+def apply_fsdp(model: nn.Module, mesh, cfg: ParallelConfig, precision: str) -> None:
+    """FSDP2: every decoder layer is one unit (gathered just before its forward, resharded after), then the root."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    amp = precision == "amp-bf16"  # fp32 master weights, bf16 compute: gather in bf16, reduce in fp32
+    param_dtype = DTYPES.get(cfg.param_dtype, torch.bfloat16 if amp else None)
+    reduce_dtype = DTYPES.get(cfg.reduce_dtype, torch.float32 if amp else None)
+    options = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
+                   offload_policy=CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy())
+    for layer in model.model.layers:
+        fully_shard(layer, reshard_after_forward=cfg.reshard_after_forward, **options)
+    fully_shard(model, **options)  # the root: embeddings, final norm, LM head; kept gathered for the backward
+
+
+def plan_matches(pattern: str, names: list[str]) -> list[str]:
+    """Module names matching a plan pattern, where `*` stands for one name component (a layer index)."""
+    regex = re.compile(re.escape(pattern).replace(r"\*", r"[^.]+") + "$")
+    return [n for n in names if regex.match(n)]
+
+
+def apply_tp_plan(model: nn.Module, mesh, plan: dict[str, str]) -> None:
+    """Shard every module a plan pattern names. A pattern that matches nothing is fine (a MoE layer has no dense MLP)."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    # torch's styles register new parameters that require grad: keep frozen weights (a LoRA base, its norms) frozen
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    names = [n for n, _ in model.named_modules()]
+    for pattern, style in plan.items():
+        for name in plan_matches(pattern, names):
+            module = model.get_submodule(name)
+            if is_lora(module):
+                shard_lora_linear(module, mesh, style)
+            else:
+                parallelize_module(module, mesh, tp_style(style))
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable[name])
+
+
+def tp_style(style: str):
+    """Plan words -> torch's parallel styles. Activations between blocks stay whole (replicated) on every process:
+    colwise takes the whole input and leaves each process its slice of the output features; rowwise takes that slice
+    and all-reduces the partial sums into the whole output; heads_norm applies a per-head norm (its weight replicated,
+    its gradient summed over processes) to (B, T, local heads, head_dim)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
+
+    styles = {
+        "colwise": lambda: ColwiseParallel(),
+        "rowwise": lambda: RowwiseParallel(),
+        "heads_norm": lambda: SequenceParallel(sequence_dim=2, use_local_output=True),
+    }
+    if style not in styles:
+        raise ValueError(f"TP plan style {style!r} is unknown; use one of {sorted(styles)}")
+    return styles[style]()
+
+
+def is_lora(module: nn.Module) -> bool:
+    return hasattr(module, "lora_A") and hasattr(module, "lora_B")
+
+
+def shard_lora_linear(module: nn.Module, mesh, style: str) -> None:
+    """LoRA on a split linear, y = W x + b + s B A x, kept exact:
+    colwise (W, b split by output rows): B is split by its rows the same way, A is whole, so each process computes its
+      slice of y; A's gradient (a sum over all output rows) is summed over the processes by DTensor.
+    rowwise (W split by input columns): A is split by its columns the same way, B and b are whole; W x and A x are
+      partial sums over the processes, all-reduced before b is added and the output leaves the module."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+
+    if style not in ("colwise", "rowwise"):
+        raise ValueError(f"a LoRA layer can be split colwise or rowwise, not {style!r}")
+    split = {"colwise": {"weight": Shard(0), "bias": Shard(0), "lora_B.weight": Shard(0)},
+             "rowwise": {"weight": Shard(1), "lora_A.weight": Shard(1)}}[style]
+    for name, placement in split.items():
+        owner_name, _, local = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        param = getattr(owner, local)
+        if param is not None:
+            sharded = distribute_tensor(param.data, mesh, [placement])
+            owner.register_parameter(local, nn.Parameter(sharded, requires_grad=param.requires_grad))
+    input_placement = Replicate() if style == "colwise" else Shard(-1)
+
+    def input_fn(mod, inputs, mesh):  # (B, T, in) whole, or (B, T, in / tp) for rowwise
+        return tuple(DTensor.from_local(x, mesh, [input_placement], run_check=False) for x in inputs)
+
+    def output_fn(mod, output, mesh):  # (B, T, out / tp) for colwise, (B, T, out) summed for rowwise
+        return output.to_local() if style == "colwise" else output.redistribute(mesh, [Replicate()]).to_local()
+
+    distribute_module(module, mesh, input_fn=input_fn, output_fn=output_fn)  # the rest (A or B, b) replicated
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float, info: DistInfo) -> float:
+    """Scale the gradients so that their global 2-norm is at most max_norm; returns the norm before clipping.
+    Under tensor parallelism the parameters are plain tensors and DTensors on different meshes (split weights beside
+    replicated norms), which torch's clip_grad_norm_ cannot mix: each gradient's norm is reduced over its own mesh."""
+    if info.layout["tp"] == 1:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = [torch.linalg.vector_norm(g) for g in grads]
+    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]  # () each, whole over its mesh
+    total = float(torch.linalg.vector_norm(torch.stack(norms).float())) if norms else 0.0
+    scale = min(1.0, max_norm / (total + 1e-6))  # a non-finite norm is returned as is: the caller skips or stops
+    for g in grads:
+        g.mul_(scale)
+    return total
+
+
+# ----------------------------------------------------------------------------------------------- sharded loading
+
+
+def loads_sharded(cfg, info: DistInfo) -> bool:
+    """Whether this run builds the model on the meta device, parallelizes it, then fills each rank's shards from the
+    checkpoint. Otherwise every process loads the whole model and then shards it: one process, random init from
+    model.size, and NF4 / DoRA (quantised while loading / magnitudes from whole rows), for now."""
+    return info.enabled and bool(cfg.model.path) and not cfg.lora.quantize and not cfg.lora.dora
+
+
+def local_box(param: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """(this rank's local tensor, its offset in the whole tensor), for a DTensor or a plain (whole) tensor."""
+    if not hasattr(param, "to_local"):
+        return param.data, (0,) * param.ndim
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local = param.to_local()
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    assert tuple(local.shape) == tuple(shape), f"local shard {tuple(local.shape)} != expected {tuple(shape)}"
+    return local, tuple(offset)
+
+
+def overlap(region: list[tuple[int, int, bool]], local_shape, offset) -> tuple[tuple, tuple] | None:
+    """region: per dimension of the whole parameter, (start, stop, squeezed) of one checkpoint tensor (an int index
+    such as one expert of a stacked tensor is squeezed: not a dimension of the checkpoint tensor). -> (slices into
+    the checkpoint tensor, index into the local shard) of the part both hold, or None when they hold nothing alike."""
+    file_index, local_index = [], []
+    for (start, stop, squeezed), size, off in zip(region, local_shape, offset):
+        lo, hi = max(start, off), min(stop, off + size)
+        if lo >= hi:
+            return None
+        if squeezed:
+            local_index.append(lo - off)
+        else:
+            file_index.append(slice(lo - start, hi - start))
+            local_index.append(slice(lo - off, hi - off))
+    return tuple(file_index), tuple(local_index)
+
+
+def key_region(shape, index) -> list[tuple[int, int, bool]]:
+    """The box a checkpoint tensor fills in its parameter: all of it, or `index` (ints and slices, leading dims)."""
+    index = () if index is None else (index if isinstance(index, tuple) else (index,))
+    region = []
+    for dim, size in enumerate(shape):
+        item = index[dim] if dim < len(index) else slice(None)
+        if isinstance(item, int):
+            region.append((item, item + 1, True))
+        else:
+            start, stop, _ = item.indices(size)
+            region.append((start, stop, False))
+    return region
+
+
+@torch.no_grad()
+def load_sharded(model: nn.Module, path, device: torch.device) -> None:
+    """Allocate this rank's shards of a meta-device, already parallelized model and fill them from the safetensors
+    files, reading only the slices this rank owns (`safetensors_io.read_slice`): no process holds the whole model.
+    Adapters and RoPE tables, which checkpoints do not hold, are then initialised as in one process."""
+    from pathlib import Path
+
+    from models import expected_checkpoint_keys, safetensors_io
+
+    model.to_empty(device=device)
+    model.tie_weights()  # to_empty gives plain (not sharded) parameters new storage, which unties them
+    expected = expected_checkpoint_keys(model)
+    params = dict(model.named_parameters())
+    for file in safetensors_io.checkpoint_files(Path(path)):
+        with open(file, "rb") as f:
+            for key, info in safetensors_io.read_header(file).items():
+                if key not in expected:
+                    continue
+                name, index = model.param_for_hf_key(key) if hasattr(model, "param_for_hf_key") else (key, None)
+                target = params[name] if name in params else model.get_buffer(name)
+                local, offset = local_box(target)
+                where = overlap(key_region(target.shape, index), local.shape, offset)
+                if where is not None:
+                    file_index, local_index = where
+                    local[local_index] = safetensors_io.read_slice(f, info, file_index).to(local.dtype)
+    init_after_sharded_load(model, device)
+
+
+def init_after_sharded_load(model: nn.Module, device: torch.device) -> None:
+    """What from_pretrained's `materialize_after_load` does, for sharded tensors: RoPE tables are computed; a LoRA
+    adapter is initialised whole (A Kaiming-uniform, B zero: the same random numbers as one process, drawn in the same
+    module order) and each rank keeps its part."""
+    import math
+
+    for module in model.modules():
+        if hasattr(module, "lora_A") and hasattr(module, "lora_B"):
+            for linear, init in ((module.lora_A, lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5))),
+                                 (module.lora_B, nn.init.zeros_)):
+                whole = torch.empty(linear.weight.shape, dtype=linear.weight.dtype)
+                init(whole)
+                local, offset = local_box(linear.weight)
+                local.copy_(whole[tuple(slice(o, o + n) for o, n in zip(offset, local.shape))])
+        elif hasattr(module, "materialize_after_load"):
+            module.materialize_after_load(device)
+
+
+# ----------------------------------------------------------------------------------------------- streamed saving
+
+
+def saves_streamed(cfg, model: nn.Module) -> bool:
+    """Whether final/ and adapter/ can be written one gathered tensor at a time. Not yet: QLoRA (merged from the
+    original files instead) and DoRA (its merge needs whole-row norms), which are gathered whole on rank 0 as before."""
+    return not cfg.lora.quantize and not cfg.lora.dora
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every process (a collective for a DTensor: every process must call it, in the same order)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t.detach()
+
+
+def merged_lora_weight(module: nn.Module) -> torch.Tensor:
+    """W + s B A of a LoRA layer, gathered whole, computed in fp32, in the base weight's dtype: (out, in)."""
+    w = whole(module.weight)
+    delta = (whole(module.lora_B.weight).float() @ whole(module.lora_A.weight).float()) * module.scaling
+    return (w.float() + delta).to(w.dtype)
+
+
+def final_tensors(model: nn.Module, merge_lora: bool) -> list[tuple]:
+    """(checkpoint key, a function giving the whole tensor, shape, dtype), one per tensor of final/. With merge_lora a
+    LoRA layer gives one merged weight instead of its three tensors; a tied LM head is left out, as HF does."""
+    if hasattr(model, "hf_state_dict"):
+        return final_tensors_by_checkpoint_key(model, merge_lora)
+    modules = dict(model.named_modules())
+    skip = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    out = []
+    for key, value in model.state_dict(keep_vars=True).items():
+        owner = modules.get(key.rpartition(".")[0])
+        if key in skip or (merge_lora and ".lora_" in key):
+            continue
+        if merge_lora and owner is not None and key.endswith(".weight") and is_lora(owner):
+            out.append((key, lambda m=owner: merged_lora_weight(m), value.shape, value.dtype))
+        else:
+            out.append((key, lambda v=value: whole(v), value.shape, value.dtype))
+    return out
+
+
+def final_tensors_by_checkpoint_key(model: nn.Module, merge_lora: bool) -> list[tuple]:
+    """final_tensors for a model whose checkpoint layout differs from its parameters (stacked MoE experts): each
+    parameter is gathered once and cut into the checkpoint tensors that land in it (`param_for_hf_key`)."""
+    params, modules = dict(model.named_parameters()), dict(model.named_modules())
+    by_param: dict[str, list] = {}  # parameter name -> [(key, index, shape)], so each parameter is gathered once
+    for key, shape in model.expected_hf_keys().items():
+        name, index = model.param_for_hf_key(key)
+        by_param.setdefault(name, []).append((key, index, torch.Size(shape)))
+    cache: dict[str, torch.Tensor] = {}  # the one parameter gathered last
+
+    def gathered(name: str) -> torch.Tensor:
+        if name not in cache:
+            cache.clear()
+            owner = modules[name.rpartition(".")[0]]
+            lora_weight = merge_lora and is_lora(owner) and name.endswith(".weight")
+            cache[name] = merged_lora_weight(owner) if lora_weight else whole(params[name])
+        return cache[name]
+
+    return [(key, lambda n=name, i=index: gathered(n) if i is None else gathered(n)[i], shape, params[name].dtype)
+            for name, keys in by_param.items() for key, index, shape in keys]
+
+
+@torch.no_grad()
+def save_final_streamed(model: nn.Module, folder, info: DistInfo, merge_lora: bool = False,
+                        max_shard_bytes: int = 5 * 10**9) -> None:
+    """Write an HF-format folder (config.json + safetensors shards + index) from a sharded model: each tensor is
+    gathered in turn (every process takes part), and rank 0 keeps at most one shard file's tensors before writing it,
+    so no process holds the whole model."""
+    import json
+    from pathlib import Path
+
+    import models
+
+    folder = Path(folder)
+    entries = final_tensors(model, merge_lora)
+    shards: list[list] = [[]]  # planned from shapes and dtypes alone, so the file names are known before gathering
+    size = 0
+    for entry in entries:
+        nbytes = entry[2].numel() * entry[3].itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    if info.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        tensors = {}
+        for key, gather, _, _ in shard:
+            tensor = gather()  # (whole shape) on every process
+            if info.is_main:
+                tensors[key] = tensor.contiguous().cpu()
+            del tensor
+        if info.is_main:
+            models.safetensors_io.write_atomic(tensors, folder / name)
+            weight_map.update(dict.fromkeys(tensors, name))
+        del tensors
+    if info.is_main:
+        if len(shards) > 1:
+            total = sum(e[2].numel() * e[3].itemsize for e in entries)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        models.write_config_json(model, folder, str(entries[0][3]).removeprefix("torch."))
+
+
+@torch.no_grad()
+def save_adapter_streamed(model: nn.Module, folder, info: DistInfo, base_model_name_or_path: str | None) -> None:
+    """adapter/ in PEFT's format from a sharded model: the adapters are small, so they are gathered together."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from nanotune import lora
+
+    config = lora.adapter_config(model, base_model_name_or_path)
+    tensors = {k: whole(v).contiguous().cpu() for k, v in lora.adapter_state_dict(model).items()}
+    if info.is_main:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(folder / lora.ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (folder / lora.ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------- collectives
 
 
 def all_reduce_sum(value: float | int, info: DistInfo) -> float:
@@ -99,7 +549,7 @@ def barrier(info: DistInfo) -> None:
 
 
 def cleanup(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+    if info.enabled and info.owns_process_group and dist.is_initialized():
         dist.destroy_process_group()
 
 

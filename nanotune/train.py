@@ -77,9 +77,10 @@ def parse_args(argv):
     return args, overrides
 
 
-def build_model(cfg: Config, vocab_size: int, device: torch.device):
+def build_model(cfg: Config, vocab_size: int, device: torch.device, layout: dict | None = None):
     """Model from an HF folder or a named size, in the parameter dtype of the precision setting, with LoRA /
-    QLoRA swapped in on the meta device before the weights stream in (so NF4 is quantised while loading)."""
+    QLoRA swapped in on the meta device before the weights stream in (so NF4 is quantised while loading). The
+    [parallel] layout is checked against the model's shapes on the meta device, before any weight is read."""
     dtype = PARAM_DTYPES[cfg.train.precision]
     attn = cfg.attention.implementation
     try:
@@ -88,19 +89,20 @@ def build_model(cfg: Config, vocab_size: int, device: torch.device):
         raise ConfigError(str(e)) from None
 
     def prepare(model):  # LoRA's complaints (e.g. targets that match no module) are about the [lora] config
+        if layout is not None:
+            parallel.check_model_layout(layout, model.config, cfg.lora)
+        if lora_prepare is None:
+            return
         try:
             lora_prepare(model)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-
-    prepare = prepare if lora_prepare is not None else None
     if cfg.model.path:
         model = models.from_pretrained(cfg.model.path, dtype=dtype, device=device, attn_implementation=attn,
                                        prepare=prepare)
     elif cfg.model.size:
         model = models.from_size(cfg.model.size, vocab_size, dtype, device, attn, seed=cfg.seed)
-        if prepare is not None:
-            prepare(model)
+        prepare(model)
     else:
         raise ConfigError("set model.path (an HF model folder) or model.size (one of " + ", ".join(models.SIZES) + ")")
     if model.config.vocab_size < vocab_size:
@@ -266,7 +268,7 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
     check_paths(cfg, args.config)
     if args.overwrite and cfg.checkpoint.resume:
         raise ConfigError("--overwrite deletes the checkpoints that checkpoint.resume would continue from; use one")
-    dist = parallel.init_distributed(cfg.device, cfg.parallel.backend)
+    dist = parallel.init_distributed(cfg.device, cfg.parallel)
     device = dist.device
     output_dir = Path(cfg.output_dir)
     if args.dry_run:
@@ -296,7 +298,7 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
     if dist.is_main:
         parallel.barrier(dist)
     loader_args = dict(seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size,
-                       packing=cfg.data.packing, pad_id=tokenizer.pad_id, rank=dist.rank, world_size=dist.world_size)
+                       packing=cfg.data.packing, pad_id=tokenizer.pad_id, rank=dist.dp_rank, world_size=dist.dp_size)
     train_loader = BatchLoader(data.train, seed=cfg.seed, **loader_args)
     # every eval example exactly once, in file order; empty (untrained) rows even out the ranks
     eval_loader = BatchLoader(data.eval, seed=cfg.seed, shuffle=False, fill="empty", **loader_args) \
@@ -310,10 +312,13 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
         )
     total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
 
-    # ---- model: meta device -> (LoRA) -> weights -> sharding; see docs/architecture.md for the build order
-    model = build_model(cfg, tokenizer.vocab_size, torch.device("meta") if args.dry_run else device)
+    # ---- model: meta device -> (LoRA) -> weights -> sharding, or with several processes meta -> (LoRA) -> sharding ->
+    # each rank's slices of the weights; see docs/parallel.md
+    sharded_load = parallel.loads_sharded(cfg, dist)
+    on_meta = args.dry_run or sharded_load
+    model = build_model(cfg, tokenizer.vocab_size, torch.device("meta") if on_meta else device, dist.layout)
     num_trainable, num_params = lora.count_parameters(model)
-    tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * accum * dist.world_size
+    tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * accum * dist.dp_size
     log.info(f"model: {model.config.model_type}, {num_params:,} parameters, {num_trainable:,} trainable "
              f"({num_trainable / num_params:.2%})")
     log.info(f"data: {describe_rows(data.stats)}, {len(train_loader)} micro-batches/epoch/process, "
@@ -330,13 +335,11 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
             log.info(f"Triton kernels: {len(apply_kernels(model))} modules swapped")
         except (ImportError, RuntimeError) as e:
             raise ConfigError(f"train.kernels = true: {e}") from None
-    if cfg.train.compile:  # each decoder block compiled on its own: parameter names and the loop stay as they are
-        for layer in model.model.layers:
-            layer.compile()
-    if dist.enabled:
-        mp_dtype = torch.bfloat16 if cfg.train.precision == "amp-bf16" else None
-        model = parallel.shard_model(model, dist, mp_dtype)
-    use_autocast = cfg.train.precision == "amp-bf16" and not dist.enabled
+    # tensor parallel -> (activation checkpointing) -> compile each block -> FSDP2 / HSDP; see docs/parallel.md
+    model = parallel.parallelize(model, dist, cfg.parallel, cfg.train.precision, compile=cfg.train.compile)
+    if sharded_load:
+        parallel.load_sharded(model, cfg.model.path, device)
+    use_autocast = cfg.train.precision == "amp-bf16" and dist.dp_size == 1  # else FSDP2 gathers bf16 parameters
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_autocast else contextlib.nullcontext
     # activations saved for the backward go to (pinned) host memory and come back when needed
     offload = (lambda: torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")) \
@@ -416,11 +419,12 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
         step_tokens = parallel.all_reduce_sum(sum(b["num_trainable_tokens"] for b in batches), dist)
         loss_sum = aux_sum = torch.zeros((), device=device)  # summed on the device: one host sync per step
         for i, batch in enumerate(batches):
-            if dist.enabled:  # FSDP2 reduces gradients once, after the last micro-batch
+            if dist.dp_size > 1:  # FSDP2 reduces gradients once, after the last micro-batch
                 model.set_requires_gradient_sync(i == accum - 1)
             with autocast(), offload():
                 loss_i = token_loss_sum(model, batch, device)  # summed over this micro-batch's trained tokens
-                # FSDP averages gradients over ranks: scale by world_size to get the sum over all ranks instead
+                # FSDP averages gradients over dp ranks: scale by world_size (step_tokens counts each tensor-
+                # parallel group's tokens tp times) to get the sum over all ranks instead
                 objective = loss_i * dist.world_size / max(step_tokens, 1.0)
                 aux = getattr(model, "aux_loss", None)  # MoE load balancing, already times router_aux_loss_coef
                 if aux is not None:
@@ -430,8 +434,7 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
             loss_sum = loss_sum + loss_i.detach()
         loss = parallel.all_reduce_sum(loss_sum.item(), dist) / max(step_tokens, 1.0)
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        grad_norm = parallel.clip_grad_norm([p for p in model.parameters() if p.requires_grad], max_norm, dist)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
             if cfg.train.nonfinite == "error":
@@ -453,7 +456,7 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
         step += 1
 
         loss_window.append(loss)
-        tokens_window += sum(int(b["attention_mask"].sum()) for b in batches) * dist.world_size  # real, not padding
+        tokens_window += sum(int(b["attention_mask"].sum()) for b in batches) * dist.dp_size  # real, not padding
         signalled = parallel.all_reduce_sum(stop.signal is not None, dist) > 0  # every rank stops at the same step
         if step % cfg.logging.every == 0 or step == total_steps or signalled:  # a stopped run logs its last steps
             elapsed = timer.lap()
@@ -505,6 +508,9 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
 def save_final(model, cfg: Config, output_dir: Path, dist) -> None:
     """<output_dir>/final: an HF-format folder (config.json, safetensors, tokenizer files) that transformers loads.
     With LoRA, <output_dir>/adapter in PEFT's format, and final/ holds the merged model (unless lora.merge = false)."""
+    if dist.enabled and parallel.saves_streamed(cfg, model):
+        save_final_streamed(model, cfg, output_dir, dist)
+        return
     if dist.enabled:
         model = gather_on_rank0(model, cfg, dist)
         if model is None:  # other ranks: rank 0 writes
@@ -529,6 +535,21 @@ def save_final(model, cfg: Config, output_dir: Path, dist) -> None:
         lora.merge_lora(model)
     models.save_pretrained(model, tmp)
     finish_final(output_dir, tokenizer_source)
+    parallel.barrier(dist)
+
+
+def save_final_streamed(model, cfg: Config, output_dir: Path, dist) -> None:
+    """save_final for a sharded model: every process takes part in gathering one tensor at a time; rank 0 writes."""
+    tmp = output_dir / "final.tmp"
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run that died while saving
+    if cfg.lora.enabled:
+        parallel.save_adapter_streamed(model, output_dir / "adapter", dist, cfg.model.path or None)
+        log.info(f"saved adapter (PEFT format): {output_dir / 'adapter'}")
+    if not cfg.lora.enabled or cfg.lora.merge:
+        parallel.save_final_streamed(model, tmp, dist, merge_lora=cfg.lora.enabled)
+        if dist.is_main:
+            finish_final(output_dir, Path(cfg.model.tokenizer or cfg.model.path))
     parallel.barrier(dist)
 
 
