@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib.util
 import json
 import os
@@ -11,6 +13,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import models
 from nanotune import lora
@@ -485,3 +488,200 @@ def test_lora_on_moe_and_gemma_matches_peft_and_merges(tmp_path, family):
     unmerged = logits(model, ids)
     assert max_diff(unmerged, logits(reference, ids)) <= 1e-4
     assert max_diff(logits(merge_lora(model), ids), unmerged) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------ the fused LoRA path
+
+
+class OpLog(TorchDispatchMode):
+    """Records every aten / custom op that runs (forward and backward) with its tensor arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []  # (op name, [tensor arguments])
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [a for a in [*args, *(kwargs or {}).values()] if isinstance(a, torch.Tensor)]
+        self.calls.append((str(func.overloadpacket), tensors))
+        return func(*args, **(kwargs or {}))
+
+    def matmuls(self):
+        return [ts for name, ts in self.calls if name.split(".")[-1] in ("mm", "addmm", "bmm", "addmm_")]
+
+    def casts(self):
+        """(shape, from dtype) of every dtype conversion of a tensor."""
+        return [(tuple(ts[0].shape), ts[0].dtype) for name, ts in self.calls if name.endswith("_to_copy")]
+
+
+def saved_storages(fn, held=()):
+    """Run fn() and return {storage: bytes} of the tensors autograd saves for the backward, leaving out storages in
+    `held` (the parameters, which exist anyway). Each storage counts once, however many views of it are saved."""
+    held = {t.untyped_storage()._cdata for t in held}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in held:
+            saved[storage._cdata] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return saved
+
+
+def lora_layer(in_features=64, out_features=112, rank=8, alpha=16.0, dtype=torch.float32, bias=True, seed=0,
+               **options):
+    """A LoRALinear over a random nn.Linear, with B random too (at init B = 0 hides the adapter in every gradient)."""
+    torch.manual_seed(seed)
+    layer = LoRALinear(nn.Linear(in_features, out_features, bias=bias).to(dtype), rank, alpha, **options)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    return layer
+
+
+def forward_backward(module, x, seed=0):
+    """Output, input gradient and trainable-parameter gradients of one forward and backward (same dropout draws)."""
+    x = x.detach().clone().requires_grad_(x.is_floating_point())  # token ids have no gradient
+    module.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = module(x)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    (out.float() * weights).sum().backward()  # a loss whose gradient differs from element to element
+    grads = {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+    return out.detach(), x.grad, grads
+
+
+def runs_fused(layer) -> bool:
+    """Whether the layer's output comes from the fused autograd Function (looking past views and casts)."""
+    fn = layer(torch.randn(3, layer.in_features, requires_grad=True)).grad_fn
+    while fn is not None and fn.name().startswith(("ViewBackward", "ToCopyBackward")):
+        fn = fn.next_functions[0][0]
+    return fn is not None and fn.name().startswith("_LoRALinearFunction")
+
+
+def reference_copy(model):
+    reference = copy.deepcopy(model)
+    assert lora.set_fast_path(reference, fused=False) > 0
+    return reference
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
+def test_fused_layer_is_bitwise_the_reference_in_fp32(dropout):
+    """alpha / rank = 2: scaling by a power of two is exact wherever it is applied, so in fp32 one fused layer (update
+    added inside addmm_, the adapter's input gradient added into the base's, scaling applied to the small (N, r) and
+    (out, r) products in the backward) gives the reference's output and gradients bit for bit, dropout draws included."""
+    layer = lora_layer(rank=4, alpha=8.0, dropout=dropout)
+    reference = reference_copy(layer)
+    assert runs_fused(layer) and not runs_fused(reference)
+    x = torch.randn(3, 5, 64)
+    (out, gx, grads), (out_ref, gx_ref, grads_ref) = forward_backward(layer, x), forward_backward(reference, x)
+    assert torch.equal(out, out_ref) and torch.equal(gx, gx_ref)
+    assert grads.keys() == grads_ref.keys() == {"lora_A.weight", "lora_B.weight"}
+    assert all(torch.equal(grads[n], grads_ref[n]) for n in grads)
+    if dropout:  # the draws really are used: another seed gives another output
+        assert not torch.equal(forward_backward(layer, x, seed=1)[0], out)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
+def test_fused_model_matches_the_reference_in_fp32(hf_checkpoint, dropout):
+    """A whole model, every linear adapted: the logits are bitwise equal; the gradients agree to 1e-5 of each
+    tensor's largest entry, because autograd sums a hidden state's gradient from one tensor per fused layer but from
+    two (base and adapter) per reference layer, and floating-point addition in another order rounds differently
+    (the differences seen are a few float32 ulps)."""
+    folder, _ = hf_checkpoint("llama", attention_bias=True)
+    model = models.from_pretrained(folder)
+    apply_lora(model, "all-linear", rank=4, alpha=8, dropout=dropout)
+    randomize_adapters(model)
+    reference = reference_copy(model)
+    model.train(), reference.train()
+    ids = ids_for()
+    (out, _, grads), (out_ref, _, grads_ref) = forward_backward(model, ids), forward_backward(reference, ids)
+    assert torch.equal(out, out_ref)
+    assert grads.keys() == grads_ref.keys() == set(lora.trainable_parameters(model))
+    assert all(max_diff(grads[n], grads_ref[n]) <= 1e-5 * grads_ref[n].abs().max().item() for n in grads)
+
+
+@pytest.mark.parametrize("options", [dict(alpha=6.0), dict(alpha=6.0, rslora=True, dropout=0.2)],
+                         ids=["alpha-6", "rslora-dropout"])
+def test_fused_layer_matches_the_reference_with_any_scaling(options):
+    """With s = 1.5 or 3 the two paths round s * (...) at different places, so they agree to fp32 rounding: a bound of
+    1e-5 of each tensor's largest entry (~100 float32 ulps; one rounding of the sum of 64 or 112 products)."""
+    layer = lora_layer(rank=4, **options)
+    reference = reference_copy(layer)
+    x = torch.randn(3, 5, 64)
+    results = forward_backward(layer, x), forward_backward(reference, x)
+    (out, gx, grads), (out_ref, gx_ref, grads_ref) = results
+    for got, want in [(out, out_ref), (gx, gx_ref), *[(grads[n], grads_ref[n]) for n in grads]]:
+        assert max_diff(got, want) <= 1e-5 * want.abs().max().item()
+
+
+def test_fused_path_in_bf16_casts_no_activation_and_runs_no_fp32_matmul():
+    """A bf16 base with fp32 adapters (the default): count, over one forward and backward of one layer, the dtype
+    casts and the matmul dtypes of both paths, and the bytes autograd saves for the backward."""
+    N, d_in, d_out, r = 24, 64, 112, 8  # tokens (B=2, T=12), features, rank
+    layer = lora_layer(d_in, d_out, rank=r, dtype=torch.bfloat16)
+    reference = reference_copy(layer)
+    assert layer.lora_A.weight.dtype == torch.float32  # fp32 master copies: the optimizer steps these
+    x = torch.randn(2, 12, d_in, dtype=torch.bfloat16, requires_grad=True)
+    counts = {}
+    for name, module in [("fused", layer), ("reference", reference)]:
+        log = OpLog()
+        with log:
+            saved = saved_storages(lambda: module(x).sum().backward(), held=module.parameters())  # no cast in the loss
+        activation_casts = [c for c in log.casts() if c[0][0] in (2, N)]  # a leading dim of B or N: an activation
+        fp32_matmuls = [ts for ts in log.matmuls() if any(t.dtype == torch.float32 for t in ts)]
+        counts[name] = dict(activation_casts=len(activation_casts), all_casts=len(log.casts()),
+                            fp32_matmuls=len(fp32_matmuls), saved_bytes=sum(saved.values()))
+    print(counts)  # reported by `pytest -s`
+    # fused: only the adapter weights are cast (A, B to bf16 forward; their gradients to fp32 backward), and every
+    # matmul is bf16; it keeps x, x Aᵀ (bf16) and the bf16 copies of A and B
+    assert counts["fused"] == dict(activation_casts=0, all_casts=4, fp32_matmuls=0,
+                                   saved_bytes=N * d_in * 2 + N * r * 2 + (r * d_in + d_out * r) * 2)
+    # reference: x up to fp32 and the update down to bf16 in the forward; in the backward the gradient up, its share for
+    # the bf16 base output down (the bf16 + fp32 sum promoted) and the input gradient down; both adapter matmuls
+    # forward and all four backward in fp32. It keeps an fp32 copy of x and x Aᵀ in fp32 (its frozen bf16 base matmul
+    # keeps only W); the fused path keeps x itself, often saved for another layer anyway (q, k and v share it)
+    assert counts["reference"] == dict(activation_casts=5, all_casts=5, fp32_matmuls=6,
+                                       saved_bytes=N * d_in * 4 + N * r * 4)
+
+
+def bf16_error(got, oracle) -> float:
+    return max_diff(got, oracle) / oracle.abs().max().item()
+
+
+@pytest.mark.parametrize("where", ["bf16-base", "autocast"])
+def test_fused_path_in_bf16_is_as_close_to_fp32_as_the_reference(where):
+    """bf16 (`train.precision = "bf16"`: bf16 base, fp32 adapters) and autocast (`amp-bf16`: everything fp32 under
+    torch.autocast): the output is bf16, the adapter gradients fp32, and both paths are within 1% of each tensor's
+    largest entry of the fp32 computation on the same weights (bf16 keeps 8 significant bits, 0.4%, and the inputs,
+    weights and results are each rounded to it; both paths show up to 0.5% here, the bound allows ~2.5 roundings)."""
+    layer = lora_layer(rank=8, dropout=0.0)
+    oracle = forward_backward(layer, x := torch.randn(2, 12, 64))  # fp32 everything
+    reference = reference_copy(layer)
+    if where == "bf16-base":
+        for module in (layer, reference):
+            module.weight.data, module.bias.data = module.weight.data.bfloat16(), module.bias.data.bfloat16()
+        x_in, context = x.bfloat16(), contextlib.nullcontext
+    else:
+        x_in, context = x, lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    for module in (layer, reference):
+        with context():
+            out, gx, grads = forward_backward(module, x_in)
+        assert out.dtype == torch.bfloat16
+        assert all(g.dtype == torch.float32 for g in grads.values())
+        assert bf16_error(out, oracle[0]) <= 1e-2 and bf16_error(gx, oracle[1]) <= 1e-2
+        assert all(bf16_error(grads[n], oracle[2][n]) <= 1e-2 for n in grads)
+    log = OpLog()
+    with log, context():
+        layer(x_in).sum().backward()
+    assert not [ts for ts in log.matmuls() if any(t.dtype == torch.float32 for t in ts)]
+
+
+def test_dora_and_a_trainable_base_take_the_reference_path():
+    dora = lora_layer(dora=True)
+    dora.materialize_after_load("cpu")
+    assert dora.fused and not runs_fused(dora)
+    layer = lora_layer()
+    layer.weight.requires_grad_(True)  # the fused backward computes no base gradient, so it must not be used
+    assert layer.fused and not runs_fused(layer)
