@@ -21,10 +21,11 @@ loader fills it as if no swap had happened. With QLoRA the base is NF4 (nanotune
 and the dequantised weight differ.
 
 Two forward paths compute the same thing. The reference (`_adapter_forward`) is the formula above written with
-nn.Linear calls, in the adapters' dtype (fp32 by default). The fused path (`_LoRALinearFunction`, the default for LoRA
-and QLoRA without DoRA) runs the whole layer in the base's compute dtype (bf16 in a bf16 or autocast run: the fp32
-adapters are cast, not the activations), adds s * (x Aᵀ) Bᵀ into the base output in place, and saves for the backward
-only x (or dropout(x)) and x Aᵀ. `set_fast_path(model, fused=False)` switches every layer back to the reference.
+nn.Linear calls, in the adapters' dtype (fp32 by default). The fused path (the default) runs the layer in the base's
+compute dtype (bf16 in a bf16 or autocast run: the fp32 adapters are cast, not the activations); for LoRA and rsLoRA
+it is one autograd Function (`_LoRALinearFunction`) that adds s * (x Aᵀ) Bᵀ into the base output in place and saves
+for the backward only x (or dropout(x)) and x Aᵀ; DoRA keeps the reference's formula (`_dora_forward`).
+`set_fast_path(model, fused=False)` switches every layer back to the reference.
 """
 
 from __future__ import annotations
@@ -156,10 +157,10 @@ class _Adapter:
         return w
 
     def _use_fused(self, base_weight: torch.Tensor | None) -> bool:
-        """The fused path covers LoRA and rsLoRA on a frozen base; DoRA and a trainable base take the reference."""
+        """The fused switch, unless the base is trainable (the fused backward computes no gradient for it)."""
         frozen = (base_weight is None or not base_weight.requires_grad) and (self.bias is None
                                                                            or not self.bias.requires_grad)
-        return self.fused and not self.dora and frozen
+        return self.fused and frozen
 
     def _fused_forward(self, x: torch.Tensor, weight, bias, dequantize=None) -> torch.Tensor:
         """x (..., in), weight (out, in) or None with `dequantize`, bias: all in the compute dtype -> (..., out)."""
@@ -171,6 +172,31 @@ class _Adapter:
         out = _LoRALinearFunction.apply(x_2d, x_lora, weight, bias, lora_A, lora_B, self.scaling, dequantize,
                                         self.keep_dequantized_weight)  # (N, out)
         return out.view(*x.shape[:-1], self.out_features)
+
+    @torch.no_grad()
+    def _weight_norm(self, w: torch.Tensor) -> torch.Tensor:
+        """DoRA's ||W + s B A|| per output row, (out,) in fp32, from the base weight w (out, in).
+
+        A constant for the backward (DoRA section 4.3), so no graph is built. It is computed afresh in every forward,
+        never cached, so it cannot go stale when the optimizer changes A and B; the cost, r * out * in multiply-adds
+        and one (out, in) temporary, is small next to the layer's matmul over a batch of tokens.
+        """
+        with torch.autocast(w.device.type, enabled=False):  # in fp32 even under amp-bf16
+            return (w.float() + self.delta_weight().float()).norm(dim=1)
+
+    def _dora_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """DoRA under the fused switch: the reference's formula in base_out's dtype (bf16 in a bf16 run) instead of the
+        adapters', so no activation is cast; only the weight norm stays fp32. x (..., in), base_out (..., out)."""
+        dtype = base_out.dtype
+        w = self.base_weight()  # (out, in), frozen
+        mag_scale = (self.lora_magnitude_vector / self._weight_norm(w)).to(dtype).view(1, -1)  # (1, out)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            wx = base_out if self.bias is None else base_out - self.bias.to(dtype)  # W x, from the base matmul
+        else:  # with dropout the adapter sees dropout(x), and so must the rescaled W x
+            x = self.lora_dropout(x)
+            wx = F.linear(x, w.to(dtype))
+        lora_out = F.linear(F.linear(x, self.lora_A.weight.to(dtype)), self.lora_B.weight.to(dtype))  # (..., out)
+        return base_out + (mag_scale - 1) * wx + mag_scale * lora_out * self.scaling
 
     def _adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """The reference: base_out = W x + b (..., out) -> the adapted output, in base_out's dtype."""
@@ -220,8 +246,10 @@ class LoRALinear(_Adapter, nn.Module):
         if not self._use_fused(self.weight):
             return self._adapter_forward(x, F.linear(x, self.weight, self.bias))
         dtype = _compute_dtype(x, self.weight.dtype)  # bf16 under autocast, else the base weight's dtype
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return self._fused_forward(x.to(dtype), self.weight.to(dtype), bias)
+        x, weight, bias = x.to(dtype), self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype)
+        if self.dora:
+            return self._dora_forward(x, F.linear(x, weight, bias))
+        return self._fused_forward(x, weight, bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self._adapter_repr()}"
@@ -251,8 +279,10 @@ class QLoRALinear(_Adapter, NF4Linear):
         if not self._use_fused(None):
             return self._adapter_forward(x, NF4Linear.forward(self, x))
         self._check_loaded()
-        out = self._fused_forward(x.to(self.compute_dtype), None, self.bias, self.dequantize)  # NF4 computes in bf16
-        return out.to(x.dtype)
+        x_c = x.to(self.compute_dtype)  # NF4 computes in its compute dtype (bf16)
+        if self.dora:
+            return self._dora_forward(x_c, NF4Linear.forward(self, x_c)).to(x.dtype)
+        return self._fused_forward(x_c, None, self.bias, self.dequantize).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{NF4Linear.extra_repr(self)}, {self._adapter_repr()}"
