@@ -508,6 +508,11 @@ class OpLog(TorchDispatchMode):
     def matmuls(self):
         return [ts for name, ts in self.calls if name.split(".")[-1] in ("mm", "addmm", "bmm", "addmm_")]
 
+    def elementwise(self, min_numel):
+        """Element-wise adds and multiplies over activations (a tensor argument of at least min_numel elements)."""
+        return [n for n, ts in self.calls if n.split(".")[-1] in ("add", "add_", "mul", "mul_", "sub")
+                and any(t.numel() >= min_numel for t in ts)]
+
     def casts(self):
         """(shape, from dtype) of every dtype conversion of a tensor."""
         return [(tuple(ts[0].shape), ts[0].dtype) for name, ts in self.calls if name.endswith("_to_copy")]
@@ -619,34 +624,44 @@ def test_fused_layer_matches_the_reference_with_any_scaling(options):
         assert max_diff(got, want) <= 1e-5 * want.abs().max().item()
 
 
-def test_fused_path_in_bf16_casts_no_activation_and_runs_no_fp32_matmul():
-    """A bf16 base with fp32 adapters (the default): count, over one forward and backward of one layer, the dtype
-    casts and the matmul dtypes of both paths, and the bytes autograd saves for the backward."""
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16], ids=["fp32-base", "bf16-base"])
+def test_casts_matmul_dtypes_and_saved_bytes_per_layer(base_dtype):
+    """A base in fp32 or bf16 with fp32 adapters (the default): count, over one forward and backward of one layer, the
+    dtype casts and matmul dtypes of both paths, and the bytes autograd saves for the backward beyond the parameters."""
     N, d_in, d_out, r = 24, 64, 112, 8  # tokens (B=2, T=12), features, rank
-    layer = lora_layer(d_in, d_out, rank=r, dtype=torch.bfloat16)
+    layer = lora_layer(d_in, d_out, rank=r, dtype=base_dtype)
     reference = reference_copy(layer)
     assert layer.lora_A.weight.dtype == torch.float32  # fp32 master copies: the optimizer steps these
-    x = torch.randn(2, 12, d_in, dtype=torch.bfloat16, requires_grad=True)
     counts = {}
     for name, module in [("fused", layer), ("reference", reference)]:
+        x = torch.randn(2, 12, d_in, dtype=base_dtype, requires_grad=True)
         log = OpLog()
         with log:
             saved = saved_storages(lambda: module(x).sum().backward(), held=module.parameters())  # no cast in the loss
         activation_casts = [c for c in log.casts() if c[0][0] in (2, N)]  # a leading dim of B or N: an activation
         fp32_matmuls = [ts for ts in log.matmuls() if any(t.dtype == torch.float32 for t in ts)]
         counts[name] = dict(activation_casts=len(activation_casts), all_casts=len(log.casts()),
-                            fp32_matmuls=len(fp32_matmuls), saved_bytes=sum(saved.values()))
-    print(counts)  # reported by `pytest -s`
+                            matmuls=len(log.matmuls()), fp32_matmuls=len(fp32_matmuls),
+                            activation_elementwise=len(log.elementwise(N * d_in)), saved_bytes=sum(saved.values()))
+    print(base_dtype, counts)  # reported by `pytest -s`
+    if base_dtype == torch.float32:
+        # nothing to cast and every matmul in fp32 (forward: base, x Aᵀ, update; backward: dx through the base, dA, dB,
+        # dy B, dx through A); the same x and x Aᵀ kept. The reference adds four element-wise passes over activations:
+        # the scaling and the sum forward, the scaling of the gradient and the sum of the two input gradients backward
+        expected = dict(activation_casts=0, all_casts=0, matmuls=8, fp32_matmuls=8, saved_bytes=N * d_in * 4 + N * r * 4)
+        assert counts["fused"] == dict(expected, activation_elementwise=0)
+        assert counts["reference"] == dict(expected, activation_elementwise=4)
+        return
     # fused: only the adapter weights are cast (A, B to bf16 forward; their gradients to fp32 backward), and every
     # matmul is bf16; it keeps x, x Aᵀ (bf16) and the bf16 copies of A and B
-    assert counts["fused"] == dict(activation_casts=0, all_casts=4, fp32_matmuls=0,
+    assert counts["fused"] == dict(activation_casts=0, all_casts=4, matmuls=8, fp32_matmuls=0, activation_elementwise=0,
                                    saved_bytes=N * d_in * 2 + N * r * 2 + (r * d_in + d_out * r) * 2)
     # reference: x up to fp32 and the update down to bf16 in the forward; in the backward the gradient up, its share for
     # the bf16 base output down (the bf16 + fp32 sum promoted) and the input gradient down; both adapter matmuls
     # forward and all four backward in fp32. It keeps an fp32 copy of x and x Aᵀ in fp32 (its frozen bf16 base matmul
     # keeps only W); the fused path keeps x itself, often saved for another layer anyway (q, k and v share it)
-    assert counts["reference"] == dict(activation_casts=5, all_casts=5, fp32_matmuls=6,
-                                       saved_bytes=N * d_in * 4 + N * r * 4)
+    assert counts["reference"] == dict(activation_casts=5, all_casts=5, matmuls=8, fp32_matmuls=6,
+                                       activation_elementwise=4, saved_bytes=N * d_in * 4 + N * r * 4)
 
 
 def bf16_error(got, oracle) -> float:
