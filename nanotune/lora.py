@@ -110,7 +110,8 @@ class _Adapter:
     """The LoRA / DoRA part shared by LoRALinear (full-precision base) and QLoRALinear (NF4 base).
 
     A subclass provides `in_features`, `out_features`, `bias`, `base_weight()` (the full W, (out, in)) and calls
-    `_add_adapter` in its constructor and `_adapter_forward(x, base_out)` in forward.
+    `_add_adapter` in its constructor; its forward calls `_fused_forward` (LoRA) or `_dora_forward` (DoRA) under the
+    fused switch, else the reference `_adapter_forward(x, base_out)`.
     """
 
     def _add_adapter(self, rank: int, alpha: float, dropout: float, rslora: bool, dora: bool, dtype, device):
