@@ -729,3 +729,19 @@ def test_fused_dora_in_bf16_casts_no_activation(dropout):
         else:
             assert len(activation_casts) > 2 and len(fp32_matmuls) > 1
         assert out.dtype == torch.bfloat16
+
+
+def test_fused_dora_weight_norm_follows_every_change_of_the_adapter():
+    """The weight norm is not cached: after an in-place change of A, B (what an optimizer step does) and the base
+    weight, the fused DoRA layer still equals the reference bit for bit (fp32, alpha / rank = 2)."""
+    layer = lora_layer(rank=4, alpha=8.0, dora=True)
+    reference = reference_copy(layer)
+    x = torch.randn(3, 5, 64)
+    assert torch.equal(layer(x), reference(x))
+    with torch.no_grad():
+        for module in (layer, reference):
+            module.lora_B.weight.mul_(3.0)
+            module.lora_A.weight.add_(0.5)
+            module.weight.mul_(0.5)
+    assert torch.equal(layer(x), reference(x))
+    assert not torch.equal(layer(x), lora_layer(rank=4, alpha=8.0, dora=True)(x))  # the change did change it
