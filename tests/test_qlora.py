@@ -107,3 +107,40 @@ def test_nf4_dequantisations_per_step(checkpoint):
     assert passes["fused+keep"] == forwards
     if not checkpoint:  # without checkpointing the kept weight, (out, in) in bf16, stays alive until the backward
         assert saved["fused+keep"] - saved["fused"] == 48 * 64 * 2
+
+
+def test_keeping_the_dequantised_weight_under_checkpointing_changes_no_number(hf_checkpoint):
+    """A whole QLoRA model with full activation checkpointing: keeping each dequantised weight for the backward gives
+    the same gradients bit for bit, with two weight passes per layer and step instead of three."""
+    import models
+    from nanotune.qlora import quantize_nf4
+
+    folder, _ = hf_checkpoint("llama")
+
+    def prepare(model):
+        quantize_nf4(model)
+        lora.apply_lora(model, "all-linear", rank=4, alpha=8)
+
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for keep in (False, True):
+        torch.manual_seed(0)  # the same Kaiming-uniform A in both models
+        model = models.from_pretrained(folder, prepare=prepare)
+        with torch.no_grad():  # B = 0 at init would hide the adapters from every gradient
+            for name, p in sorted(lora.trainable_parameters(model).items()):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+        num_layers = lora.set_fast_path(model, keep_dequantized_weight=keep)
+        model.activation_checkpointing = True
+        model.train()
+        counter = OpCounter()
+        with counter:
+            model(ids).float().logsumexp(-1).mean().backward()
+        passes = counter.counts.get("bitsandbytes.dequantize_4bit", 0) + counter.counts.get("bitsandbytes.gemm_4bit", 0)
+        results[keep] = passes, {n: p.grad for n, p in lora.trainable_parameters(model).items()}
+    assert num_layers == 2 * 7  # two decoder layers, seven projections each
+    # every layer: its forward and the recompute; then, for the input gradient, every layer but q, k and v of the first
+    # decoder layer, whose input (from the frozen embedding) needs no gradient: dequantised again, or the kept copy
+    assert results[False][0] == 2 * num_layers + (num_layers - 3)
+    assert results[True][0] == 2 * num_layers
+    grads, grads_kept = results[False][1], results[True][1]
+    assert grads.keys() == grads_kept.keys() and all(torch.equal(grads[n], grads_kept[n]) for n in grads)
