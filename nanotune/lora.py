@@ -30,6 +30,7 @@ for the backward only x (or dropout(x)) and x Aᵀ; DoRA keeps the reference's f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -101,9 +102,15 @@ class _LoRALinearFunction(torch.autograd.Function):
 
 def _compute_dtype(x: torch.Tensor, base_dtype: torch.dtype) -> torch.dtype:
     """The dtype the base layer computes in: autocast's when it is on (amp-bf16), else the base weight's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
+    device = x.device.type  # the meta device (byte counts at real shapes) has no autocast to ask about
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
     return base_dtype
+
+
+def _autocast_off(device: str):
+    """A context in which autocast is off on `device` (nothing to switch off where autocast does not exist)."""
+    return torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else contextlib.nullcontext()
 
 
 class _Adapter:
@@ -182,7 +189,7 @@ class _Adapter:
         never cached, so it cannot go stale when the optimizer changes A and B; the cost, r * out * in multiply-adds
         and one (out, in) temporary, is small next to the layer's matmul over a batch of tokens.
         """
-        with torch.autocast(w.device.type, enabled=False):  # in fp32 even under amp-bf16
+        with _autocast_off(w.device.type):  # in fp32 even under amp-bf16
             return (w.float() + self.delta_weight().float()).norm(dim=1)
 
     def _dora_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:

@@ -745,3 +745,41 @@ def test_fused_dora_weight_norm_follows_every_change_of_the_adapter():
             module.weight.mul_(0.5)
     assert torch.equal(layer(x), reference(x))
     assert not torch.equal(layer(x), lora_layer(rank=4, alpha=8.0, dora=True)(x))  # the change did change it
+
+
+LLAMA_8B_SHAPES = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=1, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                       rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, rms_norm_eps=1e-5)
+
+
+def decoder_layer_saved_bytes(fused: bool, B: int, T: int, rank: int) -> int:
+    """Bytes autograd keeps for one bf16 Llama-8B decoder layer with LoRA on its 7 projections, beyond the parameters;
+    on the meta device, so nothing is allocated or computed."""
+    from models import attention
+
+    config = models.config_from_hf(LLAMA_8B_SHAPES)
+    config.attn_implementation = "sdpa"
+    model = models.build_model(config, "meta", torch.bfloat16)
+    apply_lora(model, [*ATTN, "gate_proj", "up_proj", "down_proj"], rank=rank, alpha=2 * rank)
+    lora.set_fast_path(model, fused=fused)
+    positions = torch.arange(T).expand(B, T)
+    ctx = attention.build_context("sdpa", (B, T), torch.device("cpu"), positions, None, None)
+    x = torch.empty(B, T, config.hidden_size, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = model.model.rotary_emb(positions.to("meta"), x.dtype)
+    saved = saved_storages(lambda: model.model.layers[0](x, cos, sin, ctx), held=model.parameters())
+    return sum(saved.values())
+
+
+def test_saved_bytes_of_a_decoder_layer_at_llama_8b_shapes():
+    """W3's shapes (Llama 8B, one row of 4,096 tokens, rank 16): the fused path keeps less by exactly what the
+    per-layer count predicts: the reference's fp32 copy of each adapted input and fp32 x Aᵀ, less the bf16 inputs the
+    fused path keeps (q, k and v share one; gate and up share one) and the bf16 copies of A and B."""
+    B, T, r = 1, 4096, 16
+    N, D, I, kv = B * T, 4096, 14336, 8 * 128
+    shapes = [(D, D), (D, kv), (D, kv), (D, D), (D, I), (D, I), (I, D)]  # (in, out) of q, k, v, o, gate, up, down
+    reference = decoder_layer_saved_bytes(False, B, T, r)
+    fused = decoder_layer_saved_bytes(True, B, T, r)
+    print(f"saved per decoder layer: reference {reference / 2**20:.1f} MiB, fused {fused / 2**20:.1f} MiB")
+    kept_by_reference = sum(N * d_in * 4 + N * r * 4 for d_in, _ in shapes)
+    kept_by_fused = N * (D + D + D + I) * 2 + len(shapes) * N * r * 2 + sum(r * (i + o) * 2 for i, o in shapes)
+    assert reference - fused == kept_by_reference - kept_by_fused
