@@ -750,14 +750,15 @@ def test_fused_dora_weight_norm_follows_every_change_of_the_adapter():
 LLAMA_8B_SHAPES = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                        num_hidden_layers=1, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, rms_norm_eps=1e-5)
+LLAMA_1B_SHAPES = dict(LLAMA_8B_SHAPES, hidden_size=2048, intermediate_size=8192, head_dim=64)
 
 
-def decoder_layer_saved_bytes(fused: bool, B: int, T: int, rank: int) -> int:
-    """Bytes autograd keeps for one bf16 Llama-8B decoder layer with LoRA on its 7 projections, beyond the parameters;
+def decoder_layer_saved_bytes(hf_config: dict, fused: bool, B: int, T: int, rank: int) -> int:
+    """Bytes autograd keeps for one bf16 Llama decoder layer with LoRA on its 7 projections, beyond the parameters;
     on the meta device, so nothing is allocated or computed."""
     from models import attention
 
-    config = models.config_from_hf(LLAMA_8B_SHAPES)
+    config = models.config_from_hf(hf_config)
     config.attn_implementation = "sdpa"
     model = models.build_model(config, "meta", torch.bfloat16)
     apply_lora(model, [*ATTN, "gate_proj", "up_proj", "down_proj"], rank=rank, alpha=2 * rank)
@@ -770,16 +771,19 @@ def decoder_layer_saved_bytes(fused: bool, B: int, T: int, rank: int) -> int:
     return sum(saved.values())
 
 
-def test_saved_bytes_of_a_decoder_layer_at_llama_8b_shapes():
-    """W3's shapes (Llama 8B, one row of 4,096 tokens, rank 16): the fused path keeps less by exactly what the
-    per-layer count predicts: the reference's fp32 copy of each adapted input and fp32 x Aᵀ, less the bf16 inputs the
-    fused path keeps (q, k and v share one; gate and up share one) and the bf16 copies of A and B."""
-    B, T, r = 1, 4096, 16
-    N, D, I, kv = B * T, 4096, 14336, 8 * 128
+@pytest.mark.parametrize("workload", ["W2", "W3"])
+def test_saved_bytes_of_a_decoder_layer_at_benchmark_shapes(workload):
+    """The benchmark's LoRA shapes (W2: Llama 1B, 4 rows of 2,048 tokens; W3: Llama 8B, one row of 4,096; rank 16):
+    the fused path keeps less by exactly what the per-layer count predicts: the reference's fp32 copy of each adapted
+    input and fp32 x Aᵀ, less the bf16 inputs the fused path keeps (q, k and v share one, gate and up share one) and
+    the bf16 copies of A and B."""
+    hf_config, B, T = {"W2": (LLAMA_1B_SHAPES, 4, 2048), "W3": (LLAMA_8B_SHAPES, 1, 4096)}[workload]
+    r, N, D, I = 16, B * T, hf_config["hidden_size"], hf_config["intermediate_size"]
+    kv = hf_config["num_key_value_heads"] * hf_config["head_dim"]
     shapes = [(D, D), (D, kv), (D, kv), (D, D), (D, I), (D, I), (I, D)]  # (in, out) of q, k, v, o, gate, up, down
-    reference = decoder_layer_saved_bytes(False, B, T, r)
-    fused = decoder_layer_saved_bytes(True, B, T, r)
-    print(f"saved per decoder layer: reference {reference / 2**20:.1f} MiB, fused {fused / 2**20:.1f} MiB")
+    reference = decoder_layer_saved_bytes(hf_config, False, B, T, r)
+    fused = decoder_layer_saved_bytes(hf_config, True, B, T, r)
+    print(f"{workload} saved per decoder layer: reference {reference / 2**20:.1f} MiB, fused {fused / 2**20:.1f} MiB")
     kept_by_reference = sum(N * d_in * 4 + N * r * 4 for d_in, _ in shapes)
     kept_by_fused = N * (D + D + D + I) * 2 + len(shapes) * N * r * 2 + sum(r * (i + o) * 2 for i, o in shapes)
     assert reference - fused == kept_by_reference - kept_by_fused
