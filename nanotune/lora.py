@@ -110,7 +110,9 @@ def _compute_dtype(x: torch.Tensor, base_dtype: torch.dtype) -> torch.dtype:
 
 def _autocast_off(device: str):
     """A context in which autocast is off on `device` (nothing to switch off where autocast does not exist)."""
-    return torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else contextlib.nullcontext()
+    if not torch.amp.is_autocast_available(device):
+        return contextlib.nullcontext()
+    return torch.autocast(device, enabled=False)
 
 
 class _Adapter:
@@ -303,9 +305,10 @@ def set_fast_path(model: nn.Module, fused: bool = True, keep_dequantized_weight:
     """Choose the forward of every LoRA layer in `model`; returns how many layers were set.
 
     fused: the fused path (compute dtype, in-place update, few saved tensors); False: the reference `_adapter_forward`.
-    keep_dequantized_weight: QLoRA layers save their dequantised bf16 weight (out, in) for the backward instead of
-        dequantising again. Turn it on with full activation checkpointing only: there each layer's weight is kept just
-        from its recompute to its backward; without checkpointing every layer's weight would stay until the backward.
+    keep_dequantized_weight: QLoRA layers (not DoRA ones) save their dequantised bf16 weight (out, in) for the
+        backward instead of dequantising again. Turn it on only for layers under full activation checkpointing: there
+        each weight is kept just from its recompute to its backward; without checkpointing every layer's weight would
+        stay from its forward to its backward, the whole model in bf16. Pass a submodule to set only its layers.
     """
     layers = [m for m in model.modules() if isinstance(m, ADAPTED)]
     for module in layers:

@@ -645,10 +645,11 @@ def test_casts_matmul_dtypes_and_saved_bytes_per_layer(base_dtype):
                             activation_elementwise=len(log.elementwise(N * d_in)), saved_bytes=sum(saved.values()))
     print(base_dtype, counts)  # reported by `pytest -s`
     if base_dtype == torch.float32:
-        # nothing to cast and every matmul in fp32 (forward: base, x Aᵀ, update; backward: dx through the base, dA, dB,
-        # dy B, dx through A); the same x and x Aᵀ kept. The reference adds four element-wise passes over activations:
-        # the scaling and the sum forward, the scaling of the gradient and the sum of the two input gradients backward
-        expected = dict(activation_casts=0, all_casts=0, matmuls=8, fp32_matmuls=8, saved_bytes=N * d_in * 4 + N * r * 4)
+        # nothing to cast and every matmul in fp32 (forward: base, x Aᵀ, update; backward: dx through the base, dA,
+        # dB, dy B, dx through A); the same x and x Aᵀ kept. The reference adds four element-wise passes over
+        # activations: scaling and sum forward, scaling the gradient and summing the two input gradients backward
+        expected = dict(activation_casts=0, all_casts=0, matmuls=8, fp32_matmuls=8,
+                        saved_bytes=N * d_in * 4 + N * r * 4)
         assert counts["fused"] == dict(expected, activation_elementwise=0)
         assert counts["reference"] == dict(expected, activation_elementwise=4)
         return
