@@ -19,10 +19,18 @@ Parameter names match PEFT's saved keys after the "base_model.model." prefix: `.
 under their own names (`lm_head.weight`). The frozen base weight keeps its HF name (`...q_proj.weight`), so the model
 loader fills it as if no swap had happened. With QLoRA the base is NF4 (nanotune/qlora.py) and only the base matmul
 and the dequantised weight differ.
+
+Two forward paths compute the same thing. The reference (`_adapter_forward`) is the formula above written with
+nn.Linear calls, in the adapters' dtype (fp32 by default). The fused path (the default) runs the layer in the base's
+compute dtype (bf16 in a bf16 or autocast run: the fp32 adapters are cast, not the activations); for LoRA and rsLoRA
+it is one autograd Function (`_LoRALinearFunction`) that adds s * (x Aᵀ) Bᵀ into the base output in place and saves
+for the backward only x (or dropout(x)) and x Aᵀ; DoRA keeps the reference's formula (`_dora_forward`).
+`set_fast_path(model, fused=False)` switches every layer back to the reference.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -43,17 +51,84 @@ PEFT_PREFIX = "base_model.model."  # PEFT saves keys relative to PeftModel -> Lo
 LORA_PARAM_NAMES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
 
 
+class _LoRALinearFunction(torch.autograd.Function):
+    """y = x Wᵀ + b + s (x_lora Aᵀ) Bᵀ for a frozen W, in one dtype, saving only what the backward needs.
+
+    x (N, in); x_lora is dropout(x), or None when there is no dropout (then x itself feeds the adapter); weight W
+    (out, in), or None when `dequantize()` gives it (an NF4 base); A (r, in); B (out, r); s a float. Every tensor is
+    already in the compute dtype. W, b and the base of an NF4 layer are frozen: no gradient is computed for them.
+
+    Saved for the backward: the adapter's input (N, in) for dA, x Aᵀ (N, r) for dB, and the parameters, which are held
+    anyway. Plain autograd over the reference also keeps an fp32 copy of the input in a bf16 run (the cast to the
+    adapters' dtype), and its (N, out) update is a temporary added in a second pass. The dequantised NF4 weight (out,
+    in) is saved only with `keep_weight` (worth it under activation checkpointing, where the forward that saves it is
+    the recompute right before this layer's backward); otherwise the backward dequantises again.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, dequantize, keep_weight):
+        w = weight if dequantize is None else dequantize()  # (out, in)
+        adapter_in = x if x_lora is None else x_lora  # (N, in)
+        out = F.linear(x, w, bias)  # (N, out): the base matmul
+        xa = adapter_in @ lora_A.t()  # (N, r)
+        out.addmm_(xa, lora_B.t(), alpha=scaling)  # out += s (x Aᵀ) Bᵀ in place: no (N, out) temporary
+        ctx.scaling, ctx.dequantize, ctx.has_dropout = scaling, dequantize, x_lora is not None
+        kept = w if dequantize is None or keep_weight else None
+        need_A, need_B = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
+        ctx.save_for_backward(adapter_in if need_A else None, xa if need_B else None, kept, lora_A, lora_B)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        adapter_in, xa, w, lora_A, lora_B = ctx.saved_tensors
+        s = ctx.scaling
+        grad_x = grad_x_lora = grad_A = grad_B = None
+        # s scales the small products (N, r) and (out, r), not the (N, out) gradient: one element-wise pass less
+        g_b = (grad_out @ lora_B).mul_(s)  # (N, r)
+        if ctx.needs_input_grad[4]:
+            grad_A = g_b.t() @ adapter_in  # (r, in)
+        if ctx.needs_input_grad[5]:
+            grad_B = (grad_out.t() @ xa).mul_(s)  # (out, r)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            if w is None:  # NF4 base without a kept weight: dequantise again
+                w = ctx.dequantize()
+            grad_x = grad_out @ w  # (N, in) through the frozen base
+            if ctx.has_dropout:
+                grad_x_lora = g_b @ lora_A  # (N, in); autograd takes it back through the dropout
+            else:
+                grad_x.addmm_(g_b, lora_A)  # the adapter's share, added in place
+        return grad_x, grad_x_lora, None, None, grad_A, grad_B, None, None, None
+
+
+def _compute_dtype(x: torch.Tensor, base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the base layer computes in: autocast's when it is on (amp-bf16), else the base weight's."""
+    device = x.device.type  # the meta device (byte counts at real shapes) has no autocast to ask about
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return base_dtype
+
+
+def _autocast_off(device: str):
+    """A context in which autocast is off on `device` (nothing to switch off where autocast does not exist)."""
+    if not torch.amp.is_autocast_available(device):
+        return contextlib.nullcontext()
+    return torch.autocast(device, enabled=False)
+
+
 class _Adapter:
     """The LoRA / DoRA part shared by LoRALinear (full-precision base) and QLoRALinear (NF4 base).
 
     A subclass provides `in_features`, `out_features`, `bias`, `base_weight()` (the full W, (out, in)) and calls
-    `_add_adapter` in its constructor and `_adapter_forward(x, base_out)` in forward.
+    `_add_adapter` in its constructor; its forward calls `_fused_forward` (LoRA) or `_dora_forward` (DoRA) under the
+    fused switch, else the reference `_adapter_forward(x, base_out)`.
     """
 
     def _add_adapter(self, rank: int, alpha: float, dropout: float, rslora: bool, dora: bool, dtype, device):
         if rank < 1:
             raise ValueError(f"lora.rank must be a positive integer, got {rank}")
         self.rank, self.alpha, self.rslora, self.dora = rank, alpha, rslora, dora
+        self.fused = True  # the fused path (see _LoRALinearFunction); False: the reference, _adapter_forward
+        self.keep_dequantized_weight = False  # NF4 base: save the dequantised weight for the backward
         self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device="meta", dtype=dtype)  # A: (r, in)
@@ -91,8 +166,50 @@ class _Adapter:
             w = w * (self.lora_magnitude_vector.float() / w.norm(dim=1)).unsqueeze(1)
         return w
 
+    def _use_fused(self, base_weight: torch.Tensor | None) -> bool:
+        """The fused switch, unless the base is trainable (the fused backward computes no gradient for it)."""
+        frozen = (base_weight is None or not base_weight.requires_grad) and (self.bias is None
+                                                                           or not self.bias.requires_grad)
+        return self.fused and frozen
+
+    def _fused_forward(self, x: torch.Tensor, weight, bias, dequantize=None) -> torch.Tensor:
+        """x (..., in), weight (out, in) or None with `dequantize`, bias: all in the compute dtype -> (..., out)."""
+        x_2d = x.reshape(-1, self.in_features)  # (N, in)
+        dropout = isinstance(self.lora_dropout, nn.Dropout) and self.training
+        x_lora = self.lora_dropout(x_2d) if dropout else None  # same draws as the reference's dropout(x)
+        lora_A = self.lora_A.weight.to(x.dtype)  # (r, in): fp32 master weights cast, the activations are not
+        lora_B = self.lora_B.weight.to(x.dtype)  # (out, r)
+        out = _LoRALinearFunction.apply(x_2d, x_lora, weight, bias, lora_A, lora_B, self.scaling, dequantize,
+                                        self.keep_dequantized_weight)  # (N, out)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    @torch.no_grad()
+    def _weight_norm(self, w: torch.Tensor) -> torch.Tensor:
+        """DoRA's ||W + s B A|| per output row, (out,) in fp32, from the base weight w (out, in).
+
+        A constant for the backward (DoRA section 4.3), so no graph is built. It is computed afresh in every forward,
+        never cached, so it cannot go stale when the optimizer changes A and B; the cost, r * out * in multiply-adds
+        and one (out, in) temporary, is small next to the layer's matmul over a batch of tokens.
+        """
+        with _autocast_off(w.device.type):  # in fp32 even under amp-bf16
+            return (w.float() + self.delta_weight().float()).norm(dim=1)
+
+    def _dora_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """DoRA under the fused switch: the reference's formula in base_out's dtype (bf16 in a bf16 run) instead of the
+        adapters', so no activation is cast; only the weight norm stays fp32. x (..., in), base_out (..., out)."""
+        dtype = base_out.dtype
+        w = self.base_weight()  # (out, in), frozen
+        mag_scale = (self.lora_magnitude_vector / self._weight_norm(w)).to(dtype).view(1, -1)  # (1, out)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            wx = base_out if self.bias is None else base_out - self.bias.to(dtype)  # W x, from the base matmul
+        else:  # with dropout the adapter sees dropout(x), and so must the rescaled W x
+            x = self.lora_dropout(x)
+            wx = F.linear(x, w.to(dtype))
+        lora_out = F.linear(F.linear(x, self.lora_A.weight.to(dtype)), self.lora_B.weight.to(dtype))  # (..., out)
+        return base_out + (mag_scale - 1) * wx + mag_scale * lora_out * self.scaling
+
     def _adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        """base_out = W x + b (..., out) -> the adapted output, in base_out's dtype."""
+        """The reference: base_out = W x + b (..., out) -> the adapted output, in base_out's dtype."""
         x = x.to(self.lora_A.weight.dtype)  # adapters may be fp32 while the base runs in bf16
         if not self.dora:
             out = base_out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
@@ -136,7 +253,13 @@ class LoRALinear(_Adapter, nn.Module):
         return self.weight.is_meta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._adapter_forward(x, F.linear(x, self.weight, self.bias))
+        if not self._use_fused(self.weight):
+            return self._adapter_forward(x, F.linear(x, self.weight, self.bias))
+        dtype = _compute_dtype(x, self.weight.dtype)  # bf16 under autocast, else the base weight's dtype
+        x, weight, bias = x.to(dtype), self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype)
+        if self.dora:
+            return self._dora_forward(x, F.linear(x, weight, bias))
+        return self._fused_forward(x, weight, bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self._adapter_repr()}"
@@ -163,13 +286,34 @@ class QLoRALinear(_Adapter, NF4Linear):
         _Adapter.materialize_after_load(self, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._adapter_forward(x, NF4Linear.forward(self, x))
+        if not self._use_fused(None):
+            return self._adapter_forward(x, NF4Linear.forward(self, x))
+        self._check_loaded()
+        x_c = x.to(self.compute_dtype)  # NF4 computes in its compute dtype (bf16)
+        if self.dora:
+            return self._dora_forward(x_c, NF4Linear.forward(self, x_c)).to(x.dtype)
+        return self._fused_forward(x_c, None, self.bias, self.dequantize).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{NF4Linear.extra_repr(self)}, {self._adapter_repr()}"
 
 
 ADAPTED = (LoRALinear, QLoRALinear)
+
+
+def set_fast_path(model: nn.Module, fused: bool = True, keep_dequantized_weight: bool = False) -> int:
+    """Choose the forward of every LoRA layer in `model`; returns how many layers were set.
+
+    fused: the fused path (compute dtype, in-place update, few saved tensors); False: the reference `_adapter_forward`.
+    keep_dequantized_weight: QLoRA layers (not DoRA ones) save their dequantised bf16 weight (out, in) for the
+        backward instead of dequantising again. Turn it on only for layers under full activation checkpointing: there
+        each weight is kept just from its recompute to its backward; without checkpointing every layer's weight would
+        stay from its forward to its backward, the whole model in bf16. Pass a submodule to set only its layers.
+    """
+    layers = [m for m in model.modules() if isinstance(m, ADAPTED)]
+    for module in layers:
+        module.fused, module.keep_dequantized_weight = fused, keep_dequantized_weight
+    return len(layers)
 
 
 # ---------------------------------------------------------------------------------------------------- applying

@@ -2,7 +2,9 @@
 
 The frozen base linear weights are stored in NF4 with double quantisation (the per-block absmax scales are
 themselves quantised to 8 bits), and every matmul dequantises on the fly and runs in `compute_dtype` (bf16).
-Only the LoRA adapters (nanotune/lora.py) are trained, in full precision.
+Only the LoRA adapters (nanotune/lora.py) are trained, in full precision. An adapted layer (`QLoRALinear` there) takes
+the weight from `NF4Linear.dequantize` and runs the matmul itself, so that it can keep the dequantised weight for the
+backward under activation checkpointing instead of dequantising a third time.
 
 Quantisation happens while the checkpoint streams in: `quantize_nf4(model)` swaps `nn.Linear` modules of a
 model still on the meta device for `NF4Linear`, and the model loader calls `NF4Linear.load_hf_weight` with one

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib.util
 import json
 import os
@@ -11,6 +13,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import models
 from nanotune import lora
@@ -485,3 +488,303 @@ def test_lora_on_moe_and_gemma_matches_peft_and_merges(tmp_path, family):
     unmerged = logits(model, ids)
     assert max_diff(unmerged, logits(reference, ids)) <= 1e-4
     assert max_diff(logits(merge_lora(model), ids), unmerged) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------ the fused LoRA path
+
+
+class OpLog(TorchDispatchMode):
+    """Records every aten / custom op that runs (forward and backward) with its tensor arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []  # (op name, [tensor arguments])
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [a for a in [*args, *(kwargs or {}).values()] if isinstance(a, torch.Tensor)]
+        self.calls.append((str(func.overloadpacket), tensors))
+        return func(*args, **(kwargs or {}))
+
+    def matmuls(self):
+        return [ts for name, ts in self.calls if name.split(".")[-1] in ("mm", "addmm", "bmm", "addmm_")]
+
+    def elementwise(self, min_numel):
+        """Element-wise adds and multiplies over activations (a tensor argument of at least min_numel elements)."""
+        return [n for n, ts in self.calls if n.split(".")[-1] in ("add", "add_", "mul", "mul_", "sub")
+                and any(t.numel() >= min_numel for t in ts)]
+
+    def casts(self):
+        """(shape, from dtype) of every dtype conversion of a tensor."""
+        return [(tuple(ts[0].shape), ts[0].dtype) for name, ts in self.calls if name.endswith("_to_copy")]
+
+
+def saved_storages(fn, held=()):
+    """Run fn() and return {storage: bytes} of the tensors autograd saves for the backward, leaving out storages in
+    `held` (the parameters, which exist anyway). Each storage counts once, however many views of it are saved."""
+    held = {t.untyped_storage()._cdata for t in held}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in held:
+            saved[storage._cdata] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return saved
+
+
+def lora_layer(in_features=64, out_features=112, rank=8, alpha=16.0, dtype=torch.float32, bias=True, seed=0,
+               **options):
+    """A LoRALinear over a random nn.Linear, with B random too (at init B = 0 hides the adapter in every gradient)."""
+    torch.manual_seed(seed)
+    layer = LoRALinear(nn.Linear(in_features, out_features, bias=bias).to(dtype), rank, alpha, **options)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    return layer
+
+
+def forward_backward(module, x, seed=0):
+    """Output, input gradient and trainable-parameter gradients of one forward and backward (same dropout draws)."""
+    x = x.detach().clone().requires_grad_(x.is_floating_point())  # token ids have no gradient
+    module.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = module(x)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    (out.float() * weights).sum().backward()  # a loss whose gradient differs from element to element
+    grads = {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+    return out.detach(), x.grad, grads
+
+
+def runs_fused(layer) -> bool:
+    """Whether the layer's output comes from the fused autograd Function (looking past views and casts)."""
+    fn = layer(torch.randn(3, layer.in_features, requires_grad=True)).grad_fn
+    while fn is not None and fn.name().startswith(("ViewBackward", "ToCopyBackward")):
+        fn = fn.next_functions[0][0]
+    return fn is not None and fn.name().startswith("_LoRALinearFunction")
+
+
+def reference_copy(model):
+    reference = copy.deepcopy(model)
+    assert lora.set_fast_path(reference, fused=False) > 0
+    return reference
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
+def test_fused_layer_is_bitwise_the_reference_in_fp32(dropout, dora):
+    """alpha / rank = 2: scaling by a power of two is exact wherever it is applied, so in fp32 one fused layer (update
+    added inside addmm_, the adapter's input gradient added into the base's, scaling applied to the small (N, r) and
+    (out, r) products in the backward) gives the reference's output and gradients bit for bit, dropout draws included.
+    DoRA under the fused switch is the reference's formula in the base's dtype: the same in fp32."""
+    layer = lora_layer(rank=4, alpha=8.0, dropout=dropout, dora=dora)
+    reference = reference_copy(layer)
+    assert runs_fused(layer) != dora and not runs_fused(reference)  # DoRA has no autograd Function of its own
+    x = torch.randn(3, 5, 64)
+    (out, gx, grads), (out_ref, gx_ref, grads_ref) = forward_backward(layer, x), forward_backward(reference, x)
+    assert torch.equal(out, out_ref) and torch.equal(gx, gx_ref)
+    assert grads.keys() == grads_ref.keys() == {"lora_A.weight", "lora_B.weight"} | ({"lora_magnitude_vector"}
+                                                                                   if dora else set())
+    assert all(torch.equal(grads[n], grads_ref[n]) for n in grads)
+    if dropout:  # the draws really are used: another seed gives another output
+        assert not torch.equal(forward_backward(layer, x, seed=1)[0], out)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
+def test_fused_model_matches_the_reference_in_fp32(hf_checkpoint, dropout):
+    """A whole model, every linear adapted: the logits are bitwise equal; the gradients agree to 1e-5 of each
+    tensor's largest entry, because autograd sums a hidden state's gradient from one tensor per fused layer but from
+    two (base and adapter) per reference layer, and floating-point addition in another order rounds differently
+    (the differences seen are a few float32 ulps)."""
+    folder, _ = hf_checkpoint("llama", attention_bias=True)
+    model = models.from_pretrained(folder)
+    apply_lora(model, "all-linear", rank=4, alpha=8, dropout=dropout)
+    randomize_adapters(model)
+    reference = reference_copy(model)
+    model.train(), reference.train()
+    ids = ids_for()
+    (out, _, grads), (out_ref, _, grads_ref) = forward_backward(model, ids), forward_backward(reference, ids)
+    assert torch.equal(out, out_ref)
+    assert grads.keys() == grads_ref.keys() == set(lora.trainable_parameters(model))
+    assert all(max_diff(grads[n], grads_ref[n]) <= 1e-5 * grads_ref[n].abs().max().item() for n in grads)
+
+
+@pytest.mark.parametrize("options", [dict(alpha=6.0), dict(alpha=6.0, rslora=True, dropout=0.2)],
+                         ids=["alpha-6", "rslora-dropout"])
+def test_fused_layer_matches_the_reference_with_any_scaling(options):
+    """With s = 1.5 or 3 the two paths round s * (...) at different places, so they agree to fp32 rounding: a bound of
+    1e-5 of each tensor's largest entry (~100 float32 ulps; one rounding of the sum of 64 or 112 products)."""
+    layer = lora_layer(rank=4, **options)
+    reference = reference_copy(layer)
+    x = torch.randn(3, 5, 64)
+    results = forward_backward(layer, x), forward_backward(reference, x)
+    (out, gx, grads), (out_ref, gx_ref, grads_ref) = results
+    for got, want in [(out, out_ref), (gx, gx_ref), *[(grads[n], grads_ref[n]) for n in grads]]:
+        assert max_diff(got, want) <= 1e-5 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16], ids=["fp32-base", "bf16-base"])
+def test_casts_matmul_dtypes_and_saved_bytes_per_layer(base_dtype):
+    """A base in fp32 or bf16 with fp32 adapters (the default): count, over one forward and backward of one layer, the
+    dtype casts and matmul dtypes of both paths, and the bytes autograd saves for the backward beyond the parameters."""
+    N, d_in, d_out, r = 24, 64, 112, 8  # tokens (B=2, T=12), features, rank
+    layer = lora_layer(d_in, d_out, rank=r, dtype=base_dtype)
+    reference = reference_copy(layer)
+    assert layer.lora_A.weight.dtype == torch.float32  # fp32 master copies: the optimizer steps these
+    counts = {}
+    for name, module in [("fused", layer), ("reference", reference)]:
+        x = torch.randn(2, 12, d_in, dtype=base_dtype, requires_grad=True)
+        log = OpLog()
+        with log:
+            saved = saved_storages(lambda: module(x).sum().backward(), held=module.parameters())  # no cast in the loss
+        activation_casts = [c for c in log.casts() if c[0][0] in (2, N)]  # a leading dim of B or N: an activation
+        fp32_matmuls = [ts for ts in log.matmuls() if any(t.dtype == torch.float32 for t in ts)]
+        counts[name] = dict(activation_casts=len(activation_casts), all_casts=len(log.casts()),
+                            matmuls=len(log.matmuls()), fp32_matmuls=len(fp32_matmuls),
+                            activation_elementwise=len(log.elementwise(N * d_in)), saved_bytes=sum(saved.values()))
+    print(base_dtype, counts)  # reported by `pytest -s`
+    if base_dtype == torch.float32:
+        # nothing to cast and every matmul in fp32 (forward: base, x Aᵀ, update; backward: dx through the base, dA,
+        # dB, dy B, dx through A); the same x and x Aᵀ kept. The reference adds four element-wise passes over
+        # activations: scaling and sum forward, scaling the gradient and summing the two input gradients backward
+        expected = dict(activation_casts=0, all_casts=0, matmuls=8, fp32_matmuls=8,
+                        saved_bytes=N * d_in * 4 + N * r * 4)
+        assert counts["fused"] == dict(expected, activation_elementwise=0)
+        assert counts["reference"] == dict(expected, activation_elementwise=4)
+        return
+    # fused: only the adapter weights are cast (A, B to bf16 forward; their gradients to fp32 backward), and every
+    # matmul is bf16; it keeps x, x Aᵀ (bf16) and the bf16 copies of A and B
+    assert counts["fused"] == dict(activation_casts=0, all_casts=4, matmuls=8, fp32_matmuls=0, activation_elementwise=0,
+                                   saved_bytes=N * d_in * 2 + N * r * 2 + (r * d_in + d_out * r) * 2)
+    # reference: x up to fp32 and the update down to bf16 in the forward; in the backward the gradient up, its share for
+    # the bf16 base output down (the bf16 + fp32 sum promoted) and the input gradient down; both adapter matmuls
+    # forward and all four backward in fp32. It keeps an fp32 copy of x and x Aᵀ in fp32 (its frozen bf16 base matmul
+    # keeps only W); the fused path keeps x itself, often saved for another layer anyway (q, k and v share it)
+    assert counts["reference"] == dict(activation_casts=5, all_casts=5, matmuls=8, fp32_matmuls=6,
+                                       activation_elementwise=4, saved_bytes=N * d_in * 4 + N * r * 4)
+
+
+def bf16_error(got, oracle) -> float:
+    return max_diff(got, oracle) / oracle.abs().max().item()
+
+
+@pytest.mark.parametrize("where", ["bf16-base", "autocast"])
+def test_fused_path_in_bf16_is_as_close_to_fp32_as_the_reference(where):
+    """bf16 (`train.precision = "bf16"`: bf16 base, fp32 adapters) and autocast (`amp-bf16`: everything fp32 under
+    torch.autocast): the output is bf16, the adapter gradients fp32, and both paths are within 1% of each tensor's
+    largest entry of the fp32 computation on the same weights (bf16 keeps 8 significant bits, 0.4%, and the inputs,
+    weights and results are each rounded to it; both paths show up to 0.5% here, the bound allows ~2.5 roundings)."""
+    layer = lora_layer(rank=8, dropout=0.0)
+    oracle = forward_backward(layer, x := torch.randn(2, 12, 64))  # fp32 everything
+    reference = reference_copy(layer)
+    if where == "bf16-base":
+        for module in (layer, reference):
+            module.weight.data, module.bias.data = module.weight.data.bfloat16(), module.bias.data.bfloat16()
+        x_in, context = x.bfloat16(), contextlib.nullcontext
+    else:
+        x_in, context = x, lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    for module in (layer, reference):
+        with context():
+            out, gx, grads = forward_backward(module, x_in)
+        assert out.dtype == torch.bfloat16
+        assert all(g.dtype == torch.float32 for g in grads.values())
+        assert bf16_error(out, oracle[0]) <= 1e-2 and bf16_error(gx, oracle[1]) <= 1e-2
+        assert all(bf16_error(grads[n], oracle[2][n]) <= 1e-2 for n in grads)
+    log = OpLog()
+    with log, context():
+        layer(x_in).sum().backward()
+    assert not [ts for ts in log.matmuls() if any(t.dtype == torch.float32 for t in ts)]
+
+
+def test_a_trainable_base_takes_the_reference_path():
+    layer = lora_layer()
+    layer.weight.requires_grad_(True)  # the fused backward computes no base gradient, so it must not be used
+    assert layer.fused and not runs_fused(layer)
+    forward_backward(layer, torch.randn(3, 64))
+    assert layer.weight.grad is not None
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
+def test_fused_dora_in_bf16_casts_no_activation(dropout):
+    """DoRA with a bf16 base and fp32 adapters: under the fused switch no activation is cast and no matmul over
+    activations runs in fp32 (the fp32 matmul left is B A for the weight norm, (out, r) x (r, in), no activation);
+    the reference casts x up and the result down. Output within 1% of the fp32 computation (bf16: 0.4% a rounding)."""
+    N = 24  # tokens: B=2, T=12
+    layer = lora_layer(rank=8, dora=True, dropout=dropout)
+    oracle = forward_backward(layer.eval(), x := torch.randn(2, 12, 64))[0]
+    layer.weight.data, layer.bias.data = layer.weight.data.bfloat16(), layer.bias.data.bfloat16()
+    reference = reference_copy(layer)
+    x = x.bfloat16()
+    for module in (layer, reference):
+        log = OpLog()
+        with log:
+            out = forward_backward(module.train(), x)[0]
+        activation_casts = [c for c in log.casts() if c[0][0] in (2, N)]
+        fp32_matmuls = [[tuple(t.shape) for t in ts] for ts in log.matmuls()
+                        if any(t.dtype == torch.float32 for t in ts)]
+        if module is layer:
+            # the loss's `.float()` and its gradient's way back are the only activation casts
+            assert len(activation_casts) == 2 and fp32_matmuls == [[(112, 8), (8, 64)]]
+            assert bf16_error(forward_backward(module.eval(), x)[0], oracle) <= 1e-2
+        else:
+            assert len(activation_casts) > 2 and len(fp32_matmuls) > 1
+        assert out.dtype == torch.bfloat16
+
+
+def test_fused_dora_weight_norm_follows_every_change_of_the_adapter():
+    """The weight norm is not cached: after an in-place change of A, B (what an optimizer step does) and the base
+    weight, the fused DoRA layer still equals the reference bit for bit (fp32, alpha / rank = 2)."""
+    layer = lora_layer(rank=4, alpha=8.0, dora=True)
+    reference = reference_copy(layer)
+    x = torch.randn(3, 5, 64)
+    assert torch.equal(layer(x), reference(x))
+    with torch.no_grad():
+        for module in (layer, reference):
+            module.lora_B.weight.mul_(3.0)
+            module.lora_A.weight.add_(0.5)
+            module.weight.mul_(0.5)
+    assert torch.equal(layer(x), reference(x))
+    assert not torch.equal(layer(x), lora_layer(rank=4, alpha=8.0, dora=True)(x))  # the change did change it
+
+
+LLAMA_8B_SHAPES = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=1, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                       rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, rms_norm_eps=1e-5)
+LLAMA_1B_SHAPES = dict(LLAMA_8B_SHAPES, hidden_size=2048, intermediate_size=8192, head_dim=64)
+
+
+def decoder_layer_saved_bytes(hf_config: dict, fused: bool, B: int, T: int, rank: int) -> int:
+    """Bytes autograd keeps for one bf16 Llama decoder layer with LoRA on its 7 projections, beyond the parameters;
+    on the meta device, so nothing is allocated or computed."""
+    from models import attention
+
+    config = models.config_from_hf(hf_config)
+    config.attn_implementation = "sdpa"
+    model = models.build_model(config, "meta", torch.bfloat16)
+    apply_lora(model, [*ATTN, "gate_proj", "up_proj", "down_proj"], rank=rank, alpha=2 * rank)
+    lora.set_fast_path(model, fused=fused)
+    positions = torch.arange(T).expand(B, T)
+    ctx = attention.build_context("sdpa", (B, T), torch.device("cpu"), positions, None, None)
+    x = torch.empty(B, T, config.hidden_size, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = model.model.rotary_emb(positions.to("meta"), x.dtype)
+    saved = saved_storages(lambda: model.model.layers[0](x, cos, sin, ctx), held=model.parameters())
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("workload", ["W2", "W3"])
+def test_saved_bytes_of_a_decoder_layer_at_benchmark_shapes(workload):
+    """The benchmark's LoRA shapes (W2: Llama 1B, 4 rows of 2,048 tokens; W3: Llama 8B, one row of 4,096; rank 16):
+    the fused path keeps less by exactly what the per-layer count predicts: the reference's fp32 copy of each adapted
+    input and fp32 x Aᵀ, less the bf16 inputs the fused path keeps (q, k and v share one, gate and up share one) and
+    the bf16 copies of A and B."""
+    hf_config, B, T = {"W2": (LLAMA_1B_SHAPES, 4, 2048), "W3": (LLAMA_8B_SHAPES, 1, 4096)}[workload]
+    r, N, D, I = 16, B * T, hf_config["hidden_size"], hf_config["intermediate_size"]
+    kv = hf_config["num_key_value_heads"] * hf_config["head_dim"]
+    shapes = [(D, D), (D, kv), (D, kv), (D, D), (D, I), (D, I), (I, D)]  # (in, out) of q, k, v, o, gate, up, down
+    reference = decoder_layer_saved_bytes(hf_config, False, B, T, r)
+    fused = decoder_layer_saved_bytes(hf_config, True, B, T, r)
+    print(f"{workload} saved per decoder layer: reference {reference / 2**20:.1f} MiB, fused {fused / 2**20:.1f} MiB")
+    kept_by_reference = sum(N * d_in * 4 + N * r * 4 for d_in, _ in shapes)
+    kept_by_fused = N * (D + D + D + I) * 2 + len(shapes) * N * r * 2 + sum(r * (i + o) * 2 for i, o in shapes)
+    assert reference - fused == kept_by_reference - kept_by_fused
