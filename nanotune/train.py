@@ -328,6 +328,10 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
         return 0
 
     model.activation_checkpointing = cfg.train.activation_checkpointing == "full"
+    if cfg.lora.quantize == "nf4" and model.activation_checkpointing:
+        # the NF4 weight the recompute dequantises serves the backward too (one pass per layer fewer)
+        log.info(f"QLoRA: {lora.set_fast_path(model, keep_dequantized_weight=True)} layers keep the weight they "
+                 "dequantise in the recompute for the backward")
     if cfg.train.kernels:
         from nanotune.kernels import apply_kernels
 

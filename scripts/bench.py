@@ -440,6 +440,11 @@ def build_nanotune(w: Workload, device, dtype, args) -> tuple[nn.Module, list[st
     if hasattr(model, "activation_checkpointing"):
         model.activation_checkpointing = checkpointing == "full"
         notes.append(f"activation checkpointing {checkpointing}")
+    if w.mode == "qlora" and checkpointing == "full":  # the recompute's dequantised weight serves the backward too
+        from nanotune.lora import set_fast_path
+
+        set_fast_path(model, keep_dequantized_weight=True)
+        notes.append("NF4 weights dequantised once per recompute")
     elif checkpointing != "none":
         notes.append(f"activation checkpointing {checkpointing} asked, but {type(model).__name__} has no switch")
     if args.kernels and (device.type == "cuda" or interpreting()):

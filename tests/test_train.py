@@ -390,6 +390,19 @@ def test_qlora_run_on_cpu_writes_adapter_and_merged_model(run, hf_checkpoint):
     assert not (out / "final.tmp").exists()
 
 
+def test_qlora_with_full_checkpointing_trains_as_without(run, hf_checkpoint):
+    """Under full checkpointing the trainer keeps each NF4 weight dequantised by the recompute for the backward;
+    the losses must be those of a run that stores activations (fp32 compute: the same arithmetic, bit for bit)."""
+    pytest.importorskip("bitsandbytes")
+    folder, _ = hf_checkpoint("llama", vocab_size=64)
+    common = (f"--model.path={folder}", "--lora.enabled=true", "--lora.quantize=nf4", "--lora.rank=4",
+              "--train.max_steps=3", "--checkpoint.save_final=false")
+    stored = losses(run(*common, "--train.activation_checkpointing=none"))
+    out = run(*common, "--train.activation_checkpointing=full")
+    assert len(stored) == 3 and losses(out) == stored
+    assert "layers keep the weight they dequantise in the recompute" in (out / "train.log").read_text()
+
+
 def test_quickstart_command_and_generate_script(tmp_path):
     """The README's first command, shortened to a few steps, then scripts/generate.py on its final/."""
     out = tmp_path / "qs"
