@@ -36,7 +36,7 @@ import torch
 
 import models
 from models import attention
-from nanotune import checkpoint, lora, metrics, parallel
+from nanotune import checkpoint, fp8, lora, metrics, parallel, qat
 from nanotune.config import Config, ConfigError, check_paths, load_config, parse_toml, to_dict, to_toml
 from nanotune.data import DataError, RowError, SourceError, TemplateError, TokenizerError, load_tokenizer, prepare_data
 from nanotune.data.pipeline import describe_rows
@@ -260,6 +260,8 @@ def run(argv: list[str] | None = None) -> int:
     check_paths(cfg, args.config)
     dist = parallel.init_distributed(cfg.device, cfg.parallel.backend)
     device = dist.device
+    fp8.check_config(cfg.fp8, device, cfg.lora.quantize)  # refuse GPUs without FP8 matrix cores before any work
+    qat.check_config(cfg.qat, cfg.lora.enabled, cfg.fp8.enabled)
     output_dir = Path(cfg.output_dir)
     resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, output_dir)  # None: a fresh start
     if not args.dry_run:
@@ -291,6 +293,11 @@ def run(argv: list[str] | None = None) -> int:
 
     # ---- model: meta device -> (LoRA) -> weights -> sharding; see docs/architecture.md for the build order
     model = build_model(cfg, tokenizer.vocab_size, torch.device("meta") if args.dry_run else device)
+    # FP8 / QAT swaps after the LoRA ones, before compile and sharding; the Parameters stay the same
+    for name, swapped in [("FP8", fp8.apply_from_config(model, cfg.fp8)),
+                          ("QAT", qat.apply_from_config(model, cfg.qat))]:
+        if swapped:
+            log.info(f"{name}: {len(swapped)} linear layers swapped")
     num_trainable, num_params = lora.count_parameters(model)
     tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * accum * dist.world_size
     log.info(f"model: {model.config.model_type}, {num_params:,} parameters, {num_trainable:,} trainable "
@@ -372,6 +379,7 @@ def run(argv: list[str] | None = None) -> int:
         for group in optimizer.param_groups:
             group["lr"] = lr
         batches = [next(stream) for _ in range(accum)]
+        qat.update(model, cfg.qat, step)  # fake quantisation from step qat.start_step on
         # divide by trainable tokens in the whole step (all micro-batches, all ranks) so that the loss and gradients
         # do not depend on micro-batch size, accumulation steps or world size
         step_tokens = parallel.all_reduce_sum(sum(b["num_trainable_tokens"] for b in batches), dist)
@@ -441,6 +449,8 @@ def run(argv: list[str] | None = None) -> int:
         run_eval()  # the end of the run, unless the loop just evaluated this step
     if cfg.checkpoint.save_final:
         save_final(model, cfg, output_dir, dist)
+        if cfg.qat.enabled and cfg.qat.export and dist.is_main:
+            log.info(f"saved quantised export: {qat.export_quantized(output_dir / 'final', cfg.qat)}")
     logger.close()
     if dist.is_main and cfg.logging.plot and metrics.plot_loss(output_dir):
         log.info(f"loss curve: {output_dir / 'loss.png'}")
