@@ -270,3 +270,33 @@ def test_tiny_llama_trains_with_fp8_and_tracks_the_bf16_loss(run, hf_checkpoint)
         assert got != reference  # FP8 really ran
         for step, (a, b) in enumerate(zip(got, reference), 1):
             assert abs(a - b) <= 0.01 * b, f"{recipe}, step {step}: FP8 loss {a:.4f}, bf16 loss {b:.4f}"
+
+
+# ------------------------------------------------------------------------------------------------ the benchmark
+
+
+def test_benchmark_smoke_run_on_cpu(tmp_path):
+    """scripts/bench_fp8.py --tiny: every GEMM shape and every end-to-end variant runs, and the FP8 runs' losses
+    stay within the script's own 2% of the bf16 loss (same weights and tokens). Speeds on the CPU mean nothing."""
+    import json
+
+    from scripts import bench_fp8
+
+    out = tmp_path / "fp8.jsonl"
+    assert bench_fp8.main(["--device", "cpu", "--tiny", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    gemms = [r for r in records if r["part"] == "gemm"]
+    assert len(gemms) == len(bench_fp8.linear_shapes(tiny=True))
+    assert all(r[f"{v}_ms"] > 0 for r in gemms for v in bench_fp8.VARIANTS)
+    end_to_end = {r["variant"]: r for r in records if r["part"] == "end_to_end"}
+    assert set(end_to_end) == set(bench_fp8.VARIANTS)
+    assert all(end_to_end[v]["loss_ok"] and end_to_end[v]["speedup"] > 0 for v in ("tensorwise", "rowwise"))
+
+
+def test_benchmark_shapes_are_the_llama_linears():
+    from scripts import bench_fp8
+
+    shapes = {name: (din, dout) for name, din, dout in bench_fp8.linear_shapes(tiny=False)}
+    assert len(shapes) == 3 * 7
+    assert shapes["llama-3.2-3b.k_proj"] == (3072, 1024) and shapes["llama-3.1-8b.down_proj"] == (14336, 4096)
+    assert all(d % 16 == 0 for dims in shapes.values() for d in dims)  # every one is FP8-eligible
