@@ -68,7 +68,9 @@ def scaled_matmul(a: torch.Tensor, b_rows: torch.Tensor, a_dtype: torch.dtype, b
     if K % GEMM_MULTIPLE:  # zero columns change neither the amax nor the product (only the weight gradient pads: K=M)
         pad = GEMM_MULTIPLE - K % GEMM_MULTIPLE
         a, b_rows = F.pad(a, (0, pad)), F.pad(b_rows, (0, pad))
-    a_fp8, a_unscale = to_float8(a, a_dtype, rowwise)  # (M, K), () or (M, 1)
+    # row-major copies where the operands are transposed views: casts keep their input's layout, and CUDA's kernels
+    # want the left operand row-major and the right one column-major (b_fp8.t() of a row-major b_fp8)
+    a_fp8, a_unscale = to_float8(a.contiguous(), a_dtype, rowwise)  # (M, K), () or (M, 1)
     b_fp8, b_unscale = to_float8(b_rows.contiguous(), b_dtype, rowwise)  # (N, K), () or (N, 1)
     # CUDA's rowwise kernels write bf16 only; the fp32 accumulator is the same either way
     mm_dtype = torch.bfloat16 if rowwise and a.is_cuda else out_dtype
@@ -158,7 +160,8 @@ def float8_lora(module: nn.Module, recipe: str, grad_dtype: str) -> nn.Module:
 
 
 def resolve_grad_dtype(recipe: str, grad_dtype: str) -> torch.dtype:
-    """auto: e5m2 for tensorwise (the usual choice); e4m3 for rowwise, whose CUDA kernels take e4m3 operands only."""
+    """auto: e5m2 for tensorwise (the usual choice); e4m3 for rowwise (some CUDA builds' rowwise kernels take e4m3
+    operands only)."""
     if grad_dtype == "auto":
         grad_dtype = "e4m3" if recipe == "rowwise" else "e5m2"
     return FP8_DTYPES[grad_dtype]
@@ -223,10 +226,9 @@ def check_device(device: torch.device) -> None:
     capability = torch.cuda.get_device_capability(device)
     if capability < MIN_CAPABILITY:
         name = torch.cuda.get_device_name(device)
-        raise ConfigError(
-            f"fp8.enabled = true needs FP8 matrix cores (CUDA compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} "
-            f"or newer: Ada, Hopper, Blackwell), but {name} has {capability[0]}.{capability[1]}; set fp8.enabled = false"
-        )
+        needed, has = ".".join(map(str, MIN_CAPABILITY)), ".".join(map(str, capability))
+        raise ConfigError(f"fp8.enabled = true needs FP8 matrix cores (CUDA compute capability {needed} or newer: Ada, "
+                          f"Hopper, Blackwell), but {name} has {has}; set fp8.enabled = false")
 
 
 def apply_from_config(model: nn.Module, cfg) -> list[str]:

@@ -110,6 +110,27 @@ def test_three_products_stay_within_the_fp8_error_bound_of_full_precision(recipe
         assert err.max() > 0  # FP8 really ran: a full-precision product would be (nearly) exact
 
 
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_operands_have_the_layouts_and_scale_shapes_cuda_requires(recipe, monkeypatch):
+    """The CPU kernel accepts any layout; CUDA's does not. Every call must pass a row-major left operand, a
+    column-major right operand, contraction and output dimensions in multiples of 16, and fp32 scales of shape ()
+    (tensorwise) or (M, 1) and (1, N) (rowwise)."""
+    calls = []
+    real = torch._scaled_mm
+
+    def checked(a, b, scale_a, scale_b, out_dtype):
+        calls.append((a.is_contiguous(), b.t().is_contiguous(), a.shape[1] % 16, b.shape[1] % 16,
+                      tuple(scale_a.shape), tuple(scale_b.shape), scale_a.dtype, scale_b.dtype, a.shape[0], b.shape[1]))
+        return real(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+
+    monkeypatch.setattr(torch, "_scaled_mm", checked)
+    fp8_grads(*operands(M=48, outlier=1.0), recipe == "rowwise", E5M2)  # 48 tokens: no padding copy
+    assert len(calls) == 3
+    for row_major, col_major, k_rest, n_rest, sa, sb, da, db, M, N in calls:
+        assert row_major and col_major and k_rest == 0 and n_rest == 0 and da == db == torch.float32
+        assert (sa, sb) == (((), ()) if recipe == "tensorwise" else ((M, 1), (1, N)))
+
+
 def test_rowwise_keeps_precision_that_one_outlier_row_costs_tensorwise():
     """With one token 1e5 times larger than the rest, tensorwise scaling pushes the other tokens towards FP8's
     subnormals; rowwise scales each token on its own. Measured on the same operands, rowwise is more accurate."""
