@@ -117,7 +117,7 @@ def test_refuses_lora_and_fp8_together_with_qat():
 # ------------------------------------------------------------------------------------------------ the toy task
 
 
-def train_regression(qat_on: bool, steps: int = 150, seed: int = 0) -> nn.Module:
+def train_regression(qat_on: bool, steps: int = 100, seed: int = 0) -> nn.Module:
     """Fit a two-layer MLP to a fixed random teacher, from the same start near it; with or without fake quantisation.
 
     lr 1e-4 is a fine-tuning rate: with the straight-through estimator, Adam at 3e-4 and above was seen to make the
