@@ -72,7 +72,7 @@ def scaled_matmul(a: torch.Tensor, b_rows: torch.Tensor, a_dtype: torch.dtype, b
     # want the left operand row-major and the right one column-major (b_fp8.t() of a row-major b_fp8)
     a_fp8, a_unscale = to_float8(a.contiguous(), a_dtype, rowwise)  # (M, K), () or (M, 1)
     b_fp8, b_unscale = to_float8(b_rows.contiguous(), b_dtype, rowwise)  # (N, K), () or (N, 1)
-    # CUDA's rowwise kernels write bf16 only; the fp32 accumulator is the same either way
+    # CUDA's rowwise kernels write bf16 only: an fp32 layer's rowwise result is rounded to bf16 there, then cast up
     mm_dtype = torch.bfloat16 if rowwise and a.is_cuda else out_dtype
     out = torch._scaled_mm(a_fp8, b_fp8.t(), scale_a=a_unscale, scale_b=b_unscale.t(), out_dtype=mm_dtype)
     return out.to(out_dtype)  # (M, N)
