@@ -129,6 +129,30 @@ class LoraConfig:
 
 
 @dataclass
+class Fp8Config:
+    """FP8 matrix products through torch._scaled_mm (docs/fp8.md); parameters and checkpoints stay as they are."""
+
+    enabled: bool = False  # linear layers compute in FP8 (CUDA compute capability 8.9+; the CPU too, for tests)
+    recipe: str = "tensorwise"  # tensorwise (one scale per operand) | rowwise (per row / column, along each product)
+    grad_dtype: str = "auto"  # auto (e5m2 with tensorwise, e4m3 with rowwise) | e5m2 | e4m3: output gradients
+    # module-name suffixes kept in high precision: the LM head and MoE routers
+    skip: list = field(default_factory=lambda: ["lm_head", "gate", "shared_expert_gate"])
+    min_dim: int = 1024  # linears with a smaller input or output dimension stay in high precision (0: all eligible)
+
+
+@dataclass
+class QatConfig:
+    """Quantisation-aware training (docs/fp8.md): fake-quantised linears in forward, a quantised export at the end."""
+
+    enabled: bool = False  # train the full model with the quantisation it will be served with simulated in forward
+    scheme: str = "int8-int4"  # int8-int4 (int8 per-token activations, int4 weights) | int4 (weights only)
+    group_size: int = 32  # 32 | 64 | 128: int4 weights sharing one scale, along the input dimension
+    start_step: int = 0  # optimizer steps trained without fake quantisation first
+    skip: list = field(default_factory=lambda: ["lm_head", "gate", "shared_expert_gate"])  # left unquantised
+    export: bool = True  # write <output_dir>/final/quantized (int4 weights + scales) beside the full weights
+
+
+@dataclass
 class AttentionConfig:
     implementation: str = "auto"  # auto | eager | sdpa | flex | varlen
 
@@ -178,6 +202,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    fp8: Fp8Config = field(default_factory=Fp8Config)
+    qat: QatConfig = field(default_factory=QatConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -38,7 +38,7 @@ import torch
 
 import models
 from models import attention
-from nanotune import checkpoint, lora, metrics, parallel, rundir
+from nanotune import checkpoint, fp8, lora, metrics, parallel, qat, rundir
 from nanotune.config import Config, ConfigError, check_paths, load_config, parse_toml, to_dict, to_toml
 from nanotune.data import DataError, RowError, SourceError, TemplateError, TokenizerError, load_tokenizer, prepare_data
 from nanotune.data.pipeline import describe_rows
@@ -143,6 +143,10 @@ def check_config(cfg: Config) -> None:
     ]:
         if value < least:
             raise ConfigError(f"{key} must be at least {least}, got {value}")
+    for section in ("fp8", "qat"):  # the TP plans shard nn.Linear layers; swapped FP8 / QAT linears are not built for it
+        if getattr(cfg, section).enabled and cfg.parallel.tp > 1:
+            raise ConfigError(f"{section}.enabled with parallel.tp = {cfg.parallel.tp} is not supported yet; use "
+                              "parallel.tp = 1 (FSDP2 / HSDP over dp_shard and dp_replicate work with it)")
     betas = cfg.optim.betas
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {betas}")
@@ -270,6 +274,8 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
         raise ConfigError("--overwrite deletes the checkpoints that checkpoint.resume would continue from; use one")
     dist = parallel.init_distributed(cfg.device, cfg.parallel)
     device = dist.device
+    fp8.check_config(cfg.fp8, device, cfg.lora.quantize)  # refuse GPUs without FP8 matrix cores before any work
+    qat.check_config(cfg.qat, cfg.lora.enabled, cfg.fp8.enabled)
     output_dir = Path(cfg.output_dir)
     if args.dry_run:
         metrics.setup_logging(None, dist.is_main)
@@ -317,6 +323,11 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
     sharded_load = parallel.loads_sharded(cfg, dist)
     on_meta = args.dry_run or sharded_load
     model = build_model(cfg, tokenizer.vocab_size, torch.device("meta") if on_meta else device, dist.layout)
+    # FP8 / QAT swaps after the LoRA ones, before compile and sharding; the Parameters stay the same
+    for name, swapped in [("FP8", fp8.apply_from_config(model, cfg.fp8)),
+                          ("QAT", qat.apply_from_config(model, cfg.qat))]:
+        if swapped:
+            log.info(f"{name}: {len(swapped)} linear layers swapped")
     num_trainable, num_params = lora.count_parameters(model)
     tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * accum * dist.dp_size
     log.info(f"model: {model.config.model_type}, {num_params:,} parameters, {num_trainable:,} trainable "
@@ -418,6 +429,7 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
         for group in optimizer.param_groups:
             group["lr"] = lr
         batches = [next(stream) for _ in range(accum)]
+        qat.update(model, cfg.qat, step)  # fake quantisation from step qat.start_step on
         # divide by trainable tokens in the whole step (all micro-batches, all ranks) so that the loss and gradients
         # do not depend on micro-batch size, accumulation steps or world size
         step_tokens = parallel.all_reduce_sum(sum(b["num_trainable_tokens"] for b in batches), dist)
@@ -502,6 +514,8 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
             raise checkpoint.CheckpointSaveError(
                 f"no space left on device while saving {output_dir / 'final'}; the checkpoints are intact: free some "
                 "space and continue with --checkpoint.resume=auto") from None
+        if cfg.qat.enabled and cfg.qat.export and dist.is_main:
+            log.info(f"saved quantised export: {qat.export_quantized(output_dir / 'final', cfg.qat)}")
     logger.close()
     if dist.is_main and cfg.logging.plot and metrics.plot_loss(output_dir):
         log.info(f"loss curve: {output_dir / 'loss.png'}")
