@@ -31,7 +31,7 @@ import models
 from nanotune import parallel, train
 from nanotune.config import ConfigError, LoraConfig, ParallelConfig, load_config
 from tests.conftest import ROOT, write_hf_checkpoint
-from tests.test_train import assert_same_params, losses
+from tests.test_train import assert_same_params, losses, metrics
 
 QUICKSTART = ROOT / "data" / "quickstart"
 LORA = ["--lora.enabled=true", "--lora.rank=4", "--lora.alpha=8",
@@ -346,6 +346,50 @@ def test_every_layout_trains_like_one_process(trained, family, tuning, layout_na
     base = load_file(out.parent / family / "model.safetensors")
     key = "model.layers.0.self_attn.q_proj.weight"
     assert (final[key] - base[key]).abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------------------------- resuming on another layout
+
+# name -> (world size, overrides): 4 rows per optimizer step in every layout (1 row per micro-batch), so that a
+# checkpoint of one resumes on another (checkpoint.check_layout)
+RESHARD_LAYOUTS = {
+    "one": (1, ["--train.grad_accum_steps=4"]),
+    "fsdp": (2, ["--parallel.dp_shard=2", "--train.grad_accum_steps=2"]),
+    "tp": (2, ["--parallel.tp=2", "--train.grad_accum_steps=4"]),
+}
+
+
+@pytest.mark.slow
+def test_a_checkpoint_resumes_on_another_layout_like_an_uninterrupted_run(tmp_path):
+    """Four steps of one process, uninterrupted, against: FSDP (dp_shard 2) for two steps, resumed in one process;
+    and TP (tp 2) for two steps, resumed under FSDP (dp_shard 2). DCP reshards the parameters and AdamW states (TP and
+    FSDP2 DTensors into plain tensors, TP shards into FSDP2 shards) and the data position maps onto the new
+    data-parallel processes, so steps 3 and 4 see the same rows as the uninterrupted run's steps 3 and 4: losses
+    within 1e-5 and weights within `assert_same_params`, the tolerance of every layout against one process (fp32 sums
+    in another order; see this file's docstring). A wrong position (one micro-batch early or late, or the epoch's
+    start again) trains steps 3 and 4 on other rows, whose losses differ by far more."""
+    rows = (QUICKSTART / "train.jsonl").read_text().splitlines()[:48]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    write_family_checkpoint(tmp_path / "llama", "llama")
+
+    def argv(layout_name, out, *extra):
+        common = ["--train.max_steps=4", "--checkpoint.every=2", "--checkpoint.keep=0"]
+        return base_argv(tmp_path, tmp_path / "llama", tmp_path / out) + common + RESHARD_LAYOUTS[layout_name][1] + [*extra]
+
+    assert train.main(argv("one", "one")) == 0
+    torchrun(2, [argv("fsdp", "fsdp"), argv("tp", "tp"),
+                 argv("fsdp", "tp-then-fsdp", f"--checkpoint.resume={tmp_path / 'tp' / 'step-2'}")], tmp_path)
+    assert train.main(argv("one", "fsdp-then-one", f"--checkpoint.resume={tmp_path / 'fsdp' / 'step-2'}")) == 0
+
+    straight = losses(tmp_path / "one")
+    reference = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    for resumed in ("fsdp-then-one", "tp-then-fsdp"):
+        out = tmp_path / resumed
+        assert [r["step"] for r in metrics(out) if "loss" in r] == [3, 4]  # it continued at step 3
+        assert losses(out) == pytest.approx(straight[2:], rel=1e-5), resumed
+        assert_same_params(load_file(out / "final" / "model.safetensors"), reference)
+    # the rows of steps 3 and 4 are not those of steps 1 and 2: equal losses mean the same rows, not any rows
+    assert straight[2:] != pytest.approx(straight[:2], rel=1e-3)
 
 
 if __name__ == "__main__":
