@@ -356,7 +356,31 @@ RESHARD_LAYOUTS = {
     "one": (1, ["--train.grad_accum_steps=4"]),
     "fsdp": (2, ["--parallel.dp_shard=2", "--train.grad_accum_steps=2"]),
     "tp": (2, ["--parallel.tp=2", "--train.grad_accum_steps=4"]),
+    "fsdp4": (4, ["--parallel.dp_shard=4", "--train.grad_accum_steps=1"]),
+    "fsdp-tp": (4, ["--parallel.dp_shard=2", "--parallel.tp=2", "--train.grad_accum_steps=2"]),
 }
+
+
+def reshard_argv(tmp: Path, layout_name: str, out: str, max_steps: int, *extra: str) -> list[str]:
+    """A run of RESHARD_LAYOUTS[layout_name] with a checkpoint every 2 steps, all kept."""
+    common = [f"--train.max_steps={max_steps}", "--checkpoint.every=2", "--checkpoint.keep=0"]
+    return base_argv(tmp, tmp / "llama", tmp / out) + common + RESHARD_LAYOUTS[layout_name][1] + [*extra]
+
+
+def reshard_data(tmp: Path) -> None:
+    rows = (QUICKSTART / "train.jsonl").read_text().splitlines()[:48]
+    (tmp / "train.jsonl").write_text("\n".join(rows) + "\n")
+    write_family_checkpoint(tmp / "llama", "llama")
+
+
+def assert_continues_like(out: Path, straight: Path, first_step: int) -> None:
+    """`out` resumed at first_step and trained like the uninterrupted `straight` from there: losses within 1e-5, final
+    weights within assert_same_params (the tolerances of every layout against one process, see this file's docstring)."""
+    steps = [r["step"] for r in metrics(out) if "loss" in r]
+    assert steps[0] == first_step and steps == list(range(first_step, first_step + len(steps)))
+    assert losses(out) == pytest.approx(losses(straight)[first_step - 1:], rel=1e-5), out.name
+    assert_same_params(load_file(out / "final" / "model.safetensors"),
+                       load_file(straight / "final" / "model.safetensors"))
 
 
 @pytest.mark.slow
@@ -368,29 +392,34 @@ def test_a_checkpoint_resumes_on_another_layout_like_an_uninterrupted_run(tmp_pa
     within 1e-5 and weights within `assert_same_params`, the tolerance of every layout against one process (fp32 sums
     in another order; see this file's docstring). A wrong position (one micro-batch early or late, or the epoch's
     start again) trains steps 3 and 4 on other rows, whose losses differ by far more."""
-    rows = (QUICKSTART / "train.jsonl").read_text().splitlines()[:48]
-    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
-    write_family_checkpoint(tmp_path / "llama", "llama")
-
-    def argv(layout_name, out, *extra):
-        common = ["--train.max_steps=4", "--checkpoint.every=2", "--checkpoint.keep=0"]
-        return base_argv(tmp_path, tmp_path / "llama", tmp_path / out) + common + RESHARD_LAYOUTS[layout_name][1] + [*extra]
-
-    assert train.main(argv("one", "one")) == 0
-    torchrun(2, [argv("fsdp", "fsdp"), argv("tp", "tp"),
-                 argv("fsdp", "tp-then-fsdp", f"--checkpoint.resume={tmp_path / 'tp' / 'step-2'}")], tmp_path)
-    assert train.main(argv("one", "fsdp-then-one", f"--checkpoint.resume={tmp_path / 'fsdp' / 'step-2'}")) == 0
-
-    straight = losses(tmp_path / "one")
-    reference = load_file(tmp_path / "one" / "final" / "model.safetensors")
-    for resumed in ("fsdp-then-one", "tp-then-fsdp"):
-        out = tmp_path / resumed
-        assert [r["step"] for r in metrics(out) if "loss" in r] == [3, 4]  # it continued at step 3
-        assert losses(out) == pytest.approx(straight[2:], rel=1e-5), resumed
-        assert_same_params(load_file(out / "final" / "model.safetensors"), reference)
+    reshard_data(tmp_path)
+    assert train.main(reshard_argv(tmp_path, "one", "one", 4)) == 0
+    torchrun(2, [reshard_argv(tmp_path, "fsdp", "fsdp", 4), reshard_argv(tmp_path, "tp", "tp", 4),
+                 reshard_argv(tmp_path, "fsdp", "tp-then-fsdp", 4, f"--checkpoint.resume={tmp_path / 'tp' / 'step-2'}")],
+             tmp_path)
+    assert train.main(reshard_argv(tmp_path, "one", "fsdp-then-one", 4,
+                                   f"--checkpoint.resume={tmp_path / 'fsdp' / 'step-2'}")) == 0
+    assert_continues_like(tmp_path / "fsdp-then-one", tmp_path / "one", 3)
+    assert_continues_like(tmp_path / "tp-then-fsdp", tmp_path / "one", 3)
     # the rows of steps 3 and 4 are not those of steps 1 and 2: equal losses mean the same rows, not any rows
+    straight = losses(tmp_path / "one")
     assert straight[2:] != pytest.approx(straight[:2], rel=1e-3)
 
+
+@pytest.mark.slow
+def test_a_checkpoint_moves_from_fsdp_over_4_to_fsdp_x_tp_to_one_process(tmp_path):
+    """dp_shard 4 for two steps, resumed as dp_shard 2 x tp 2 for two more (FSDP2 shards of 1/4 into 2-D FSDP x TP
+    DTensors), resumed again in one process for the last two: each part continues like the uninterrupted run of one
+    process, as in the test above."""
+    reshard_data(tmp_path)
+    assert train.main(reshard_argv(tmp_path, "one", "one", 6)) == 0
+    torchrun(4, [reshard_argv(tmp_path, "fsdp4", "fsdp4", 6),
+                 reshard_argv(tmp_path, "fsdp-tp", "then-fsdp-tp", 6, f"--checkpoint.resume={tmp_path / 'fsdp4' / 'step-2'}")],
+             tmp_path)
+    assert train.main(reshard_argv(tmp_path, "one", "then-one", 6,
+                                   f"--checkpoint.resume={tmp_path / 'then-fsdp-tp' / 'step-4'}")) == 0
+    assert_continues_like(tmp_path / "then-fsdp-tp", tmp_path / "one", 3)
+    assert_continues_like(tmp_path / "then-one", tmp_path / "one", 5)
 
 if __name__ == "__main__":
     worker(sys.argv[1])
