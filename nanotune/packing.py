@@ -158,7 +158,7 @@ class BatchLoader:
         if state["seed"] != self.seed:
             raise ValueError(f"cannot resume: the saved loader had seed={state['seed']}, this one has {self.seed}; "
                              "the batches would differ")
-        # a state without `rows` (written before they were saved) describes the same layout as this loader
+        # a state saved before `rows` and `rows_per_step` were: its rows from its position, its plan taken as this one's
         rows_per_step = state.get("rows_per_step", self.rows_per_step)
         if rows_per_step != self.rows_per_step:
             raise ValueError(f"cannot resume: the saved loader took {rows_per_step} rows per optimizer step "

@@ -233,6 +233,20 @@ def test_a_loader_refuses_a_position_from_another_number_of_rows_per_step():
     loaders(data, 2, 1, 2)[0].load_state_dict(state)  # 2 x 1 x 2: the same 4 rows per step
 
 
+def test_on_another_layout_every_process_takes_rank_0s_data_position_and_rng_states(tmp_path):
+    """Written by one process, resumed as rank 1 of tensor parallel over 2 (no extra-rank1 exists): rank 1 restores
+    rank 0's data position and RNG states, as its tensor-parallel peer does."""
+    model, optimizer = trained(0)
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    path = save(tmp_path, model_optimizer=(model, optimizer))
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    other_model, other_optimizer = trained(1)
+    extra = checkpoint.load(path, other_model, other_optimizer, DistInfo(rank=1, world_size=2, layout=mesh(tp=2)))
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+    assert extra["data"] == {"epoch": 0, "position": 1}
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other_model.parameters()))
+
+
 def test_a_full_disk_keeps_the_earlier_checkpoints_and_says_so(tmp_path, monkeypatch):
     first = save(tmp_path, step=1)
     before = {p.name: p.read_bytes() for p in first.rglob("*") if p.is_file()}
