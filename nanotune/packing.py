@@ -1,7 +1,7 @@
 """Batches from tokenized examples: multipack bin packing, data-parallel sharding and exact mid-epoch resume.
 
     loader = BatchLoader(data.train, seq_len=2048, micro_batch_size=2, packing=True, seed=0,
-                         rank=rank, world_size=world_size, pad_id=tok.pad_id)
+                         rank=rank, world_size=world_size, grad_accum_steps=4, pad_id=tok.pad_id)
     for epoch in range(epochs):
         loader.set_epoch(epoch)
         for batch in loader: ...   # input_ids, labels, position_ids, cu_seqlens, max_seqlen, num_trainable_tokens
