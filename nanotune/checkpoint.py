@@ -1,15 +1,22 @@
 """Resumable training checkpoints (`<output_dir>/step-N/`) with torch.distributed.checkpoint (DCP).
 
 A checkpoint holds the trainable parameters and the optimizer state (sharded: each process writes its own part), and
-per process the data position and RNG states; rank 0 adds the step, the number of processes and the resolved config.
-Nothing in it is a pickle, so resuming never runs code from the files (a checkpoint is as safe to receive as a final/
-folder):
+per process the data position and RNG states; rank 0 adds the step, the number of processes, the mesh and the resolved
+config. Nothing in it is a pickle, so resuming never runs code from the files (a checkpoint is as safe to receive as a
+final/ folder):
 
-    step-N/checkpoint.json               step, world_size, config (TOML text); written last, so it marks a whole one
+    step-N/checkpoint.json               step, world_size, layout (mesh sizes), config (TOML text); written last, so
+                                         it marks a whole one
     step-N/state/*.safetensors           DCP shards: tensors, with their offsets in the global tensor as JSON in
                                          the safetensors header (torch's HuggingFaceStorageWriter/Reader)
     step-N/extra-rank{r}.json            data position, Python's and NumPy's RNG states as plain lists
     step-N/extra-rank{r}.safetensors     torch's CPU (and CUDA) RNG states
+
+Resuming on another mesh (other world size, dp_shard, tp): DCP reads each process's shards from the saved ones by
+their offsets in the global tensors, whatever sharding wrote them. The data position is a count of rows of the epoch
+consumed by all data-parallel processes together, which maps onto any layout that trains on the same rows per
+optimizer step (micro_batch_size x grad_accum_steps x dp_replicate x dp_shard); `check_layout` refuses the others.
+On the same mesh every process restores its own RNG states; on another, every process takes rank 0's.
 
 Optimizer hyperparameters (param_groups) are not saved: they come from the config of the resumed run (the learning
 rate is set from the schedule at every step anyway). A checkpoint is written into `step-N.tmp/` and renamed to
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import random
 import re
 import shutil
@@ -35,8 +43,8 @@ from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceSt
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from nanotune.config import ConfigError, parse_toml
-from nanotune.parallel import DistInfo, all_reduce_sum, barrier
+from nanotune.config import ConfigError, TrainConfig, parse_toml
+from nanotune.parallel import MESH_DIMS, DistInfo, all_reduce_sum, barrier
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 INFO_FILE = "checkpoint.json"
@@ -123,7 +131,7 @@ def save(output_dir: Path, step: int, model, optimizer, extra: dict, info: DistI
         save_file(tensors, tmp / f"extra-rank{info.rank}.safetensors")
         if info.is_main:  # last: a folder with this file was written completely
             write_json(tmp / INFO_FILE, {"format": FORMAT, "step": step, "world_size": info.world_size,
-                                         "config": config_toml})
+                                         "layout": info.layout, "config": config_toml})
 
     raise_if_any_failed(attempt(write), step, output_dir, tmp, info)
     if info.is_main:
@@ -238,24 +246,71 @@ def read_info(path: Path) -> dict:
     return info
 
 
-def check_world_size(info: dict, path: Path, world_size: int) -> None:
-    """Refuse to resume on a different number of processes: the sharded state and each process's data position
-    belong to the layout they were written with. (Resharding would relax this check.)"""
-    if info["world_size"] != world_size:
-        raise ConfigError(
-            f"{path} was written by {info['world_size']} process(es) but this run has {world_size}; resume with "
-            f"--nproc_per_node={info['world_size']} (resuming on a different number of processes is not supported "
-            "yet), or start anew in another output_dir")
+def saved_layout(info: dict) -> dict[str, int]:
+    """The mesh a checkpoint was written on (dimension -> size): its `layout`, or for a checkpoint written before the
+    layout was recorded, the [parallel] keys of its config resolved on its world_size (dp_shard = -1: the rest)."""
+    if "layout" in info:
+        return {dim: int(info["layout"].get(dim, 1)) for dim in MESH_DIMS}
+    keys = parse_toml(info["config"]).get("parallel", {})
+    layout = {dim: int(keys.get(dim, 1)) for dim in MESH_DIMS}
+    if keys.get("dp_shard", -1) == -1:
+        layout["dp_shard"] = info["world_size"] // (layout["dp_replicate"] * layout["cp"] * layout["tp"])
+    return layout
+
+
+def same_layout(info: dict, layout: dict[str, int]) -> bool:
+    return saved_layout(info) == {dim: layout[dim] for dim in MESH_DIMS}
+
+
+def check_layout(info: dict, path: Path, layout: dict[str, int], micro_batch_size: int, grad_accum_steps: int) -> None:
+    """A checkpoint resumes on any mesh (DCP reshards the model and optimizer state), but the data position maps onto
+    the new data-parallel processes exactly only if every optimizer step still trains on the same rows: refuse a run
+    whose rows per step (micro_batch_size x grad_accum_steps x dp_replicate x dp_shard) differ, naming the keys that
+    would keep them."""
+    train = parse_toml(info["config"]).get("train", {})
+    was = (train.get("micro_batch_size", TrainConfig.micro_batch_size),
+           train.get("grad_accum_steps", TrainConfig.grad_accum_steps), data_parallel_size(saved_layout(info)))
+    now = (micro_batch_size, grad_accum_steps, data_parallel_size(layout))
+    rows_was, rows_now = math.prod(was), math.prod(now)
+    if rows_was == rows_now:
+        return
+    raise ConfigError(
+        f"{path} was written with {rows_was} rows per optimizer step (train.micro_batch_size {was[0]} x "
+        f"train.grad_accum_steps {was[1]} x {was[2]} data-parallel process(es)) but this run takes {rows_now} "
+        f"({now[0]} x {now[1]} x {now[2]}); {same_rows_fix(rows_was, micro_batch_size, now[2])} so that every step "
+        "trains on the same rows, or start anew in another output_dir")
+
+
+def data_parallel_size(layout: dict[str, int]) -> int:
+    return layout["dp_replicate"] * layout["dp_shard"]
+
+
+def same_rows_fix(rows: int, micro_batch_size: int, dp_size: int) -> str:
+    """The override(s) that make micro_batch_size x grad_accum_steps x dp_size equal `rows` (keeping the micro-batch
+    size if it can), or what to launch instead."""
+    if rows % dp_size:
+        return (f"launch a number of data-parallel processes (parallel.dp_replicate x dp_shard) that divides {rows}, "
+                "then set train.grad_accum_steps to match")
+    per_process = rows // dp_size
+    if per_process % micro_batch_size == 0:
+        return f"set --train.grad_accum_steps={per_process // micro_batch_size}"
+    fits = max(b for b in range(1, min(micro_batch_size, per_process) + 1) if per_process % b == 0)
+    return f"set --train.micro_batch_size={fits} --train.grad_accum_steps={per_process // fits}"
 
 
 def load(path: Path, model, optimizer, info: DistInfo) -> dict:
-    """Restore model and optimizer in place; returns this process's extra state (RNG states already restored)."""
-    extra_json, extra_tensors = path / f"extra-rank{info.rank}.json", path / f"extra-rank{info.rank}.safetensors"
+    """Restore model and optimizer in place (resharded by DCP onto this run's mesh); returns the extra state (RNG states
+    already restored): this process's own on the mesh the checkpoint was written on, else rank 0's on every process.
+    Rank 0's holds the same data position as every other (a count over all data-parallel processes), and its RNG
+    states keep the processes of a tensor-parallel group drawing the same random numbers, as a fresh start's common
+    seed does."""
+    rank = info.rank if same_layout(read_info(path), info.layout) else 0
+    extra_json, extra_tensors = path / f"extra-rank{rank}.json", path / f"extra-rank{rank}.safetensors"
     try:
         extra = json.loads(extra_json.read_text())
         rng_tensors = load_file(extra_tensors)
     except (OSError, ValueError, UnicodeDecodeError, SafetensorError) as e:
-        raise damaged(path, f"process {info.rank}'s extra state: {str(e).splitlines()[0][:200]}") from None
+        raise damaged(path, f"process {rank}'s extra state: {str(e).splitlines()[0][:200]}") from None
     if not isinstance(extra, dict) or not {"step", "data", "rng"} <= extra.keys() or "torch" not in rng_tensors:
         raise damaged(path, f"{extra_json.name} lacks step, data or RNG states")
     # the optimizer's hyperparameters (param_groups) are this run's, from its config

@@ -1,7 +1,7 @@
 """Batches from tokenized examples: multipack bin packing, data-parallel sharding and exact mid-epoch resume.
 
     loader = BatchLoader(data.train, seq_len=2048, micro_batch_size=2, packing=True, seed=0,
-                         rank=rank, world_size=world_size, pad_id=tok.pad_id)
+                         rank=rank, world_size=world_size, grad_accum_steps=4, pad_id=tok.pad_id)
     for epoch in range(epochs):
         loader.set_epoch(epoch)
         for batch in loader: ...   # input_ids, labels, position_ids, cu_seqlens, max_seqlen, num_trainable_tokens
@@ -10,9 +10,14 @@ Packing (multipack): every epoch the examples are shuffled with (seed, epoch), c
 consecutive examples, and each group is packed into rows of `seq_len` tokens by best-fit decreasing (each example,
 longest first, goes to the fullest row it still fits in). Packing within groups keeps the epoch in random order
 (packing everything at once would put the long examples first) and still fills rows to ~99%. The rows of all groups
-are shuffled again, then dealt out: micro-batch k of rank r holds rows [(k*W + r)*B, (k*W + r + 1)*B). When the
-rows do not divide into B*W, the first rows of the epoch are repeated to fill the last step (`fill="repeat"`) or
-empty rows are added (`fill="empty"`, all labels -100), so every rank runs the same number of steps.
+are shuffled again, then dealt out: micro-batch k of rank r holds rows [(k*W + r)*B, (k*W + r + 1)*B). So optimizer
+step s (A micro-batches per rank) trains on rows [s*G, (s+1)*G) of the plan, G = B*W*A rows, however B, W and A split
+G. When the rows do not divide into G, the first rows of the epoch are repeated to fill the last step
+(`fill="repeat"`) or empty rows are added (`fill="empty"`, all labels -100), so every rank runs the same number of
+steps and every epoch is a whole number of optimizer steps.
+
+Resume on another layout: the position is saved as rows of the plan consumed by all ranks together (`rows`), and a
+loader with another B*W (the same G) continues from row `rows`: the plan depends only on the seed, the data and G.
 
 LABELS ARE PRE-SHIFTED: `labels[b, t]` is the target for the logits at position t, i.e. `input_ids[b, t + 1]` where
 that token is trained, else -100. The last token of every document has label -100, so no position is ever trained
@@ -78,7 +83,7 @@ def packing_efficiency(lengths: np.ndarray, seq_len: int, seed: int = 0, group_s
 class BatchLoader:
     def __init__(self, dataset, seq_len: int, micro_batch_size: int, packing: bool = True, seed: int = 0,
                  rank: int = 0, world_size: int = 1, pad_id: int = 0, shuffle: bool = True, group_size: int = 4096,
-                 fill: str = "repeat"):
+                 fill: str = "repeat", grad_accum_steps: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if fill not in ("repeat", "empty"):
@@ -94,6 +99,8 @@ class BatchLoader:
         self.packing, self.seed, self.shuffle = packing, seed, shuffle
         self.rank, self.world_size, self.pad_id = rank, world_size, pad_id
         self.group_size, self.fill = group_size, fill
+        # rows of one optimizer step over all ranks (G): the plan is padded to a multiple of it
+        self.rows_per_step = micro_batch_size * world_size * grad_accum_steps
         self.epoch, self.position = 0, 0  # position: micro-batches of this epoch already yielded
         self._plan_epoch = None
         self._rows: list[list[int]] = []
@@ -102,7 +109,7 @@ class BatchLoader:
     # ---------------------------------------------------------------------------------------------- the plan
 
     def _plan(self) -> list[list[int]]:
-        """This epoch's rows (lists of example indices), identical on every rank, padded to a multiple of B*W."""
+        """This epoch's rows (lists of example indices), identical on every rank, padded to a multiple of G = B*W*A."""
         if self._plan_epoch == self.epoch:
             return self._rows
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -115,8 +122,7 @@ class BatchLoader:
             self.efficiency = float(self.lengths.sum() / (len(rows) * self.seq_len))
         else:
             rows = [[int(i)] for i in order]
-        per_step = self.micro_batch_size * self.world_size
-        missing = -len(rows) % per_step
+        missing = -len(rows) % self.rows_per_step
         if self.fill == "repeat":
             rows = rows + [rows[i % len(rows)] for i in range(missing)]
         else:
@@ -140,15 +146,30 @@ class BatchLoader:
         self.position = 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world_size": self.world_size,
-                "micro_batch_size": self.micro_batch_size}
+        """The position as rows of this epoch's plan consumed by all ranks together (`rows`), which another layout
+        with the same rows per step can continue from; `position` (micro-batches per rank) says the same for this one."""
+        return {"epoch": self.epoch, "position": self.position, "rows": self.position * self.micro_batch_size *
+                self.world_size, "rows_per_step": self.rows_per_step, "seed": self.seed,
+                "world_size": self.world_size, "micro_batch_size": self.micro_batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "world_size", "micro_batch_size"):
-            if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"cannot resume: the saved loader had {key}={state[key]}, this one has "
-                                 f"{getattr(self, key)}; the batches would differ")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        """Continue at the saved row of the saved epoch, on this loader's B and W. The plan must be the same: same
+        seed and same rows per optimizer step (B*W*A), and the rows consumed must be whole micro-batches here."""
+        if state["seed"] != self.seed:
+            raise ValueError(f"cannot resume: the saved loader had seed={state['seed']}, this one has {self.seed}; "
+                             "the batches would differ")
+        # a state saved before `rows` and `rows_per_step` were: its rows from its position, its plan taken as this one's
+        rows_per_step = state.get("rows_per_step", self.rows_per_step)
+        if rows_per_step != self.rows_per_step:
+            raise ValueError(f"cannot resume: the saved loader took {rows_per_step} rows per optimizer step "
+                             f"(micro_batch_size x data-parallel processes x grad_accum_steps), this one takes "
+                             f"{self.rows_per_step}; the epoch would be planned differently")
+        rows = state.get("rows", int(state["position"]) * state["micro_batch_size"] * state["world_size"])
+        per_round = self.micro_batch_size * self.world_size  # rows of one micro-batch on every rank
+        if rows % per_round:
+            raise ValueError(f"cannot resume: {rows} rows of the epoch were consumed, not a multiple of the {per_round} "
+                             "rows (micro_batch_size x data-parallel processes) of one micro-batch on every rank")
+        self.epoch, self.position = int(state["epoch"]), rows // per_round
 
     def __iter__(self):
         rows = self._plan()

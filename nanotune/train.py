@@ -154,8 +154,9 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("set train.max_steps or train.epochs to a positive number")
 
 
-# What a resumed run must keep as it was: the model, the adapters, the data and its order.
-RESUME_INVARIANT = ("seed", "model", "lora", "data", "train.micro_batch_size")
+# What a resumed run must keep as it was: the model, the adapters, the data and its order (the rows per optimizer step
+# too, checked by checkpoint.check_layout: micro_batch_size and grad_accum_steps may change with the layout).
+RESUME_INVARIANT = ("seed", "model", "lora", "data")
 RESUME_FREE = ("data.cache_dir", "data.num_workers")
 
 
@@ -288,7 +289,7 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
     resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, output_dir)  # None: a fresh start
     if resume_from is not None:  # refuse a checkpoint that cannot be resumed before anything is built
         saved = checkpoint.read_info(resume_from)
-        checkpoint.check_world_size(saved, resume_from, dist.world_size)
+        checkpoint.check_layout(saved, resume_from, dist.layout, cfg.train.micro_batch_size, cfg.train.grad_accum_steps)
         check_resumable(saved["config"], cfg)
     if not args.dry_run:
         rundir.check_output_dir(output_dir, resume_from)
@@ -305,7 +306,7 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
         parallel.barrier(dist)
     loader_args = dict(seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size,
                        packing=cfg.data.packing, pad_id=tokenizer.pad_id, rank=dist.dp_rank, world_size=dist.dp_size)
-    train_loader = BatchLoader(data.train, seed=cfg.seed, **loader_args)
+    train_loader = BatchLoader(data.train, seed=cfg.seed, grad_accum_steps=cfg.train.grad_accum_steps, **loader_args)
     # every eval example exactly once, in file order; empty (untrained) rows even out the ranks
     eval_loader = BatchLoader(data.eval, seed=cfg.seed, shuffle=False, fill="empty", **loader_args) \
         if data.eval is not None else None

@@ -21,8 +21,10 @@ import torch
 
 from nanotune import checkpoint
 from nanotune.config import ConfigError
+from nanotune.packing import BatchLoader
 from nanotune.parallel import DistInfo
 from tests.conftest import ROOT
+from tests.test_packing import ToyData, lengths
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 ONE = DistInfo()
@@ -78,7 +80,8 @@ def test_round_trip_restores_model_optimizer_and_rng_states_exactly(tmp_path):
     for i in saved:
         for key in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(saved[i][key], restored[i][key])
-    assert checkpoint.read_info(path) == {"format": 1, "step": 1, "world_size": 1, "config": "seed = 0\n"}
+    assert checkpoint.read_info(path) == {"format": 1, "step": 1, "world_size": 1, "config": "seed = 0\n",
+                                          "layout": {"dp_replicate": 1, "dp_shard": 1, "cp": 1, "tp": 1}}
 
 
 def test_a_checkpoint_holds_no_pickle(tmp_path):
@@ -127,12 +130,121 @@ def test_an_old_pickle_format_checkpoint_is_refused_unread(tmp_path):
     assert not marker.exists()
 
 
-def test_a_resume_on_another_number_of_processes_is_refused():
-    info = {"format": 1, "step": 4, "world_size": 2, "config": ""}
-    checkpoint.check_world_size(info, "step-4", 2)
-    with pytest.raises(ConfigError, match=r"written by 2 process\(es\) but this run has 1; resume with "
-                                          r"--nproc_per_node=2"):
-        checkpoint.check_world_size(info, "step-4", 1)
+def info_of(world_size, layout=None, micro_batch_size=1, grad_accum_steps=1, parallel=""):
+    """checkpoint.json of a run with these settings (`layout`: mesh sizes other than 1; None: not recorded, as in a
+    checkpoint written before the layout was)."""
+    info = {"format": 1, "step": 4, "world_size": world_size,
+            "config": f"seed = 0\n[train]\nmicro_batch_size = {micro_batch_size}\ngrad_accum_steps = {grad_accum_steps}\n"
+                      f"[parallel]\n{parallel}"}
+    if layout is not None:
+        info["layout"] = {**dict.fromkeys(("dp_replicate", "dp_shard", "cp", "tp"), 1), **layout}
+    return info
+
+
+def mesh(**sizes):
+    return {**dict.fromkeys(("dp_replicate", "dp_shard", "cp", "tp"), 1), **sizes}
+
+
+@pytest.mark.parametrize("saved,layout,batch", [
+    (info_of(2, {"dp_shard": 2}, 2, 1), mesh(), (2, 2)),  # FSDP over 2 -> one process, twice the accumulation
+    (info_of(2, {"dp_shard": 2}, 2, 1), mesh(), (4, 1)),  # ... or twice the micro-batch
+    (info_of(2, {"tp": 2}, 1, 4), mesh(dp_shard=2), (1, 2)),  # TP -> FSDP
+    (info_of(4, {"dp_shard": 4}, 1, 1), mesh(dp_shard=2, tp=2), (1, 2)),  # FSDP over 4 -> FSDP 2 x TP 2
+    (info_of(2, None, 1, 4, parallel="tp = 2\n"), mesh(tp=2), (1, 4)),  # no recorded layout: from the config
+])
+def test_a_resume_on_another_layout_with_the_same_rows_per_step_is_accepted(saved, layout, batch):
+    checkpoint.check_layout(saved, "step-4", layout, *batch)
+
+
+@pytest.mark.parametrize("saved,layout,batch,message", [
+    (info_of(2, {"dp_shard": 2}, 2, 1), mesh(), (2, 1),
+     r"step-4 was written with 4 rows per optimizer step \(train.micro_batch_size 2 x train.grad_accum_steps 1 x 2 "
+     r"data-parallel process\(es\)\) but this run takes 2 \(2 x 1 x 1\); set --train.grad_accum_steps=2 so that every "
+     r"step trains on the same rows, or start anew in another output_dir"),
+    (info_of(1, {}, 2, 1), mesh(dp_shard=2), (2, 1),
+     r"2 rows per optimizer step .* this run takes 4 \(2 x 1 x 2\); set --train.micro_batch_size=1 "
+     r"--train.grad_accum_steps=1 so that"),
+    (info_of(2, {"dp_shard": 2}, 2, 1), mesh(dp_shard=3), (1, 1),
+     r"launch a number of data-parallel processes \(parallel.dp_replicate x dp_shard\) that divides 4"),
+    (info_of(2, {"tp": 2}, 1, 4), mesh(dp_shard=2), (1, 4), r"this run takes 8 \(1 x 4 x 2\); set --train.grad_accum_steps=2"),
+    # a checkpoint without a recorded layout: its config's [parallel] keys say it was FSDP over 2 processes
+    (info_of(2, None, 1, 2), mesh(), (1, 2), r"4 rows per optimizer step .* set --train.grad_accum_steps=4"),
+])
+def test_a_resume_that_changes_the_rows_per_step_is_refused_naming_the_keys(saved, layout, batch, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        checkpoint.check_layout(saved, "step-4", layout, *batch)
+    assert "\n" not in str(err.value)
+
+
+def rows_of_steps(loaders, accum: int, num_steps: int) -> list[list[tuple]]:
+    """Drive the data-parallel ranks' loaders as train.py does (epoch after epoch) for num_steps optimizer steps;
+    -> per step, the real tokens of each row it trained on, in the plan's order (micro-batch by micro-batch, rank by
+    rank within one)."""
+    def stream(loader):
+        epoch = loader.epoch
+        while True:
+            loader.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    streams = [stream(loader) for loader in loaders]
+    steps = []
+    for _ in range(num_steps):
+        rows = []
+        for _ in range(accum):
+            for batch in [next(s) for s in streams]:  # (B, T) each: rank 0's rows come first in the plan
+                rows += [tuple(ids[real].tolist()) for ids, real in zip(batch["input_ids"], batch["attention_mask"])]
+        steps.append(rows)
+    return steps
+
+
+def loaders(data, micro_batch_size: int, world_size: int, accum: int):
+    return [BatchLoader(data, seq_len=256, micro_batch_size=micro_batch_size, rank=r, world_size=world_size, seed=3,
+                        grad_accum_steps=accum) for r in range(world_size)]
+
+
+def test_the_data_position_carries_over_to_another_number_of_data_parallel_processes():
+    """8 rows per step: 2 ranks x 2 rows x 2 micro-batches for 5 steps, then resumed on 1 rank x 2 rows x 4, into the
+    next epoch. Every step trains on the same rows, in the same order, as an uninterrupted 1 x 8 x 1 run: nothing in
+    the epoch is skipped or seen twice, and the epoch ends at the same step."""
+    data = ToyData(lengths(125, hi=200))  # 51 rows an epoch: 5 fill the last step of 8
+    reference_loader = loaders(data, 8, 1, 1)
+    steps_per_epoch = len(reference_loader[0])
+    assert 5 < steps_per_epoch < 12  # the resumed part crosses into the next epoch
+    reference = rows_of_steps(reference_loader, 1, 12)
+    two = loaders(data, 2, 2, 2)
+    before = rows_of_steps(two, 2, 5)
+    states = [json.loads(json.dumps(loader.state_dict())) for loader in two]  # survives a checkpoint round trip
+    assert states[0] == states[1] and states[0]["rows"] == 5 * 8  # the same global count on every rank
+    one = loaders(data, 2, 1, 4)
+    one[0].load_state_dict(states[0])
+    assert one[0].position == 20  # micro-batches of 2 rows: 40 rows of the epoch consumed
+    after = rows_of_steps(one, 4, 7)
+    assert before + after == reference
+    epoch = [row for step in reference[:steps_per_epoch] for row in step]
+    assert len(set(epoch)) == len(epoch) - (-len(set(epoch)) % 8)  # each row once (but the few that fill the last step)
+
+
+def test_a_loader_refuses_a_position_from_another_number_of_rows_per_step():
+    data = ToyData(lengths(50))
+    state = loaders(data, 2, 2, 1)[0].state_dict()  # 4 rows per step
+    with pytest.raises(ValueError, match="took 4 rows per optimizer step .* this one takes 2"):
+        loaders(data, 2, 1, 1)[0].load_state_dict(state)
+    loaders(data, 2, 1, 2)[0].load_state_dict(state)  # 2 x 1 x 2: the same 4 rows per step
+
+
+def test_on_another_layout_every_process_takes_rank_0s_data_position_and_rng_states(tmp_path):
+    """Written by one process, resumed as rank 1 of tensor parallel over 2 (no extra-rank1 exists): rank 1 restores
+    rank 0's data position and RNG states, as its tensor-parallel peer does."""
+    model, optimizer = trained(0)
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    path = save(tmp_path, model_optimizer=(model, optimizer))
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    other_model, other_optimizer = trained(1)
+    extra = checkpoint.load(path, other_model, other_optimizer, DistInfo(rank=1, world_size=2, layout=mesh(tp=2)))
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+    assert extra["data"] == {"epoch": 0, "position": 1}
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other_model.parameters()))
 
 
 def test_a_full_disk_keeps_the_earlier_checkpoints_and_says_so(tmp_path, monkeypatch):

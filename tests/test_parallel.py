@@ -31,7 +31,7 @@ import models
 from nanotune import parallel, train
 from nanotune.config import ConfigError, LoraConfig, ParallelConfig, load_config
 from tests.conftest import ROOT, write_hf_checkpoint
-from tests.test_train import assert_same_params, losses
+from tests.test_train import assert_same_params, losses, metrics
 
 QUICKSTART = ROOT / "data" / "quickstart"
 LORA = ["--lora.enabled=true", "--lora.rank=4", "--lora.alpha=8",
@@ -347,6 +347,92 @@ def test_every_layout_trains_like_one_process(trained, family, tuning, layout_na
     key = "model.layers.0.self_attn.q_proj.weight"
     assert (final[key] - base[key]).abs().max() > 1e-3
 
+
+# --------------------------------------------------------------------------------------------- resuming on another layout
+
+# name -> (world size, overrides): 4 rows per optimizer step in every layout (1 row per micro-batch), so that a
+# checkpoint of one resumes on another (checkpoint.check_layout)
+RESHARD_LAYOUTS = {
+    "one": (1, ["--train.grad_accum_steps=4"]),
+    "fsdp": (2, ["--parallel.dp_shard=2", "--train.grad_accum_steps=2"]),
+    "tp": (2, ["--parallel.tp=2", "--train.grad_accum_steps=4"]),
+    "fsdp4": (4, ["--parallel.dp_shard=4", "--train.grad_accum_steps=1"]),
+    "fsdp-tp": (4, ["--parallel.dp_shard=2", "--parallel.tp=2", "--train.grad_accum_steps=2"]),
+}
+
+
+def reshard_argv(tmp: Path, layout_name: str, out: str, max_steps: int, *extra: str) -> list[str]:
+    """A run of RESHARD_LAYOUTS[layout_name] with a checkpoint every 2 steps, all kept."""
+    common = [f"--train.max_steps={max_steps}", "--checkpoint.every=2", "--checkpoint.keep=0"]
+    return base_argv(tmp, tmp / "llama", tmp / out) + common + RESHARD_LAYOUTS[layout_name][1] + [*extra]
+
+
+def reshard_data(tmp: Path) -> None:
+    rows = (QUICKSTART / "train.jsonl").read_text().splitlines()[:48]
+    (tmp / "train.jsonl").write_text("\n".join(rows) + "\n")
+    write_family_checkpoint(tmp / "llama", "llama")
+
+
+def assert_continues_like(out: Path, straight: Path, first_step: int) -> None:
+    """`out` resumed at first_step and trained like the uninterrupted `straight` from there: losses within 1e-5, final
+    weights within assert_same_params (the tolerances of every layout against one process, see this file's docstring;
+    with LoRA, those of the adapters and of the merged weights)."""
+    steps = [r["step"] for r in metrics(out) if "loss" in r]
+    assert steps[0] == first_step and steps == list(range(first_step, first_step + len(steps)))
+    assert losses(out) == pytest.approx(losses(straight)[first_step - 1:], rel=1e-5), out.name
+    final = load_file(out / "final" / "model.safetensors")
+    reference = load_file(straight / "final" / "model.safetensors")
+    if not (out / "adapter").exists():
+        assert_same_params(final, reference)
+        return
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    one_element = 1 / min(t.numel() for t in adapter.values())
+    assert_same_params(adapter, load_file(straight / "adapter" / "adapter_model.safetensors"),
+                       max_outlier_fraction=one_element)
+    assert_same_params(final, reference, max_outlier_fraction=0.02)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_resumes_on_another_layout_like_an_uninterrupted_run(tmp_path):
+    """Four steps of one process, uninterrupted, against: FSDP (dp_shard 2) for two steps, resumed in one process;
+    and TP (tp 2) for two steps, resumed under FSDP (dp_shard 2). DCP reshards the parameters and AdamW states (TP and
+    FSDP2 DTensors into plain tensors, TP shards into FSDP2 shards) and the data position maps onto the new
+    data-parallel processes, so steps 3 and 4 see the same rows as the uninterrupted run's steps 3 and 4: losses
+    within 1e-5 and weights within `assert_same_params`, the tolerance of every layout against one process (fp32 sums
+    in another order; see this file's docstring). A wrong position (one micro-batch early or late, or the epoch's
+    start again) trains steps 3 and 4 on other rows, whose losses differ by far more."""
+    reshard_data(tmp_path)
+    assert train.main(reshard_argv(tmp_path, "one", "one", 4)) == 0
+    torchrun(2, [reshard_argv(tmp_path, "fsdp", "fsdp", 4), reshard_argv(tmp_path, "tp", "tp", 4),
+                 reshard_argv(tmp_path, "fsdp", "tp-then-fsdp", 4, f"--checkpoint.resume={tmp_path / 'tp' / 'step-2'}")],
+             tmp_path)
+    assert train.main(reshard_argv(tmp_path, "one", "fsdp-then-one", 4,
+                                   f"--checkpoint.resume={tmp_path / 'fsdp' / 'step-2'}")) == 0
+    assert_continues_like(tmp_path / "fsdp-then-one", tmp_path / "one", 3)
+    assert_continues_like(tmp_path / "tp-then-fsdp", tmp_path / "one", 3)
+    # the rows of steps 3 and 4 are not those of steps 1 and 2: equal losses mean the same rows, not any rows
+    straight = losses(tmp_path / "one")
+    assert straight[2:] != pytest.approx(straight[:2], rel=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tuning", ["full", "lora"])
+def test_a_checkpoint_moves_from_fsdp_over_4_to_fsdp_x_tp_to_one_process(tmp_path, tuning):
+    """dp_shard 4 for two steps, resumed as dp_shard 2 x tp 2 for two more (FSDP2 shards of 1/4 into 2-D FSDP x TP
+    DTensors), resumed again in one process for the last two: each part continues like the uninterrupted run of one
+    process, as in the test above. With LoRA of rank 2 (no dropout), FSDP2 over 4 leaves two processes an empty shard
+    of every lora_A, and TP splits lora_B by rows and lora_A by columns."""
+    reshard_data(tmp_path)
+    extra = [*LORA, "--lora.rank=2", "--lora.alpha=4", "--lora.dropout=0"] if tuning == "lora" else []
+    assert train.main(reshard_argv(tmp_path, "one", "one", 6, *extra)) == 0
+    torchrun(4, [reshard_argv(tmp_path, "fsdp4", "fsdp4", 6, *extra),
+                 reshard_argv(tmp_path, "fsdp-tp", "then-fsdp-tp", 6, *extra,
+                              f"--checkpoint.resume={tmp_path / 'fsdp4' / 'step-2'}")],
+             tmp_path)
+    assert train.main(reshard_argv(tmp_path, "one", "then-one", 6, *extra,
+                                   f"--checkpoint.resume={tmp_path / 'then-fsdp-tp' / 'step-4'}")) == 0
+    assert_continues_like(tmp_path / "then-fsdp-tp", tmp_path / "one", 3)
+    assert_continues_like(tmp_path / "then-one", tmp_path / "one", 5)
 
 if __name__ == "__main__":
     worker(sys.argv[1])

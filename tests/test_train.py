@@ -137,13 +137,16 @@ def test_two_process_resume_is_exact(run, tmp_path):
     torchrun(tmp_path / "dist.toml", "--train.max_steps=4", "--checkpoint.resume=auto", f"--output_dir={resumed}")
     assert losses(resumed) == losses(straight)
     assert_same_params(final_params(resumed), final_params(straight), atol=0, max_outlier_fraction=0)
-    # another number of processes: refused with one line on every rank, before anything is built
-    with pytest.raises(ConfigError, match=r"written by 2 process\(es\) but this run has 1"):
+    # another number of processes with other rows per step: refused with one line on every rank, before anything
+    # is built (tests/test_parallel.py resumes on other layouts that keep them)
+    with pytest.raises(ConfigError, match=r"written with 4 rows per optimizer step .* but this run takes 2 \(2 x 1 x 1\); "
+                                          r"set --train.grad_accum_steps=2"):
         run(f"--checkpoint.resume={resumed / 'step-4'}", name="one")
     refused = torchrun(tmp_path / "dist.toml", f"--checkpoint.resume={base / 'step-1'}", f"--output_dir={tmp_path / 'two'}",
                        expect_ok=False)
     assert refused.returncode != 0
-    message = f"error: {base / 'step-1'} was written by 1 process(es) but this run has 2"
+    message = (f"error: {base / 'step-1'} was written with 2 rows per optimizer step (train.micro_batch_size 2 x "
+               "train.grad_accum_steps 1 x 1 data-parallel process(es)) but this run takes 4 (2 x 1 x 2)")
     assert refused.stderr.count(message) == 2, refused.stderr[-3000:]  # rank 0 and rank 1
     logged = (tmp_path / "two" / "train.log").read_text()  # every error that ends a run is in its log
     body = message.removeprefix("error: ")
@@ -435,12 +438,31 @@ def test_activation_checkpointing_and_offload_change_nothing_but_memory(run):
 
 
 
-@pytest.mark.parametrize("change,key", [("--data.seq_len=96", "data.seq_len"), ("--lora.enabled=true", "lora.enabled"),
-                                        ("--train.micro_batch_size=4", "train.micro_batch_size")])
-def test_resume_refuses_changed_settings(run, change, key):
+@pytest.mark.parametrize("change,message", [
+    ("--data.seq_len=96", r"cannot resume: data.seq_len \(checkpoint"),
+    ("--lora.enabled=true", r"cannot resume: lora.enabled \(checkpoint"),
+    ("--train.micro_batch_size=4", r"written with 2 rows per optimizer step .* but this run takes 4 \(4 x 1 x 1\); "
+                                   r"set --train.micro_batch_size=2 --train.grad_accum_steps=1"),
+    ("--train.grad_accum_steps=2", r"but this run takes 4 \(2 x 2 x 1\); set --train.grad_accum_steps=1"),
+], ids=["seq_len", "lora", "micro_batch_size", "grad_accum_steps"])
+def test_resume_refuses_changed_settings(run, change, message):
     run("--train.max_steps=4", "--checkpoint.every=2", name="base")
-    with pytest.raises(ConfigError, match=rf"cannot resume: {key} \(checkpoint"):
+    with pytest.raises(ConfigError, match=message):
         run("--train.max_steps=6", "--checkpoint.resume=auto", change, name="base")
+
+
+def test_resume_with_another_split_of_the_same_rows_per_step(run):
+    """2 rows x 1 micro-batch per step, resumed as 1 row x 2 micro-batches: the same rows, the loss normalised over
+    the whole step, so the same losses and weights within fp32 summation order (`assert_same_params`)."""
+    straight = run("--train.max_steps=4", "--train.loss=plain", name="straight")
+    run("--train.max_steps=4", "--train.loss=plain", "--checkpoint.every=2", name="resumed")
+    resumed = straight.parent / "resumed"
+    shutil.rmtree(resumed / "step-4")
+    shutil.rmtree(resumed / "final")
+    run("--train.max_steps=4", "--train.loss=plain", "--checkpoint.resume=auto", "--train.micro_batch_size=1",
+        "--train.grad_accum_steps=2", name="resumed")
+    assert losses(resumed) == pytest.approx(losses(straight), rel=1e-5)
+    assert_same_params(final_params(resumed), final_params(straight))
 
 
 def test_signal_handlers_are_restored_after_a_run(run):
@@ -596,15 +618,18 @@ def test_resuming_a_damaged_checkpoint_by_path_gives_one_line(run, tmp_path):
 
 
 def test_a_checkpoint_from_another_number_of_processes_is_refused_before_the_model_is_built(run, monkeypatch):
+    """Written by FSDP over 2 processes with 2 rows each per step; one process with the same settings takes half the
+    rows per step, so the data position cannot carry over."""
     out = run("--checkpoint.every=2", name="two")
     info = json.loads((out / "step-4" / "checkpoint.json").read_text())
-    (out / "step-4" / "checkpoint.json").write_text(json.dumps({**info, "world_size": 2}))
+    (out / "step-4" / "checkpoint.json").write_text(json.dumps({**info, "world_size": 2,
+                                                                "layout": {**info["layout"], "dp_shard": 2}}))
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was built before the checkpoint was checked")
 
     monkeypatch.setattr(train, "build_model", no_model)
-    with pytest.raises(ConfigError, match=r"written by 2 process\(es\) but this run has 1"):
+    with pytest.raises(ConfigError, match=r"written with 4 rows per optimizer step .*; set --train.grad_accum_steps=2"):
         run("--train.max_steps=6", "--checkpoint.resume=auto", name="two")
 
 
