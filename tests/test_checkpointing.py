@@ -38,6 +38,10 @@ def tiny_model(family: str) -> torch.nn.Module:
 
 
 def gradients(model, mode, input_ids, labels) -> dict[str, torch.Tensor]:
+    """Parameter gradients of one forward and backward under `mode`, as if it were the process's first."""
+    from models.qwen_moe import grouped_mm_works
+
+    grouped_mm_works.cache_clear()  # the MoE's one-time probe of torch._grouped_mm then runs inside this forward
     model.activation_checkpointing, model.activation_checkpointing_k = mode, 2
     model.zero_grad(set_to_none=True)
     logits = model(input_ids)  # (B, T, V)
