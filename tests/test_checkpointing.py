@@ -87,3 +87,20 @@ def test_modes_and_the_old_boolean_switch():
     layer = torch.nn.Linear(2, 2)
     assert checkpointing.checkpointed(layer, 1, "every_k", 2) is layer  # odd layers store under k = 2
     assert checkpointing.checkpointed(layer, 2, "every_k", 2) is not layer
+
+
+def test_config_accepts_the_modes_and_refuses_others():
+    from nanotune.config import Config, ConfigError
+    from nanotune.train import check_config
+
+    cfg = Config()
+    cfg.train.max_steps = 1
+    for mode in checkpointing.MODES:
+        cfg.train.activation_checkpointing = mode
+        check_config(cfg)
+    cfg.train.activation_checkpointing = "partial"
+    with pytest.raises(ConfigError, match="selective"):
+        check_config(cfg)
+    cfg.train.activation_checkpointing, cfg.train.activation_checkpointing_k = "every_k", 0
+    with pytest.raises(ConfigError, match="activation_checkpointing_k"):
+        check_config(cfg)
