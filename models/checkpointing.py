@@ -57,7 +57,11 @@ def normalize_mode(mode: str | bool) -> str:
 
 
 def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    # Only ops that autograd records: inside a custom autograd Function's forward grad mode is off, and such a
+    # Function may write into its matmul's output in place (LoRA adds its update into the base output), which a
+    # saved output must not see. Such a Function is recomputed whole.
+    save = op in SAVED_OPS and torch.is_grad_enabled()
+    return CheckpointPolicy.MUST_SAVE if save else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _selective_contexts():

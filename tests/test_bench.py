@@ -123,7 +123,7 @@ def test_real_shapes_build_the_same_parameters_as_hf(name):
     assert bench.matmul_params(w.hf, w.mode) > 0
 
 
-@pytest.mark.parametrize("mode, workloads", [("selective", "W1,W5,W6"), ("every_k", "W1"), ("full", "W4")])
+@pytest.mark.parametrize("mode, workloads", [("selective", "W1,W3,W4,W5,W6"), ("every_k", "W1"), ("full", "W4")])
 def test_tiny_run_with_each_checkpointing_mode_agrees_with_hf(tmp_path, mode, workloads):
     """--checkpointing reaches nanotune's model (the notes say which mode ran) and the loss check still passes."""
     out = tmp_path / "bench.jsonl"
