@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
-from models import attention
+from models import attention, checkpointing
 from models.hf_config import check_rope_scaling, read_keys, rope_from_hf, rope_scaling_of
 
 SUPPORTED_ROPE_TYPES = ("default", "linear")
@@ -328,7 +327,9 @@ class GemmaForCausalLM(nn.Module):
         self.model = GemmaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
-        self.activation_checkpointing = False  # recompute each layer in the backward instead of storing activations
+        # none | selective | full | every_k (see models/checkpointing.py); True / False still mean full / none
+        self.activation_checkpointing: str | bool = "none"
+        self.activation_checkpointing_k = 1  # every_k: layers 0, k, 2k, ... recompute fully
 
     def tie_weights(self) -> None:
         """Share the input embedding with the LM head (again after `to_empty`, which unties parameters)."""
@@ -365,12 +366,10 @@ class GemmaForCausalLM(nn.Module):
         rope_local = rope_global
         if hasattr(self.model, "rotary_emb_local"):
             rope_local = self.model.rotary_emb_local(position_ids, x.dtype)
-        for layer in self.model.layers:
+        mode = self.activation_checkpointing if self.training else "none"  # no backward follows in eval
+        for i, layer in enumerate(self.model.layers):
             cos, sin = rope_local if layer.self_attn.is_local else rope_global
-            if self.activation_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, ctx, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, ctx)
+            x = checkpointing.checkpointed(layer, i, mode, self.activation_checkpointing_k)(x, cos, sin, ctx)
         x = self.model.norm(x)  # (B, T, D)
         return x if return_hidden else self.softcap_logits(self.lm_head(x))
 

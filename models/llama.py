@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
-from models import attention
+from models import attention, checkpointing
 from models.hf_config import check_rope_scaling, read_keys, rope_from_hf
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -231,7 +230,9 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
-        self.activation_checkpointing = False  # recompute each layer in the backward instead of storing activations
+        # none | selective | full | every_k (see models/checkpointing.py); True / False still mean full / none
+        self.activation_checkpointing: str | bool = "none"
+        self.activation_checkpointing_k = 1  # every_k: layers 0, k, 2k, ... recompute fully
 
     def tie_weights(self) -> None:
         """Share the input embedding with the LM head (again after `to_empty`, which unties parameters)."""
@@ -259,11 +260,9 @@ class LlamaForCausalLM(nn.Module):
         )
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)  # (B, T, head_dim) each
-        for layer in self.model.layers:
-            if self.activation_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, ctx, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, ctx)
+        mode = self.activation_checkpointing if self.training else "none"  # no backward follows in eval
+        for i, layer in enumerate(self.model.layers):
+            x = checkpointing.checkpointed(layer, i, mode, self.activation_checkpointing_k)(x, cos, sin, ctx)
         x = self.model.norm(x)  # (B, T, D)
         return x if return_hidden else self.lm_head(x)
 

@@ -94,7 +94,10 @@ class TrainConfig:
     # fp32 | bf16 (bf16 parameters, gradients and AdamW states; LoRA adapters stay fp32) | amp-bf16 (fp32 parameters
     # and AdamW states, bf16 compute)
     precision: str = "fp32"
-    activation_checkpointing: str = "none"  # none | full: recompute each decoder layer in the backward
+    # none | selective (keep matmul and attention outputs, recompute the element-wise ops between them) | full
+    # (recompute each decoder layer in the backward) | every_k (full recompute of every k-th layer)
+    activation_checkpointing: str = "none"
+    activation_checkpointing_k: int = 2  # every_k: layers 0, k, 2k, ... are recomputed fully
     activation_offload: bool = False  # keep saved activations in host memory between forward and backward
     compile: bool = False  # torch.compile each decoder block
     loss: str = "auto"  # auto (chunked where it applies) | plain | chunked: LM head + CE a chunk of tokens at a time

@@ -118,7 +118,7 @@ def check_config(cfg: Config) -> None:
     choices = {
         "train.precision": (cfg.train.precision, tuple(PARAM_DTYPES)),
         "train.nonfinite": (cfg.train.nonfinite, ("error", "skip")),
-        "train.activation_checkpointing": (cfg.train.activation_checkpointing, ("none", "full")),
+        "train.activation_checkpointing": (cfg.train.activation_checkpointing, models.checkpointing.MODES),
         "train.loss": (cfg.train.loss, ("auto", "plain", "chunked")),
         "optim.schedule": (cfg.optim.schedule, ("constant", "linear", "cosine")),
         "device": (cfg.device, ("auto", "cpu", "cuda")),
@@ -139,6 +139,7 @@ def check_config(cfg: Config) -> None:
         ("checkpoint.every", cfg.checkpoint.every, 0), ("checkpoint.keep", cfg.checkpoint.keep, 0),
         ("checkpoint.every_minutes", cfg.checkpoint.every_minutes, 0),
         ("train.max_skipped_steps", t.max_skipped_steps, 1),
+        ("train.activation_checkpointing_k", t.activation_checkpointing_k, 1),
         ("optim.lr", o.lr, 0), ("optim.warmup_steps", o.warmup_steps, 0), ("optim.weight_decay", o.weight_decay, 0),
     ]:
         if value < least:
@@ -339,8 +340,9 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
         log.info("dry run: config, data and model are valid; nothing was trained")
         return 0
 
-    model.activation_checkpointing = cfg.train.activation_checkpointing == "full"
-    if cfg.lora.quantize == "nf4" and model.activation_checkpointing:
+    model.activation_checkpointing = cfg.train.activation_checkpointing  # see models/checkpointing.py
+    model.activation_checkpointing_k = cfg.train.activation_checkpointing_k
+    if cfg.lora.quantize == "nf4" and model.activation_checkpointing == "full":
         # the NF4 weight the recompute dequantises serves the backward too (one pass per layer fewer)
         log.info(f"QLoRA: {lora.set_fast_path(model, keep_dequantized_weight=True)} layers keep the weight they "
                  "dequantise in the recompute for the backward")

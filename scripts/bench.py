@@ -39,6 +39,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
+from scripts import activation_memory  # noqa: E402
 from nanotune.kernels.launch import interpreting  # noqa: E402
 from nanotune.loss import IGNORE_INDEX, linear_cross_entropy_sum, lm_head_weight  # noqa: E402
 from nanotune.packing import BatchLoader  # noqa: E402
@@ -74,7 +75,9 @@ class Workload:
     batch: int  # rows a step (W7: the baseline's padded rows)
     seq_len: int  # tokens a row (W7: nanotune's packed row)
     packed: bool = False  # W7: documents of log-normal lengths, packed by nanotune, padded by the baseline
-    checkpointing: str = "none"  # nanotune's activation checkpointing when --checkpointing=auto
+    # the memory target in GiB (its ratio x the baseline's peak in the first H200 run, docs/BENCHMARKS.md "Results"):
+    # --checkpointing=auto picks the cheapest checkpointing mode that fits it by scripts/activation_memory.py's count
+    memory_budget_gib: float | None = None
     liger: bool = False  # whether an HF + Liger-Kernel row is run (docs/BENCHMARKS.md's baselines)
     speed_target: tuple[str, float] = ("hf", 1.0)  # (baseline, least nanotune / baseline tokens/s)
     memory_target: tuple[str, float] | None = None  # (baseline, most nanotune / baseline peak memory)
@@ -94,14 +97,15 @@ class Workload:
 
 
 WORKLOADS = {
-    "W1": Workload("W1", LLAMA_1B, "full", 4, 2048, checkpointing="full", liger=True,
+    "W1": Workload("W1", LLAMA_1B, "full", 4, 2048, liger=True, memory_budget_gib=1.0 * 16.9,
                    speed_target=("hf+liger", 1.3), memory_target=("hf+liger", 1.0)),
     "W2": Workload("W2", LLAMA_1B, "lora", 4, 2048, speed_target=("hf", 2.0)),
-    "W3": Workload("W3", LLAMA_8B, "lora", 1, 4096, checkpointing="full", liger=True,
+    "W3": Workload("W3", LLAMA_8B, "lora", 1, 4096, liger=True, memory_budget_gib=0.6 * 57.4,
                    speed_target=("hf", 2.0), memory_target=("hf", 0.6)),
-    "W4": Workload("W4", LLAMA_8B, "qlora", 1, 4096, checkpointing="full",
+    "W4": Workload("W4", LLAMA_8B, "qlora", 1, 4096, memory_budget_gib=0.4 * 47.8,
                    speed_target=("hf", 2.0), memory_target=("hf", 0.4)),
-    "W5": Workload("W5", GEMMA3_1B, "full", 4, 2048, liger=True, speed_target=("hf", 2.0), memory_target=("hf", 0.35)),
+    "W5": Workload("W5", GEMMA3_1B, "full", 4, 2048, liger=True, memory_budget_gib=0.35 * 52.7,
+                   speed_target=("hf", 2.0), memory_target=("hf", 0.35)),
     "W6": Workload("W6", QWEN3_MOE, "full", 4, 2048, liger=True, speed_target=("hf", 3.0)),
     "W7": Workload("W7", LLAMA_1B, "full", 4, 8192, packed=True, speed_target=("hf", 10.0)),
 }
@@ -121,7 +125,7 @@ def tiny(w: Workload) -> Workload:
     """The same workload on tiny shapes (CPU smoke test): every code path, none of the cost."""
     hf = {**w.hf, **TINY_SHAPE, **TINY_OVERRIDES.get(w.hf["model_type"], {})}
     return Workload(w.name, hf, w.mode, batch=2, seq_len=128 if w.packed else 32, packed=w.packed,
-                    checkpointing=w.checkpointing, liger=w.liger, speed_target=w.speed_target,
+                    memory_budget_gib=w.memory_budget_gib, liger=w.liger, speed_target=w.speed_target,
                     memory_target=w.memory_target, doc_median=20.0, doc_range=(4, 64))
 
 
@@ -436,17 +440,19 @@ def build_nanotune(w: Workload, device, dtype, args) -> tuple[nn.Module, list[st
         from nanotune.lora import apply_lora
 
         apply_lora(model, LORA_TARGETS, rank=16, alpha=32, dropout=0.0)
-    checkpointing = w.checkpointing if args.checkpointing == "auto" else args.checkpointing
+    checkpointing, why = args.checkpointing, "asked"
+    if checkpointing == "auto":
+        checkpointing, why = auto_checkpointing(w, model, dtype, args.chunk_size)
     if hasattr(model, "activation_checkpointing"):
-        model.activation_checkpointing = checkpointing == "full"
-        notes.append(f"activation checkpointing {checkpointing}")
+        model.activation_checkpointing, model.activation_checkpointing_k = checkpointing, 2
+        notes.append(f"activation checkpointing {checkpointing} ({why})")
+    elif checkpointing != "none":
+        notes.append(f"activation checkpointing {checkpointing} asked, but {type(model).__name__} has no switch")
     if w.mode == "qlora" and checkpointing == "full":  # the recompute's dequantised weight serves the backward too
         from nanotune.lora import set_fast_path
 
         set_fast_path(model, keep_dequantized_weight=True)
         notes.append("NF4 weights dequantised once per recompute")
-    elif checkpointing != "none":
-        notes.append(f"activation checkpointing {checkpointing} asked, but {type(model).__name__} has no switch")
     if args.kernels and (device.type == "cuda" or interpreting()):
         from nanotune.kernels import apply_kernels, triton_available
 
@@ -459,6 +465,38 @@ def build_nanotune(w: Workload, device, dtype, args) -> tuple[nn.Module, list[st
             layer.compile()
         notes.append("torch.compile per decoder block")
     return model, notes
+
+
+# cheapest first, by what the backward recomputes: nothing, the element-wise ops, every other layer, every layer
+CHEAPEST_FIRST = ("none", "selective", "every_k", "full")
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Weights and buffers, plus a gradient and two AdamW states in its own dtype for each trainable parameter."""
+    params = list(model.parameters())  # a tied weight once
+    total = sum(t.numel() * t.element_size() for t in [*params, *model.buffers()])
+    return total + sum(3 * p.numel() * p.element_size() for p in params if p.requires_grad)
+
+
+def memory_estimates(w: Workload, model: nn.Module, dtype, chunk_size: int) -> dict[str, float]:
+    """Mode -> GiB by the count: the model's states + each layer's saved activations (scripts/activation_memory.py,
+    the base layer without adapters) + one chunk of the chunked loss's logits in `dtype`. Transients of the backward
+    are not in it."""
+    per_layer = activation_memory.per_layer_table(w.hf, w.batch, w.seq_len, k=2, dtype=dtype)
+    loss_chunk = chunk_size * w.hf["vocab_size"] * torch.tensor([], dtype=dtype).element_size()
+    fixed = state_bytes(model) + loss_chunk
+    return {mode: (fixed + w.hf["num_hidden_layers"] * per_layer[mode]) / 2**30 for mode in CHEAPEST_FIRST}
+
+
+def auto_checkpointing(w: Workload, model: nn.Module, dtype, chunk_size: int) -> tuple[str, str]:
+    """(the cheapest mode whose estimate fits the workload's memory budget, the reason in words)."""
+    if w.memory_budget_gib is None:
+        return "none", "auto: no memory target"
+    estimates = memory_estimates(w, model, dtype, chunk_size)
+    fits = [mode for mode in CHEAPEST_FIRST if estimates[mode] <= w.memory_budget_gib]
+    mode = fits[0] if fits else "full"
+    return mode, (f"auto: {estimates[mode]:.1f} GiB by the count against {w.memory_budget_gib:.1f}; "
+                  + ", ".join(f"{m} {estimates[m]:.1f}" for m in CHEAPEST_FIRST))
 
 
 @torch.no_grad()
@@ -675,8 +713,9 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="tiny shapes of every workload (a smoke test)")
     p.add_argument("--out", type=Path, default=None, help="also write every record as JSON lines here")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpointing", choices=("auto", "none", "full"), default="auto",
-                   help="nanotune's activation checkpointing; auto: per workload (see WORKLOADS)")
+    p.add_argument("--checkpointing", choices=("auto", *CHEAPEST_FIRST), default="auto",
+                   help="nanotune's activation checkpointing (every_k: k = 2); auto: per workload, the cheapest mode "
+                        "that fits its memory target by scripts/activation_memory.py's count")
     p.add_argument("--no-kernels", dest="kernels", action="store_false", help="nanotune without Triton kernels")
     p.add_argument("--compile", action="store_true", help="torch.compile each nanotune decoder block")
     p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of the fused linear + CE")

@@ -123,6 +123,37 @@ def test_real_shapes_build_the_same_parameters_as_hf(name):
     assert bench.matmul_params(w.hf, w.mode) > 0
 
 
+@pytest.mark.parametrize("mode, workloads", [("selective", "W1,W3,W4,W5,W6"), ("every_k", "W1"), ("full", "W4")])
+def test_tiny_run_with_each_checkpointing_mode_agrees_with_hf(tmp_path, mode, workloads):
+    """--checkpointing reaches nanotune's model (the notes say which mode ran) and the loss check still passes."""
+    out = tmp_path / "bench.jsonl"
+    rc = bench.main(["--device", "cpu", "--tiny", "--workloads", workloads, "--steps", "1", "--no-liger",
+                     "--checkpointing", mode, "--out", str(out)])
+    assert rc == 0
+    for r in read_jsonl(out):
+        if r["impl"] == "nanotune" and "skipped" not in r:
+            assert f"activation checkpointing {mode} (asked)" in r["notes"], r
+        if r["impl"] == "summary" and "loss_ok" in r:
+            assert r["loss_ok"], r
+
+
+@pytest.mark.parametrize("name", ["W1", "W3", "W5", "W7"])
+def test_auto_checkpointing_picks_the_cheapest_mode_that_fits_by_the_count(name):
+    """At real shapes on the meta device: the chosen mode's estimate fits the budget and every cheaper mode's does not;
+    a workload without a memory target stores everything."""
+    w = bench.WORKLOADS[name]
+    model = models.build_model(models.config_from_hf(w.hf), "meta", torch.bfloat16)
+    mode, why = bench.auto_checkpointing(w, model, torch.bfloat16, chunk_size=1024)
+    if w.memory_budget_gib is None:
+        assert mode == "none" and "no memory target" in why
+        return
+    estimates = bench.memory_estimates(w, model, torch.bfloat16, chunk_size=1024)
+    cheaper = bench.CHEAPEST_FIRST[: bench.CHEAPEST_FIRST.index(mode)]
+    assert estimates[mode] <= w.memory_budget_gib or mode == "full"
+    assert all(estimates[m] > w.memory_budget_gib for m in cheaper), estimates
+    assert estimates["none"] > estimates["selective"] > estimates["full"]
+
+
 def test_target_met_reads_speed_memory_and_loss_check():
     w1, w6 = bench.WORKLOADS["W1"], bench.WORKLOADS["W6"]  # W1: speed and memory vs HF+Liger; W6: speed vs HF
     ok = dict(loss_ok=True, **{"speed_vs_hf+liger": 1.4, "memory_vs_hf+liger": 0.9})
