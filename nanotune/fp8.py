@@ -194,7 +194,7 @@ def apply_fp8(model: nn.Module, recipe: str = "tensorwise", skip=("lm_head",), m
         if not (plain or adapted) or _ends_with(name, skip) or not eligible(module, min_dim):
             continue
         new = Float8Linear(module, recipe, grad_dtype) if plain else float8_lora(module, recipe, grad_dtype)
-        _set_submodule(model, name, new)
+        model.set_submodule(name, new)
         swapped.append(name)
     return swapped
 
@@ -245,7 +245,3 @@ def apply_from_config(model: nn.Module, cfg) -> list[str]:
 def _ends_with(name: str, suffixes) -> bool:
     return any(name == s or name.endswith("." + s) for s in suffixes)
 
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

@@ -343,7 +343,7 @@ def apply_lora(model: nn.Module, targets, rank: int, alpha: float, dropout: floa
     for name in chosen:
         base = model.get_submodule(name)
         cls = QLoRALinear if isinstance(base, NF4Linear) else LoRALinear
-        _set_submodule(model, name, cls(base, rank, alpha, dropout, rslora, dora, dtype))
+        model.set_submodule(name, cls(base, rank, alpha, dropout, rslora, dora, dtype))
     for name in _match_suffixes([n for n, _ in model.named_modules()], modules_to_save, "lora.modules_to_save"):
         module = model.get_submodule(name)
         if any(isinstance(m, (NF4Linear, *ADAPTED)) for m in module.modules()):
@@ -408,11 +408,6 @@ def _ends_with(name: str, suffixes) -> bool:
     return any(name == s or name.endswith("." + s) for s in suffixes)
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """name -> parameter for everything that is trained: what the optimizer and training checkpoints hold."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -462,7 +457,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
         linear.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
         if module.bias is not None:
             linear.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
-        _set_submodule(model, name, linear)
+        model.set_submodule(name, linear)
     return model
 
 
@@ -594,7 +589,6 @@ def load_adapter(model: nn.Module, path: str | Path, dtype: torch.dtype = torch.
                                  f"{tuple(params[name].shape)}.")
             params[name].copy_(tensor)
     return model
-
 
 
 # files of a model folder that are not weights and carry over to a merged model unchanged

@@ -143,7 +143,7 @@ def apply_qat(model: nn.Module, scheme: str = "int8-int4", group_size: int = 32,
             chosen = (type(module) is nn.Linear and not any(name == s or name.endswith("." + s) for s in skip)
                       and module.in_features % group_size == 0)
         if chosen:
-            _set_submodule(model, name, QATLinear(module, scheme, group_size))
+            model.set_submodule(name, QATLinear(module, scheme, group_size))
             swapped.append(name)
     return swapped
 
@@ -244,7 +244,3 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32, devic
     model.tie_weights()
     return model
 
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

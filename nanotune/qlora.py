@@ -127,11 +127,7 @@ def quantize_nf4(model: nn.Module, skip=("lm_head",), compute_dtype=torch.bfloat
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or any(name == s or name.endswith("." + s) for s in skip):
             continue
-        _set_submodule(model, name, NF4Linear.from_linear(module, compute_dtype, device))
+        model.set_submodule(name, NF4Linear.from_linear(module, compute_dtype, device))
         swapped.append(name)
     return swapped
 
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
