@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +63,10 @@ class AttentionContext:
     auto: bool = False  # "auto" was asked: `implementation` is the default and each call may pick another
     batch_size: int = 1
     compile_flex: bool = False  # run flex through torch.compile (fused kernels); default: on CUDA
+    # context parallelism (nanotune/context_parallel.py): each process holds part of every row, so `attend` hands the
+    # call, with the same arguments, to this function, which gathers the keys and values of the whole row from the
+    # other processes and masks by whole-row positions and documents. None: the backends below.
+    attend_override: Callable | None = None
 
     @property
     def is_packed(self) -> bool:
@@ -261,6 +266,8 @@ def attend(
     scale: float | None = None,
 ) -> torch.Tensor:
     """q (B, Hq, T, D), k and v (B, Hkv, T, D) with Hq a multiple of Hkv -> (B, Hq, T, D)."""
+    if ctx.attend_override is not None:
+        return ctx.attend_override(q, k, v, sliding_window=sliding_window, softcap=softcap, scale=scale)
     if q.shape[2] != ctx.seq_len:
         raise ValueError(f"attend got {q.shape[2]} query positions but the context was built for T = {ctx.seq_len}")
     sliding_window = checked_window(sliding_window, ctx.seq_len)

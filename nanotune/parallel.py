@@ -13,8 +13,9 @@ world size. Parallelism is applied in a fixed order, the one torchtitan document
 4. FSDP2 (ZeRO-3, `fully_shard`) over `dp_shard`, as HSDP (replicated across `dp_replicate`, sharded within) when
    dp_replicate > 1: each decoder layer is its own unit, then the root.
 
-Data: the processes of one tensor-parallel group see the same micro-batches (`dp_rank`, `dp_size`); gradients are
-averaged over the data-parallel processes only. train.py scales its loss so that the result is the sum over all tokens
+Data: the processes of one tensor-parallel or context-parallel group see the same micro-batches (`dp_rank`,
+`dp_size`; a cp group splits every row, nanotune/context_parallel.py); gradients are averaged over the data-parallel
+and context-parallel processes (`fsdp_size`). train.py scales its loss so that the result is the sum over all tokens
 divided by the trainable tokens of the whole step, exactly as in one process. See docs/parallel.md.
 """
 
@@ -61,6 +62,12 @@ class DistInfo:
         return self.layout["dp_replicate"] * self.layout["dp_shard"]
 
     @property
+    def fsdp_size(self) -> int:
+        """Processes that average gradients under FSDP2: the data-parallel ones times cp (the processes of a context-
+        parallel group hold the same parameters and train on different tokens of the same rows)."""
+        return self.dp_size * self.layout["cp"]
+
+    @property
     def dp_rank(self) -> int:
         """This process's index among the data-parallel ones (its tensor-parallel peers share it)."""
         if self.mesh is None:
@@ -84,12 +91,9 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 
 def resolve_layout(cfg: ParallelConfig, world_size: int) -> dict[str, int]:
     """Mesh sizes from the [parallel] keys, dp_shard = -1 filled in; refuses layouts that cannot cover the processes."""
-    for key in ("cp", "ep"):
-        if getattr(cfg, key) != 1:
-            what = "context" if key == "cp" else "expert"
-            raise ConfigError(f"parallel.{key} = {getattr(cfg, key)}: {what} parallelism is not built yet; "
-                              f"set parallel.{key} = 1")
-    for key in ("dp_replicate", "tp"):
+    if cfg.ep != 1:
+        raise ConfigError(f"parallel.ep = {cfg.ep}: expert parallelism is not built yet; set parallel.ep = 1")
+    for key in ("dp_replicate", "cp", "tp"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"parallel.{key} must be at least 1, got {getattr(cfg, key)}")
     if cfg.dp_shard == 0 or cfg.dp_shard < -1:
@@ -102,7 +106,7 @@ def resolve_layout(cfg: ParallelConfig, world_size: int) -> dict[str, int]:
     if dp_shard == -1:
         if world_size % others:
             raise ConfigError(
-                f"parallel.dp_replicate x tp = {others} does not divide the {world_size} processes, so "
+                f"parallel.dp_replicate x cp x tp = {others} does not divide the {world_size} processes, so "
                 f"parallel.dp_shard = -1 cannot fill the rest; launch a multiple of {others} processes or change them")
         dp_shard = world_size // others
     layout = {"dp_replicate": cfg.dp_replicate, "dp_shard": dp_shard, "cp": cfg.cp, "tp": cfg.tp}
@@ -111,7 +115,12 @@ def resolve_layout(cfg: ParallelConfig, world_size: int) -> dict[str, int]:
         sizes = " x ".join(f"{k} {v}" for k, v in layout.items() if v > 1) or "1"
         raise ConfigError(
             f"the [parallel] layout ({sizes} = {product}) does not match the {world_size} processes launched; make "
-            "parallel.dp_replicate x dp_shard x tp equal the world size (dp_shard = -1 takes what is left)")
+            "parallel.dp_replicate x dp_shard x cp x tp equal the world size (dp_shard = -1 takes what is left)")
+    if cfg.cp > 1:  # context parallelism with FSDP2 over dp_shard x cp; not yet with TP or HSDP
+        for key in ("tp", "dp_replicate"):
+            if getattr(cfg, key) > 1:
+                raise ConfigError(f"parallel.cp = {cfg.cp} with parallel.{key} = {getattr(cfg, key)} is not supported "
+                                  f"yet; set parallel.{key} = 1 (context parallelism composes with dp_shard)")
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if cfg.tp > local:
         warnings.warn(f"parallel.tp = {cfg.tp} is larger than the {local} processes of one node: every layer's "
@@ -179,13 +188,17 @@ def parallelize(model: nn.Module, info: DistInfo, cfg: ParallelConfig, precision
     if compile:  # each decoder block compiled on its own: parameter names and the loop stay as they are
         for layer in model.model.layers:
             layer.compile()
-    if info.dp_size > 1:
+    if info.fsdp_size > 1:
         apply_fsdp(model, data_parallel_mesh(info), cfg, precision)
     return model
 
 
 def data_parallel_mesh(info: DistInfo):
-    """The mesh FSDP2 shards over: 1-D (dp_shard), or 2-D (dp_replicate, dp_shard) for HSDP."""
+    """The mesh FSDP2 shards over: 1-D (dp_shard), or 2-D (dp_replicate, dp_shard) for HSDP. With context
+    parallelism, dp_shard x cp flattened into one dimension (as torchtitan does): the cp processes hold the same
+    parameters, so they share the shards and their gradients are averaged with the data-parallel ones."""
+    if info.layout["cp"] > 1:
+        return info.mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
     if info.layout["dp_replicate"] > 1:
         return info.mesh["dp_replicate", "dp_shard"]
     return info.mesh["dp_shard"]

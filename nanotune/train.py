@@ -38,7 +38,7 @@ import torch
 
 import models
 from models import attention
-from nanotune import checkpoint, fp8, lora, metrics, parallel, qat, rundir
+from nanotune import checkpoint, context_parallel, fp8, lora, metrics, parallel, qat, rundir
 from nanotune.config import Config, ConfigError, check_paths, load_config, parse_toml, to_dict, to_toml
 from nanotune.data import DataError, RowError, SourceError, TemplateError, TokenizerError, load_tokenizer, prepare_data
 from nanotune.data.pipeline import describe_rows
@@ -153,6 +153,7 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {betas}")
     if cfg.train.max_steps <= 0 and cfg.train.epochs <= 0:
         raise ConfigError("set train.max_steps or train.epochs to a positive number")
+    context_parallel.check_config(cfg)
 
 
 # What a resumed run must keep as it was: the model, the adapters, the data and its order (the rows per optimizer step
@@ -192,7 +193,7 @@ def forget_metrics_after(output_dir: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-def choose_loss(model, setting: str, dist):
+def choose_loss(model, setting: str, dist, cp=None):
     """The token-loss function of the run: the plain CE on (B, T, V) logits, or the chunked LM head + CE that never
     holds fp32 logits for all tokens. `auto` takes the chunked one where it applies: one process (under FSDP the
     head weight is sharded outside its module's forward) and a plain linear head (not LoRA- or NF4-wrapped)."""
@@ -202,6 +203,8 @@ def choose_loss(model, setting: str, dist):
     takes_mask = "aux_loss_mask" in inspect.signature(model.forward).parameters
 
     def forward(model, batch, device, return_hidden):
+        if cp is not None:  # a micro-batch split over the cp group: its attention context for the model's layers
+            cp.prepare(batch, device)
         extra = {"aux_loss_mask": batch["attention_mask"].to(device)} if takes_mask else {}
         return model(batch["input_ids"].to(device), batch["position_ids"].to(device), batch["cu_seqlens"].to(device),
                      batch["max_seqlen"], return_hidden=return_hidden, **extra)
@@ -357,13 +360,17 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
     model = parallel.parallelize(model, dist, cfg.parallel, cfg.train.precision, compile=cfg.train.compile)
     if sharded_load:
         parallel.load_sharded(model, cfg.model.path, device)
-    use_autocast = cfg.train.precision == "amp-bf16" and dist.dp_size == 1  # else FSDP2 gathers bf16 parameters
+    use_autocast = cfg.train.precision == "amp-bf16" and dist.fsdp_size == 1  # else FSDP2 gathers bf16 parameters
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_autocast else contextlib.nullcontext
     # activations saved for the backward go to (pinned) host memory and come back when needed
     offload = (lambda: torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")) \
         if cfg.train.activation_offload else contextlib.nullcontext
+    # context parallel: every micro-batch becomes this process's part of each row (see nanotune/context_parallel.py)
+    cp = context_parallel.ContextParallel.build(model, dist)
+    if cp is not None:
+        train_loader, eval_loader = cp.wrap(train_loader), cp.wrap(eval_loader)
     optimizer = build_optimizer(model, cfg.optim, device)
-    token_loss_sum = choose_loss(model, cfg.train.loss, dist)
+    token_loss_sum = choose_loss(model, cfg.train.loss, dist, cp)
 
     # ---- resume: model, optimizer, data position, RNG states and step, exactly
     step, epoch = 0, 0
@@ -438,12 +445,12 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
         step_tokens = parallel.all_reduce_sum(sum(b["num_trainable_tokens"] for b in batches), dist)
         loss_sum = aux_sum = torch.zeros((), device=device)  # summed on the device: one host sync per step
         for i, batch in enumerate(batches):
-            if dist.dp_size > 1:  # FSDP2 reduces gradients once, after the last micro-batch
+            if dist.fsdp_size > 1:  # FSDP2 reduces gradients once, after the last micro-batch
                 model.set_requires_gradient_sync(i == accum - 1)
             with autocast(), offload():
                 loss_i = token_loss_sum(model, batch, device)  # summed over this micro-batch's trained tokens
-                # FSDP averages gradients over dp ranks: scale by world_size (step_tokens counts each tensor-
-                # parallel group's tokens tp times) to get the sum over all ranks instead
+                # FSDP averages gradients over dp (and cp) ranks: scale by world_size (step_tokens counts each
+                # tensor-parallel group's tokens tp times; cp ranks count only their own) to get the sum over all ranks
                 objective = loss_i * dist.world_size / max(step_tokens, 1.0)
                 aux = getattr(model, "aux_loss", None)  # MoE load balancing, already times router_aux_loss_coef
                 if aux is not None:
@@ -475,7 +482,7 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
         step += 1
 
         loss_window.append(loss)
-        tokens_window += sum(int(b["attention_mask"].sum()) for b in batches) * dist.dp_size  # real, not padding
+        tokens_window += sum(int(b["attention_mask"].sum()) for b in batches) * dist.fsdp_size  # real, not padding
         signalled = parallel.all_reduce_sum(stop.signal is not None, dist) > 0  # every rank stops at the same step
         if step % cfg.logging.every == 0 or step == total_steps or signalled:  # a stopped run logs its last steps
             elapsed = timer.lap()
