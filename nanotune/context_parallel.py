@@ -234,6 +234,9 @@ class ContextParallel:
             model.register_forward_hook(self._whole_row_aux_loss)
 
     def _swap_context(self, module, args):
+        if self.context is None:
+            raise RuntimeError("parallel.cp > 1: call ContextParallel.prepare(batch, device) with the split "
+                               "micro-batch before the model's forward")
         x, cos, sin, _ = args[:4]
         return (x, cos, sin, self.context, *args[4:])
 
@@ -257,6 +260,9 @@ class ContextParallel:
 
     def attend(self, q, k, v, *, sliding_window=None, softcap=None, scale=None) -> torch.Tensor:
         """q (B, Hq, T/cp, D), k and v (B, Hkv, T/cp, D) of this process -> (B, Hq, T/cp, D) over the whole rows."""
+        if q.shape[2] != len(self.rows.query_index):
+            raise ValueError(f"context parallelism: attention got {q.shape[2]} tokens but the prepared micro-batch has "
+                             f"{len(self.rows.query_index)} on this process; call prepare() with each split micro-batch")
         k, v = gather_keys_values(k, v, self.group)  # (B, Hkv, T, D)
         T = k.shape[2]
         if sliding_window is not None and sliding_window >= T:

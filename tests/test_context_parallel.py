@@ -34,7 +34,7 @@ from nanotune.context_parallel import ContextParallel, rank_positions, split_bat
 from nanotune.packing import IGNORE_INDEX, BatchLoader
 from tests.conftest import ROOT
 from tests.test_parallel import base_argv, write_family_checkpoint
-from tests.test_train import losses
+from tests.test_train import losses, metrics
 
 QUICKSTART = ROOT / "data" / "quickstart"
 SEQ_LEN = 64
@@ -88,7 +88,7 @@ def test_the_split_keeps_every_token_target_and_position(name):
     assert T % 4 == 0 and T - batch["input_ids"].shape[1] < 4
     assert sum(p["num_trainable_tokens"] for p in parts) == batch["num_trainable_tokens"]
     for key in ("input_ids", "labels", "position_ids", "attention_mask"):
-        whole = torch.empty_like(parts[0][key].new_empty(batch[key].shape[0], T))
+        whole = parts[0][key].new_empty(batch[key].shape[0], T)
         for rank, part in enumerate(parts):
             whole[:, rank_positions(T, 2, rank)] = part[key]
         original = batch[key]
@@ -244,7 +244,9 @@ def worker(spec_file: str) -> None:
     dist.destroy_process_group()
 
 
-TRAIN_FAMILIES = ("llama", "qwen3_moe")  # Qwen3-MoE: its aux loss through the trainer and FSDP2's averaging
+# Qwen3-MoE: its aux loss through the trainer and FSDP2's averaging, with activation checkpointing (the layers run
+# again in the backward: the keys are gathered again, the routing statistics are not counted twice)
+TRAIN_FAMILIES = {"llama": [], "qwen3_moe": ["--train.activation_checkpointing=full"]}
 
 
 @pytest.fixture(scope="module")
@@ -255,12 +257,12 @@ def cp_job(tmp_path_factory):
     rows = (QUICKSTART / "train.jsonl").read_text().splitlines()[:16]
     (tmp / "train.jsonl").write_text("\n".join(rows) + "\n")
     runs, outs = [], {}
-    for family in TRAIN_FAMILIES:
+    common = ["--train.grad_accum_steps=2", "--checkpoint.every=1", "--checkpoint.keep=0"]
+    for family, extra in TRAIN_FAMILIES.items():
         write_family_checkpoint(tmp / family, family)
-        argv = base_argv(tmp, tmp / family, tmp / f"{family}-single") + ["--train.grad_accum_steps=2"]
-        assert train.main(argv) == 0
+        assert train.main(base_argv(tmp, tmp / family, tmp / f"{family}-single") + common) == 0
         runs.append(base_argv(tmp, tmp / family, tmp / f"{family}-cp") +
-                    ["--train.grad_accum_steps=2", "--parallel.cp=2", "--parallel.dp_shard=1"])
+                    [*common, "--parallel.cp=2", "--parallel.dp_shard=1", *extra])
         outs[family] = (tmp / f"{family}-single", tmp / f"{family}-cp")
     spec = tmp / "spec.json"
     spec.write_text(json.dumps({"results": str(tmp / "results.json"), "runs": runs}))
@@ -282,11 +284,7 @@ def test_cp2_forward_and_backward_equal_one_process(cp_job, case):
         assert abs(result["loss_across_documents"] - result["whole_loss"]) > 1e-3 * result["whole_loss"]
 
 
-@pytest.mark.parametrize("family", TRAIN_FAMILIES)
-def test_cp2_training_with_fsdp_over_dp_shard_x_cp_equals_one_process(cp_job, family):
-    """Two steps of two packed rows each through train.main: losses and the weights of final/ as one process."""
-    single, out = cp_job[1][family]
-    assert losses(out) == pytest.approx(losses(single), rel=1e-5)
+def assert_same_final(out: Path, single: Path) -> None:
     final, reference = load_file(out / "final" / "model.safetensors"), load_file(single / "final" / "model.safetensors")
     # assert_same_params, with at most one outlier per tensor: AdamW's sign-like first steps may move a weight whose
     # gradient is ~0 by up to ~lr (see tests/test_parallel.py); these tensors are too small for 1e-4 of one to be one
@@ -294,9 +292,30 @@ def test_cp2_training_with_fsdp_over_dp_shard_x_cp_equals_one_process(cp_job, fa
     for k in final:
         diff = (final[k] - reference[k]).abs()
         assert diff.max() <= 2e-3 and (diff > 3e-5).sum() <= 1, f"{k}: max diff {diff.max():.3g}"
-    base = load_file(out.parent / family / "model.safetensors")
+
+
+@pytest.mark.parametrize("family", TRAIN_FAMILIES)
+def test_cp2_training_with_fsdp_over_dp_shard_x_cp_equals_one_process(cp_job, family):
+    """Two steps of two packed rows each through train.main: losses, the MoE aux loss and the weights of final/ as
+    one process."""
+    single, out = cp_job[1][family]
+    assert losses(out) == pytest.approx(losses(single), rel=1e-5)
+    aux = [[r["aux_loss"] for r in metrics(run) if "aux_loss" in r] for run in (out, single)]
+    assert aux[0] == pytest.approx(aux[1], rel=1e-5) and len(aux[0]) == (2 if family == "qwen3_moe" else 0)
+    assert_same_final(out, single)
+    final, base = load_file(out / "final" / "model.safetensors"), load_file(out.parent / family / "model.safetensors")
     key = "model.layers.0.self_attn.q_proj.weight"
     assert (final[key] - base[key]).abs().max() > 1e-3  # training moved the weights
+
+
+def test_a_cp2_checkpoint_resumes_in_one_process(cp_job, tmp_path):
+    """Step 1 of cp = 2 (FSDP2 shards over the flattened dp_shard x cp mesh), resumed in one process: step 2 as the
+    uninterrupted single-process run."""
+    single, out = cp_job[1]["llama"]
+    argv = base_argv(single.parent, single.parent / "llama", tmp_path / "resumed")
+    assert train.main(argv + ["--train.grad_accum_steps=2", f"--checkpoint.resume={out / 'step-1'}"]) == 0
+    assert losses(tmp_path / "resumed") == pytest.approx(losses(single)[1:], rel=1e-5)
+    assert_same_final(tmp_path / "resumed", single)
 
 
 if __name__ == "__main__":
