@@ -183,8 +183,9 @@ def split_batch(batch: dict, cp: int, rank: int) -> dict:
 class ContextParallel:
     """The cp group of this process, and the hooks that give the model's attention layers the whole row."""
 
-    def __init__(self, group, rank: int, size: int):
+    def __init__(self, group, rank: int, size: int, implementation: str = "auto"):
         self.group, self.rank, self.size = group, rank, size
+        self.implementation = implementation  # attention.implementation: eager, or sdpa (auto: eager for softcapping)
         self.rows: RowSplit | None = None  # the micro-batch being trained (prepare), on the model's device
         self.context: attention.AttentionContext | None = None
         self._routing: list[torch.Tensor] | None = None  # MoE statistics of the forward running now
@@ -195,7 +196,7 @@ class ContextParallel:
         if info.layout["cp"] == 1:
             return None
         mesh = info.mesh["cp"]
-        cp = cls(mesh.get_group(), mesh.get_local_rank(), info.layout["cp"])
+        cp = cls(mesh.get_group(), mesh.get_local_rank(), info.layout["cp"], model.config.attn_implementation)
         cp.apply(model)
         return cp
 
@@ -218,7 +219,6 @@ class ContextParallel:
     def apply(self, model: nn.Module) -> None:
         """Forward pre-hooks on every attention layer hand it this process's context (in place of the one the model
         built from its local tokens); MoE models also get their load-balancing loss over the whole rows."""
-        self.implementation = model.config.attn_implementation
         layers = [m for name, m in model.named_modules() if name.endswith(".self_attn")]
         if not layers:
             raise ConfigError(f"parallel.cp > 1: {type(model).__name__} has no `self_attn` layers to gather keys for")
@@ -249,7 +249,8 @@ class ContextParallel:
 
     def _whole_row_aux_loss(self, model, args, output):
         """Replace the model's aux_loss (its own tokens only) by the one over the whole rows: the statistics summed
-        over the cp group, divided by the real tokens of the whole micro-batch (qwen_moe.load_balancing_loss)."""
+        over the cp group, divided by the real tokens of the whole micro-batch (qwen_moe.load_balancing_loss). The
+        statistics are those of real tokens because the trainer passes `aux_loss_mask` (padding left out)."""
         from models.qwen_moe import load_balancing_loss
 
         routing, self._routing = self._routing, None

@@ -31,6 +31,7 @@ from models import attention
 from nanotune import context_parallel, parallel, train
 from nanotune.config import ConfigError, ParallelConfig, load_config
 from nanotune.context_parallel import ContextParallel, rank_positions, split_batch
+from nanotune.loss import cross_entropy_sum
 from nanotune.packing import IGNORE_INDEX, BatchLoader
 from tests.conftest import ROOT
 from tests.test_parallel import base_argv, write_family_checkpoint
@@ -159,13 +160,18 @@ FAMILY_CONFIGS = {
     "gemma3": dict(model_type="gemma3_text", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
                    sliding_window=40, layer_types=["sliding_attention", "full_attention"]),
+    # Gemma 2: alternating local (window 24, less than a rank's part of the row) and global layers, logit softcapping
+    # (eager under auto)
+    "gemma2": dict(model_type="gemma2", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                   sliding_window=24),
     "qwen3_moe": dict(model_type="qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=64,
                       moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0], router_aux_loss_coef=0.1),
 }
 # (family, batch, attention implementation)
-MODEL_CASES = [(f, b, "sdpa") for f in FAMILY_CONFIGS for b in ("packed", "unpacked")] + [
-    ("llama", "packed", "eager"), ("qwen3_moe", "short", "sdpa")]
+MODEL_CASES = [(f, b, "sdpa") for f in ("llama", "gemma3", "qwen3_moe") for b in ("packed", "unpacked")] + [
+    ("llama", "packed", "eager"), ("gemma2", "packed", "auto"), ("qwen3_moe", "short", "sdpa")]
 
 
 def tiny_model(family: str, implementation: str):
@@ -181,16 +187,16 @@ def tiny_model(family: str, implementation: str):
 
 
 def objective(model, batch, num_tokens: float, world_size: int):
-    """What train.py backpropagates for one micro-batch: summed token losses * world_size / step tokens + aux."""
-    hidden = model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], batch["max_seqlen"],
-                   aux_loss_mask=batch["attention_mask"]) if hasattr(model, "aux_loss") else \
-        model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], batch["max_seqlen"])
-    from nanotune.loss import cross_entropy_sum
-
-    loss_sum = cross_entropy_sum(hidden, batch["labels"])
-    aux = getattr(model, "aux_loss", None)
-    obj = loss_sum * world_size / num_tokens + (aux if aux is not None else 0.0)
-    return obj, loss_sum.detach(), None if aux is None else aux.detach()
+    """What train.py backpropagates for one micro-batch: summed token losses * world_size / step tokens (+ aux).
+    -> (objective, summed token losses, aux loss or None)."""
+    is_moe = hasattr(model, "aux_loss")
+    extra = {"aux_loss_mask": batch["attention_mask"]} if is_moe else {}  # as train.py passes it
+    logits = model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], batch["max_seqlen"], **extra)
+    loss_sum = cross_entropy_sum(logits, batch["labels"])
+    obj = loss_sum * world_size / num_tokens
+    if not is_moe:
+        return obj, loss_sum.detach(), None
+    return obj + model.aux_loss, loss_sum.detach(), model.aux_loss.detach()
 
 
 def compare_with_one_process(family: str, batch_name: str, implementation: str) -> dict:
@@ -205,7 +211,7 @@ def compare_with_one_process(family: str, batch_name: str, implementation: str) 
     whole_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
 
-    cp = ContextParallel(dist.group.WORLD, rank, size)
+    cp = ContextParallel(dist.group.WORLD, rank, size, implementation)
     cp.apply(model)
     local = cp.split(batch)
     cp.prepare(local, torch.device("cpu"))
@@ -221,12 +227,11 @@ def compare_with_one_process(family: str, batch_name: str, implementation: str) 
     if aux is not None:
         result.update(aux=float(aux), whole_aux=float(whole_aux))
     if batch_name == "packed":  # control: the same split with the documents of each row merged into one
-        merged = {**local, "context_parallel": local["context_parallel"]}
-        rows = merged["context_parallel"]
+        rows = local["context_parallel"]
         rows.document_ids = torch.zeros_like(rows.document_ids)
-        cp.prepare(merged, torch.device("cpu"))
+        cp.prepare(local, torch.device("cpu"))
         with torch.no_grad():
-            _, crossed, _ = objective(model, merged, num_tokens, size)
+            _, crossed, _ = objective(model, local, num_tokens, size)
         dist.all_reduce(crossed)
         result["loss_across_documents"] = float(crossed)
     return result
