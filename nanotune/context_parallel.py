@@ -44,11 +44,12 @@ def check_config(cfg) -> None:
     cp = cfg.parallel.cp
     if cp == 1:
         return
-    if cfg.data.seq_len % (2 * cp):
-        step = 2 * cp
-        lower, upper = cfg.data.seq_len // step * step, (cfg.data.seq_len // step + 1) * step
+    step = 2 * cp
+    if cfg.data.seq_len % step:
+        below, above = cfg.data.seq_len // step * step, (cfg.data.seq_len // step + 1) * step
+        fits = " or ".join(str(n) for n in (below, above) if n > 0)
         raise ConfigError(f"data.seq_len = {cfg.data.seq_len} is not a multiple of 2 x parallel.cp = {step}: every row "
-                          f"is cut into {step} equal chunks; set data.seq_len to {lower or upper} or {upper}")
+                          f"is cut into {step} equal chunks; set data.seq_len to {fits}")
     if cfg.attention.implementation not in BACKENDS:
         raise ConfigError(f"attention.implementation = {cfg.attention.implementation!r} cannot take the mask of "
                           "context parallelism (queries of part of the row against the keys of all of it) yet; use "
