@@ -14,8 +14,9 @@ Attention is exact. In every layer each process all-gathers the keys and values 
 built from whole-row positions and document ids, which the loader's batch states before it is split: key j is visible
 to query i when j <= i, both belong to the same document, and i - j < window on a sliding-window layer. So packed rows
 stay exact, also when a document spans processes. The backward reduce-scatters the gradients of the gathered keys and
-values back to the processes that computed them. Backends: sdpa with that boolean mask, or eager (also for logit
-softcapping); the model reaches this code through `AttentionContext.attend_override` (models/attention.py).
+values back to the processes that computed them. Backends: sdpa with that boolean mask, eager (also for logit
+softcapping), or flex with the same mask as a BlockMask (no dense mask, masked blocks skipped). The model reaches this
+code through `AttentionContext.attend_override` (models/attention.py).
 
 Position ids are sliced from the whole row's, so RoPE sees whole-row positions. Labels are pre-shifted
 (nanotune/packing.py), so slicing them with the tokens keeps every target, and `num_trainable_tokens` becomes this
@@ -26,6 +27,8 @@ before the load-balancing loss, which is then the whole row's, as in one process
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -35,7 +38,7 @@ from models import attention
 from nanotune.config import ConfigError
 from nanotune.packing import IGNORE_INDEX
 
-BACKENDS = ("auto", "sdpa", "eager")  # attention.implementation values that can take the gathered keys' mask
+BACKENDS = ("auto", "sdpa", "eager", "flex")  # attention.implementation values that can take the gathered keys' mask
 
 
 def check_config(cfg) -> None:
@@ -53,7 +56,7 @@ def check_config(cfg) -> None:
     if cfg.attention.implementation not in BACKENDS:
         raise ConfigError(f"attention.implementation = {cfg.attention.implementation!r} cannot take the mask of "
                           "context parallelism (queries of part of the row against the keys of all of it) yet; use "
-                          "'auto', 'sdpa' or 'eager' with parallel.cp > 1")
+                          "'auto', 'sdpa', 'flex' or 'eager' with parallel.cp > 1")
     if cfg.train.compile:
         raise ConfigError("train.compile = true with parallel.cp > 1 is not supported yet; set train.compile = false")
 
@@ -141,6 +144,23 @@ class RowSplit:
         same = doc[:, self.query_index, None] == doc[:, None, self.key_index]  # (B, T/cp, T)
         return (allowed & same)[:, None]
 
+    def block_mask(self, sliding_window: int | None, compiled: bool):
+        """The same mask as a flex BlockMask: evaluated block by block (compiled), never (T/cp, T) booleans at once;
+        blocks of keys that no query of a block sees are skipped by flex attention."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        q_pos, k_pos, doc = self.query_index, self.key_index, self.document_ids
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            i, j = q_pos[q_idx], k_pos[kv_idx]  # whole-row positions
+            allowed = (j <= i) & (doc[b, i] == doc[b, j])
+            if sliding_window is not None:
+                allowed = allowed & (i - j < sliding_window)
+            return allowed
+
+        create = _compiled(create_block_mask) if compiled else create_block_mask
+        return create(mask_mod, doc.shape[0], None, len(q_pos), len(k_pos), device=doc.device)
+
 
 def split_batch(batch: dict, cp: int, rank: int) -> dict:
     """A loader micro-batch (nanotune/packing.py) -> this process's part of every row, with the same keys plus
@@ -186,7 +206,8 @@ class ContextParallel:
 
     def __init__(self, group, rank: int, size: int, implementation: str = "auto"):
         self.group, self.rank, self.size = group, rank, size
-        self.implementation = implementation  # attention.implementation: eager, or sdpa (auto: eager for softcapping)
+        self.implementation = implementation  # attention.implementation: sdpa, eager, flex; auto: sdpa (eager for
+        # logit softcapping)
         self.rows: RowSplit | None = None  # the micro-batch being trained (prepare), on the model's device
         self.context: attention.AttentionContext | None = None
         self._routing: list[torch.Tensor] | None = None  # MoE statistics of the forward running now
@@ -212,7 +233,7 @@ class ContextParallel:
         recomputation of checkpointed layers included)."""
         self.rows = batch["context_parallel"].to(device)
         B, T_local = batch["input_ids"].shape
-        backend = "eager" if self.implementation == "eager" else "sdpa"  # per call: eager for logit softcapping
+        backend = "sdpa" if self.implementation == "auto" else self.implementation  # auto: eager for softcapping
         self.context = attention.AttentionContext(backend, T_local, device, batch_size=B, attend_override=self.attend)
 
     # ------------------------------------------------------------------------------------------- hooks
@@ -263,19 +284,48 @@ class ContextParallel:
     def attend(self, q, k, v, *, sliding_window=None, softcap=None, scale=None) -> torch.Tensor:
         """q (B, Hq, T/cp, D), k and v (B, Hkv, T/cp, D) of this process -> (B, Hq, T/cp, D) over the whole rows."""
         if q.shape[2] != len(self.rows.query_index):
-            raise ValueError(f"context parallelism: attention got {q.shape[2]} tokens but the prepared micro-batch has "
-                             f"{len(self.rows.query_index)} on this process; call prepare() with each split micro-batch")
+            raise ValueError(f"context parallelism: attention got {q.shape[2]} tokens but the prepared micro-batch "
+                             f"has {len(self.rows.query_index)} on this process; call prepare() with each split "
+                             "micro-batch")
         k, v = gather_keys_values(k, v, self.group)  # (B, Hkv, T, D)
         T = k.shape[2]
         if sliding_window is not None and sliding_window >= T:
             sliding_window = None
+        if self.implementation == "flex":
+            return self.flex_attend(q, k, v, sliding_window, softcap, scale)
         cache = self.context.cache  # one mask per window and micro-batch, shared by the layers
-        if sliding_window not in cache:
-            cache[sliding_window] = self.rows.mask(sliding_window)
-        mask = cache[sliding_window]  # (B, 1, T/cp, T)
+        if ("dense", sliding_window) not in cache:
+            cache["dense", sliding_window] = self.rows.mask(sliding_window)
+        mask = cache["dense", sliding_window]  # (B, 1, T/cp, T)
         if self.implementation == "eager" or softcap is not None:
             return attention.eager_attention(q, k, v, mask, softcap, scale)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+    def flex_attend(self, q, k, v, sliding_window, softcap, scale) -> torch.Tensor:
+        """attend with flex attention (q of T/cp queries, k and v gathered): compiled on CUDA, as models/attention.py
+        runs it; on CPU uncompiled, where the installed torch may not backpropagate it (refused, as there)."""
+        on_cuda = q.device.type == "cuda"
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        if not on_cuda and needs_grad and not attention.flex_backward_on_cpu():
+            raise ValueError("attention.implementation = 'flex': the installed torch's flex_attention cannot "
+                             "backpropagate on CPU; use 'sdpa' (or 'eager' for logit softcapping) to train on CPU")
+        cache = self.context.cache
+        if ("flex", sliding_window) not in cache:
+            cache["flex", sliding_window] = self.rows.block_mask(sliding_window, compiled=on_cuda)
+        score_mod = None
+        if softcap is not None:
+            def score_mod(score, b, h, q_idx, kv_idx):  # the score arrives already scaled
+                return softcap * torch.tanh(score / softcap)
+
+        flex = _compiled(attention.flex_attention_fn()) if on_cuda else attention.flex_attention_fn()
+        return flex(q, k, v, score_mod=score_mod, block_mask=cache["flex", sliding_window], scale=scale,
+                    enable_gqa=q.shape[1] != k.shape[1])
+
+
+@functools.cache
+def _compiled(fn):
+    """fn through torch.compile with static shapes, as models/attention.py compiles flex (and for its reason)."""
+    return torch.compile(fn, dynamic=False)
 
 
 class SplitLoader:
