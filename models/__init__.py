@@ -160,8 +160,8 @@ def expected_checkpoint_keys(model: nn.Module) -> dict[str, tuple[int, ...]]:
         return model.expected_hf_keys()
     shapes = {}
     for name, param in model.named_parameters(remove_duplicate=True):
-        if ".lora_" in name:
-            continue  # adapters are not in base checkpoints
+        if ".lora_" in name or getattr(param, "hf_shape", ()) is None:
+            continue  # adapters are not in base checkpoints, nor tensors made while loading (NF4 block scales)
         shapes[name] = tuple(getattr(param, "hf_shape", param.shape))
     if getattr(model.config, "tie_word_embeddings", False):
         shapes.pop("lm_head.weight", None)

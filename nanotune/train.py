@@ -568,7 +568,9 @@ def save_final_streamed(model, cfg: Config, output_dir: Path, dist) -> None:
         parallel.save_adapter_streamed(model, output_dir / "adapter", dist, cfg.model.path or None)
         log.info(f"saved adapter (PEFT format): {output_dir / 'adapter'}")
     if not cfg.lora.enabled or cfg.lora.merge:
-        parallel.save_final_streamed(model, tmp, dist, merge_lora=cfg.lora.enabled)
+        # QLoRA: merged into the original full-precision weights, as in one process (save_final)
+        original = cfg.model.path if cfg.lora.quantize and cfg.model.path else None
+        parallel.save_final_streamed(model, tmp, dist, merge_lora=cfg.lora.enabled, original=original)
         if dist.is_main:
             finish_final(output_dir, Path(cfg.model.tokenizer or cfg.model.path))
     parallel.barrier(dist)

@@ -1,0 +1,199 @@
+"""QLoRA under FSDP2: NF4 storage as plain tensors, quantised by each process for its own rows, training like one process.
+
+One torchrun job of 2 processes (this file run as a script, `worker`) loads the NF4 model sharded and reports what each
+process holds, then trains QLoRA under FSDP (dp_shard = 2); the same run in one process, and the FSDP run's step-2
+checkpoint resumed in one process, run in the test process.
+
+Tolerance against one process: the NF4 codes and scales are bit for bit those of one process (each process quantises
+whole rows, and blocks never straddle rows), so the frozen base is the same; what differs is the order in which fp32
+gradients of the adapters are summed (a reduce-scatter over 2 processes instead of one sum), as in every FSDP layout
+of tests/test_parallel.py, and so the same tolerances hold: losses to 1e-5 relative, adapters and merged weights
+within `assert_same_params` (a handful of elements may differ by up to one AdamW step, ~lr, where a gradient is near
+zero and its sign flips with the rounding). The matmuls run in bf16 (NF4's compute dtype) in both: a difference of one
+fp32 rounding in an adapter weight reaches the bf16 product only when it crosses a bf16 rounding boundary, which the
+loss tolerance covers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+pytest.importorskip("bitsandbytes")
+
+import models  # noqa: E402
+from nanotune import parallel, qlora, train  # noqa: E402
+from nanotune.config import load_config  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
+from tests.test_parallel import assert_continues_like, base_argv, reshard_data  # noqa: E402
+from tests.test_train import assert_same_params, losses  # noqa: E402
+
+QLORA = ["--lora.enabled=true", "--lora.quantize=nf4", "--lora.rank=4", "--lora.alpha=8", "--lora.dropout=0",
+         "--lora.targets=['q_proj','k_proj','v_proj','o_proj','gate_proj','up_proj','down_proj']"]
+
+
+# ----------------------------------------------------------------------------------------- NF4 storage, one process
+
+
+@pytest.mark.parametrize("shape", [(48, 64), (96, 112), (7, 200)], ids=["aligned", "padded-row", "odd-rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitsandbytes_dequantisation_is_the_reference_bit_for_bit(shape, dtype):
+    """bitsandbytes' kernel, given the plain codes and scales, computes exactly what the PyTorch reference does; rows
+    whose length is not a multiple of 64 are padded to whole blocks, and the padding is cut off."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    codes, absmax = qlora.quantize_nf4_rows(w)
+    assert codes.shape == (shape[0], qlora.padded_in_features(shape[1]) // 2) and codes.dtype == torch.uint8
+    assert absmax.shape == (shape[0], qlora.padded_in_features(shape[1]) // 64) and absmax.dtype == torch.bfloat16
+    fast = qlora.dequantize_nf4(codes, absmax, shape[1], dtype)
+    assert fast.shape == shape and torch.equal(fast, qlora.dequantize_nf4_reference(codes, absmax, shape[1], dtype))
+    # NF4 rounds each weight to one of 16 levels of its block's absmax: the widest gap is 0.30 of it (0.70 to 1.0)
+    blocks = torch.nn.functional.pad(w, (0, qlora.padded_in_features(shape[1]) - shape[1])).view(shape[0], -1, 64)
+    bound = (0.16 * blocks.abs().amax(-1, keepdim=True)).expand(-1, -1, 64).reshape(shape[0], -1)[:, :shape[1]]
+    assert ((fast.float() - w).abs() <= bound + 1e-2 * w.abs()).all()
+
+
+def test_a_block_of_rows_quantises_to_those_rows_of_the_whole():
+    w = torch.randn(10, 200, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    codes, absmax = qlora.quantize_nf4_rows(w)
+    part_codes, part_absmax = qlora.quantize_nf4_rows(w[3:7])
+    assert torch.equal(part_codes, codes[3:7]) and torch.equal(part_absmax, absmax[3:7])
+    small_chunks = qlora.quantize_nf4_rows(w, chunk_elements=300)  # two rows at a time
+    assert torch.equal(small_chunks[0], codes) and torch.equal(small_chunks[1], absmax)
+
+
+def test_codes_are_bitsandbytes_own_for_whole_blocks():
+    """On rows of whole blocks the codes are those of bitsandbytes' quantize_4bit (NF4, blocksize 64, scales kept):
+    the same nearest-level rounding. (The scales here are then stored in bf16.)"""
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    packed, state = qlora._bnb().functional.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
+    codes, absmax = qlora.quantize_nf4_rows(w)
+    assert torch.equal(packed.view(32, 64), codes)
+    assert torch.equal(state.absmax.to(torch.bfloat16).view(32, 2), absmax)
+
+
+# ----------------------------------------------------------------------------------------- 2 processes
+
+PROBE = "probe"  # a worker task: load the NF4 model sharded, write this process's shards and byte count
+
+
+def probe(argv: list[str], out: str) -> None:
+    """Build, shard and load the model exactly as train.py does, then write this process's NF4 shards (codes and scales,
+    with their first row) and how many bytes of NF4 storage it holds."""
+    cfg = load_config(argv[0], argv[1:])
+    info = parallel.init_distributed(cfg.device, cfg.parallel)
+    model = train.build_model(cfg, 1, torch.device("meta"), info.layout)
+    model = parallel.parallelize(model, info, cfg.parallel, cfg.train.precision)
+    parallel.load_sharded(model, cfg.model.path, info.device)
+    tensors, nbytes = {}, 0
+    for name, module in model.named_modules():
+        if isinstance(module, qlora.NF4Linear):
+            for local in ("weight", "weight_absmax"):
+                shard, (first, _) = parallel.local_box(getattr(module, local))
+                tensors[f"{name}.{local}"] = shard.contiguous()
+                tensors[f"{name}.{local}.first_row"] = torch.tensor(first)
+                nbytes += shard.numel() * shard.element_size()
+    save_file(tensors, f"{out}/shards-rank{info.rank}.safetensors")
+    Path(f"{out}/nf4-bytes-rank{info.rank}.json").write_text(json.dumps(nbytes))
+
+
+def worker(spec_file: str) -> None:
+    """Inside torchrun: each task of the spec in turn, in one process group that they share."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    for task in json.loads(Path(spec_file).read_text()):
+        if task[0] == PROBE:
+            probe(task[1], task[2])
+        else:
+            assert train.main(task) == 0
+    dist.destroy_process_group()
+
+
+def torchrun(nproc: int, tasks: list, tmp: Path) -> None:
+    spec = tmp / f"qlora-{nproc}.json"
+    spec.write_text(json.dumps(tasks))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__,
+           str(spec)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def qlora_argv(tmp: Path, out: str, *extra: str) -> list[str]:
+    """Four optimizer steps of 4 rows, QLoRA on every projection, a checkpoint every 2 steps (all kept)."""
+    return base_argv(tmp, tmp / "llama", tmp / out) + QLORA + [
+        "--train.max_steps=4", "--checkpoint.every=2", "--checkpoint.keep=0", *extra]
+
+
+FSDP = ["--parallel.dp_shard=2", "--train.grad_accum_steps=2"]
+ONE = ["--train.grad_accum_steps=4"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("qlora_fsdp")
+    reshard_data(tmp)  # 48 rows of the quickstart data and a tiny random Llama in HF format (tmp / "llama")
+    (tmp / "probe").mkdir()
+    assert train.main(qlora_argv(tmp, "one", *ONE)) == 0
+    torchrun(2, [[PROBE, qlora_argv(tmp, "unused", *FSDP), str(tmp / "probe")], qlora_argv(tmp, "fsdp", *FSDP)], tmp)
+    assert train.main(qlora_argv(tmp, "fsdp-then-one", *ONE, f"--checkpoint.resume={tmp / 'fsdp' / 'step-2'}")) == 0
+    return tmp
+
+
+@pytest.mark.slow
+def test_each_process_quantises_its_own_rows_exactly_as_one_process(runs):
+    """Loading sharded, each process reads and quantises only its rows of every NF4 weight: together they hold the
+    codes and scales of one process's model bit for bit, each about half of the bytes."""
+    cfg = load_config(qlora_argv(runs, "unused")[0], qlora_argv(runs, "unused")[1:])
+    single = train.build_model(cfg, 1, torch.device("cpu"))
+    whole = {f"{n}.{local}": getattr(m, local) for n, m in single.named_modules() if isinstance(m, qlora.NF4Linear)
+             for local in ("weight", "weight_absmax")}
+    total = sum(t.numel() * t.element_size() for t in whole.values())
+    shards = [load_file(runs / "probe" / f"shards-rank{r}.safetensors") for r in range(2)]
+    for name, tensor in whole.items():
+        parts = [(int(s[f"{name}.first_row"]), s[name]) for s in shards]
+        assert [first for first, _ in parts] == [0, tensor.shape[0] // 2]  # rows split in halves (dims are even)
+        assert torch.equal(torch.cat([part for _, part in parts]), tensor), name
+    per_rank = [json.loads((runs / "probe" / f"nf4-bytes-rank{r}.json").read_text()) for r in range(2)]
+    assert per_rank == [total // 2, total // 2]
+
+
+@pytest.mark.slow
+def test_qlora_under_fsdp_trains_like_one_process(runs):
+    """Losses, the trained adapters (adapter/) and the merged model (final/: the adapters merged into the original
+    full-precision weights, streamed one tensor at a time) equal those of one process (see the module docstring for
+    the tolerance); and training moved the adapters."""
+    one, fsdp = runs / "one", runs / "fsdp"
+    assert len(losses(fsdp)) == 4 and losses(fsdp) == pytest.approx(losses(one), rel=1e-5)
+    adapter = load_file(fsdp / "adapter" / "adapter_model.safetensors")
+    reference = load_file(one / "adapter" / "adapter_model.safetensors")
+    assert_same_params(adapter, reference, max_outlier_fraction=1 / min(t.numel() for t in adapter.values()))
+    assert all(t.dtype == torch.float32 for t in adapter.values())
+    assert max(t.abs().max() for k, t in adapter.items() if "lora_B" in k) > 1e-3  # B starts at zero
+    final, final_reference = (load_file(out / "final" / "model.safetensors") for out in (fsdp, one))
+    base = load_file(runs / "llama" / "model.safetensors")
+    assert final.keys() == final_reference.keys() == base.keys()
+    assert_same_params(final, final_reference, max_outlier_fraction=0.02)
+    for key in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight"):
+        assert torch.equal(final[key], base[key])  # frozen and not adapted: the original, not a rounded copy
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert (final[key] - base[key]).abs().max() > 1e-4  # merged into the original weight
+    assert json.loads((fsdp / "final" / "config.json").read_text())["dtype"] == "float32"
+
+
+@pytest.mark.slow
+def test_a_qlora_fsdp_checkpoint_resumes_in_one_process(runs):
+    """The FSDP run's step-2 checkpoint (its adapters and AdamW states; the NF4 base comes from model.path again)
+    resumed in one process continues like the uninterrupted single-process run."""
+    assert_continues_like(runs / "fsdp-then-one", runs / "one", 3)
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
