@@ -355,17 +355,18 @@ def key_region(shape, index) -> list[tuple[int, int, bool]]:
 
 
 @torch.no_grad()
-def load_sharded(model: nn.Module, path, device: torch.device) -> None:
+def load_sharded(model: nn.Module, path, device: torch.device, offload: bool = False) -> None:
     """Allocate this rank's shards of a meta-device, already parallelized model and fill them from the safetensors
     files, reading only the slices this rank owns (`safetensors_io.read_slice`): no process holds the whole model.
     An NF4 weight is read by the rows this process holds and quantised (`load_hf_rows`): blocks never straddle rows,
     so its codes and scales are those rows of the whole weight's. Adapters and RoPE tables, which checkpoints do not
-    hold, are then initialised as in one process."""
+    hold, are then initialised as in one process. With `offload` (parallel.cpu_offload) the shards are allocated in
+    host memory, where FSDP2 keeps them, and only the RoPE tables on `device`."""
     from pathlib import Path
 
     from models import expected_checkpoint_keys, safetensors_io
 
-    model.to_empty(device=device)
+    model.to_empty(device="cpu" if offload else device)
     model.tie_weights()  # to_empty gives plain (not sharded) parameters new storage, which unties them
     expected = expected_checkpoint_keys(model)
     params = dict(model.named_parameters())

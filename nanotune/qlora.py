@@ -129,7 +129,8 @@ class NF4Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype
         # where weights are quantised as they stream in; None: the device the tensor arrives on (CPU)
-        self.quant_device = None if quant_device is None else torch.device(quant_device)
+        self.quant_device = None if quant_device is None or torch.device(quant_device).type == "meta" \
+            else torch.device(quant_device)
         padded = padded_in_features(in_features)
         self.weight = nn.Parameter(torch.empty(out_features, padded // 2, dtype=torch.uint8, device="meta"),
                                    requires_grad=False)

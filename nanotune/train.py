@@ -356,13 +356,14 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
     # tensor parallel -> (activation checkpointing) -> compile each block -> FSDP2 / HSDP; see docs/parallel.md
     model = parallel.parallelize(model, dist, cfg.parallel, cfg.train.precision, compile=cfg.train.compile)
     if sharded_load:
-        parallel.load_sharded(model, cfg.model.path, device)
+        parallel.load_sharded(model, cfg.model.path, device, offload=cfg.parallel.cpu_offload)
     use_autocast = cfg.train.precision == "amp-bf16" and dist.dp_size == 1  # else FSDP2 gathers bf16 parameters
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_autocast else contextlib.nullcontext
     # activations saved for the backward go to (pinned) host memory and come back when needed
     offload = (lambda: torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")) \
         if cfg.train.activation_offload else contextlib.nullcontext
-    optimizer = build_optimizer(model, cfg.optim, device)
+    # with parallel.cpu_offload the parameters, gradients and AdamW states live in host memory: the step runs there
+    optimizer = build_optimizer(model, cfg.optim, torch.device("cpu") if cfg.parallel.cpu_offload else device)
     token_loss_sum = choose_loss(model, cfg.train.loss, dist)
 
     # ---- resume: model, optimizer, data position, RNG states and step, exactly

@@ -78,6 +78,28 @@ def test_codes_are_bitsandbytes_own_for_whole_blocks():
     assert torch.equal(state.absmax.to(torch.bfloat16).view(32, 2), absmax)
 
 
+def test_the_70b_config_holds_per_process_what_its_comment_says():
+    """configs/llama-3.1-70b-qlora-fsdp.toml on Llama-3.1-70B's shapes (built on the meta device, swaps applied): the
+    layout fits 2 processes, and the frozen NF4 base and bf16 rest plus the adapters' fp32 weights, gradients and
+    AdamW states come to the 36.4 + 4.2 + 3.3 GB, 22 GB per process, worked out in its comment."""
+    from nanotune import lora
+
+    cfg = load_config(ROOT / "configs" / "llama-3.1-70b-qlora-fsdp.toml")
+    layout = parallel.resolve_layout(cfg.parallel, 2)
+    hf = dict(model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+              num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False)
+    model = models.build_model(models.config_from_hf(hf), "meta", train.PARAM_DTYPES[cfg.train.precision])
+    parallel.check_model_layout(layout, model.config, cfg.lora)
+    lora.prepare_from_config(cfg.lora)(model)
+    nf4 = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n.endswith(("weight", "absmax"))
+              and isinstance(model.get_submodule(n.rpartition(".")[0]), qlora.NF4Linear))
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    adapters = 16 * sum(p.numel() for p in model.parameters() if p.requires_grad)  # fp32 weight, grad, AdamW m and v
+    assert layout["dp_shard"] == 2 and cfg.parallel.cpu_offload
+    assert round(nf4 / 1e9, 1) == 36.4 and round((frozen - nf4) / 1e9, 1) == 4.2 and round(adapters / 1e9, 1) == 3.3
+    assert round((frozen + adapters) / 2 / 1e9) == 22
+
+
 # ----------------------------------------------------------------------------------------- 2 processes
 
 PROBE = "probe"  # a worker task: load the NF4 model sharded, write this process's shards and byte count
