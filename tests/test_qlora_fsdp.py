@@ -78,6 +78,55 @@ def test_codes_are_bitsandbytes_own_for_whole_blocks():
     assert torch.equal(state.absmax.to(torch.bfloat16).view(32, 2), absmax)
 
 
+@pytest.mark.parametrize("from_original", [False, True], ids=["dequantised", "original-weights"])
+def test_streamed_final_of_a_qlora_model_is_what_one_process_writes(hf_checkpoint, tmp_path, from_original):
+    """save_final_streamed on a QLoRA model (here in one process, where gathering is the identity), bit for bit:
+    merged into the original full-precision weights, what lora.merge_adapter_into_base writes; without them, the
+    adapters merged into the dequantised NF4 weights, what lora.merge_lora + models.save_pretrained write."""
+    from nanotune import lora
+
+    folder, _ = hf_checkpoint("llama", attention_bias=True)
+
+    def prepare(model):
+        qlora.quantize_nf4(model)
+        lora.apply_lora(model, ["q_proj", "down_proj"], rank=4, alpha=8)
+
+    model = models.from_pretrained(folder, prepare=prepare)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # a non-zero update, so that merging changes the weights
+    parallel.save_final_streamed(model, tmp_path / "streamed", parallel.DistInfo(), merge_lora=True,
+                                 max_shard_bytes=60_000, original=folder if from_original else None)
+    if from_original:
+        lora.save_adapter(model, tmp_path / "adapter")
+        lora.merge_adapter_into_base(folder, tmp_path / "adapter", tmp_path / "reference")
+    else:
+        lora.merge_lora(model)
+        models.save_pretrained(model, tmp_path / "reference")
+    streamed, reference = ({k: v for f in models.safetensors_io.checkpoint_files(tmp_path / name)
+                            for k, v in load_file(f).items()} for name in ("streamed", "reference"))
+    assert len(models.safetensors_io.checkpoint_files(tmp_path / "streamed")) > 1  # written in several shards
+    assert streamed.keys() == reference.keys()
+    assert all(streamed[k].dtype == reference[k].dtype and torch.equal(streamed[k], reference[k]) for k in reference)
+    assert {t.dtype for t in streamed.values()} == ({torch.float32} if from_original else {torch.float32, torch.bfloat16})
+
+
+def test_what_qlora_cannot_do_under_several_processes_is_refused_naming_the_keys():
+    from nanotune.config import ConfigError, LoraConfig
+
+    config = models.config_from_hf(dict(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=96,
+                                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    fsdp, one = {"dp_replicate": 1, "dp_shard": 2, "cp": 1, "tp": 1}, {"dp_replicate": 1, "dp_shard": 1, "cp": 1, "tp": 1}
+    qlora_dora = LoraConfig(enabled=True, quantize="nf4", dora=True)
+    with pytest.raises(ConfigError, match="lora.dora = true with lora.quantize = 'nf4' and several data-parallel"):
+        parallel.check_model_layout(fsdp, config, qlora_dora)
+    with pytest.raises(ConfigError, match="lora.quantize = 'nf4' with parallel.tp > 1 is not supported"):
+        parallel.check_model_layout({**one, "tp": 2}, config, LoraConfig(enabled=True, quantize="nf4"))
+    parallel.check_model_layout(one, config, qlora_dora)  # one process: DoRA on NF4 works
+    parallel.check_model_layout(fsdp, config, LoraConfig(enabled=True, quantize="nf4"))  # and QLoRA under FSDP
+
+
 def test_the_70b_config_holds_per_process_what_its_comment_says():
     """configs/llama-3.1-70b-qlora-fsdp.toml on Llama-3.1-70B's shapes (built on the meta device, swaps applied): the
     layout fits 2 processes, and the frozen NF4 base and bf16 rest plus the adapters' fp32 weights, gradients and
