@@ -407,7 +407,7 @@ def init_after_sharded_load(model: nn.Module, device: torch.device) -> None:
                 init(whole)
                 local, offset = local_box(linear.weight)
                 local.copy_(whole[tuple(slice(o, o + n) for o, n in zip(offset, local.shape))])
-        elif hasattr(module, "materialize_after_load"):
+        elif hasattr(module, "materialize_after_load") and not is_nf4(module):  # NF4 shards stay where FSDP2 keeps them
             module.materialize_after_load(device)
 
 

@@ -128,19 +128,22 @@ class NF4Linear(nn.Module):
             raise ValueError(f"NF4 packs two weights per byte; in_features = {in_features} is odd.")
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype
-        # where weights are quantised as they stream in; None: the device the tensor arrives on (CPU)
+        # where weights are quantised as they stream in; None (or meta: the model is only planned for now): the device
+        # the tensor arrives on
         self.quant_device = None if quant_device is None or torch.device(quant_device).type == "meta" \
             else torch.device(quant_device)
         padded = padded_in_features(in_features)
-        self.weight = nn.Parameter(torch.empty(out_features, padded // 2, dtype=torch.uint8, device="meta"),
-                                   requires_grad=False)
-        self.weight.hf_shape = (out_features, in_features)  # what the checkpoint holds, for the loader's key check
-        self.weight_absmax = nn.Parameter(torch.empty(out_features, padded // NF4_BLOCKSIZE, dtype=torch.bfloat16,
-                                                      device="meta"), requires_grad=False)
-        self.weight_absmax.hf_shape = None  # made from the weight while loading: no checkpoint holds it
+        self._store(torch.empty(out_features, padded // 2, dtype=torch.uint8, device="meta"),
+                    torch.empty(out_features, padded // NF4_BLOCKSIZE, dtype=torch.bfloat16, device="meta"))
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device="meta"), requires_grad=False)
+
+    def _store(self, codes: torch.Tensor, absmax: torch.Tensor) -> None:
+        self.weight = nn.Parameter(codes, requires_grad=False)
+        self.weight.hf_shape = (self.out_features, self.in_features)  # what the checkpoint holds: the loader checks it
+        self.weight_absmax = nn.Parameter(absmax, requires_grad=False)
+        self.weight_absmax.hf_shape = None  # made from the weight while loading: no checkpoint holds it
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, compute_dtype=torch.bfloat16, quant_device=None) -> "NF4Linear":
@@ -160,10 +163,7 @@ class NF4Linear(nn.Module):
             if tuple(tensor.shape) != (self.out_features, self.in_features):
                 raise ValueError(f"NF4Linear expects a weight of shape {(self.out_features, self.in_features)}, "
                                  f"got {tuple(tensor.shape)}.")
-            codes, absmax = quantize_nf4_rows(tensor.to(device=device, dtype=self.compute_dtype))
-            self.weight = nn.Parameter(codes, requires_grad=False)
-            self.weight.hf_shape = (self.out_features, self.in_features)
-            self.weight_absmax = nn.Parameter(absmax, requires_grad=False)
+            self._store(*quantize_nf4_rows(tensor.to(device=device, dtype=self.compute_dtype)))
         elif name == "bias":
             self.bias = nn.Parameter(tensor.to(device=device, dtype=self.compute_dtype), requires_grad=False)
         else:
@@ -180,12 +180,10 @@ class NF4Linear(nn.Module):
     def materialize_after_load(self, device) -> None:
         """Move the quantised weight to `device`; a weight the checkpoint lacked stays on meta (reported missing)."""
         device = torch.device(device)
-        for name in ("weight", "weight_absmax", "bias"):
-            p = getattr(self, name)
-            if p is not None and not p.is_meta and p.device != device:
-                setattr(self, name, nn.Parameter(p.data.to(device), requires_grad=False))
-        if not self.weight.is_meta:
-            self.weight.hf_shape = (self.out_features, self.in_features)
+        if not self.weight.is_meta and self.weight.device != device:
+            self._store(self.weight.data.to(device), self.weight_absmax.data.to(device))
+        if self.bias is not None and not self.bias.is_meta and self.bias.device != device:
+            self.bias = nn.Parameter(self.bias.data.to(device), requires_grad=False)
 
     def dequantize(self) -> torch.Tensor:
         """The full weight, (out_features, in_features) in compute_dtype. Under FSDP2 call it inside the forward (or

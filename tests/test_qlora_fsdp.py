@@ -70,7 +70,8 @@ def test_a_block_of_rows_quantises_to_those_rows_of_the_whole():
 
 def test_codes_are_bitsandbytes_own_for_whole_blocks():
     """On rows of whole blocks the codes are those of bitsandbytes' quantize_4bit (NF4, blocksize 64, scales kept):
-    the same nearest-level rounding. (The scales here are then stored in bf16.)"""
+    the same nearest-level rounding. The weights are bf16, so each block's absmax is a bf16 value and storing the
+    scales in bf16 rounds nothing here (for fp32 weights a code next to a midpoint may differ)."""
     w = torch.randn(32, 128, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     packed, state = qlora._bnb().functional.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
     codes, absmax = qlora.quantize_nf4_rows(w)
