@@ -15,6 +15,7 @@ Checkpoint-key hooks a model may define (the identity is used otherwise):
 - `model.hf_state_dict() -> dict[str, Tensor]`: the tensors under their checkpoint names, for saving.
 Module hooks used while loading:
 - `module.load_hf_weight(name, tensor)`: called instead of assigning the parameter (NF4 quantisation happens here);
+  a parameter with `hf_shape = None` (NF4 block scales) is made by such a module and is not read from checkpoints;
 - `module.materialize_after_load(device)`: allocates and initialises tensors that checkpoints do not hold (RoPE
   frequencies, fresh LoRA adapters).
 """
