@@ -1,8 +1,8 @@
 """QLoRA under FSDP2: NF4 storage as plain tensors, quantised by each process for its own rows, training like one process.
 
 One torchrun job of 2 processes (this file run as a script, `worker`) loads the NF4 model sharded and reports what each
-process holds, then trains QLoRA under FSDP (dp_shard = 2); the same run in one process, and the FSDP run's step-2
-checkpoint resumed in one process, run in the test process.
+process holds, then trains QLoRA under FSDP (dp_shard = 2) and HSDP (dp_replicate = 2); the same run in one process,
+and the FSDP run's step-2 checkpoint resumed in one process, run in the test process.
 
 Tolerance against one process: the NF4 codes and scales are bit for bit those of one process (each process quantises
 whole rows, and blocks never straddle rows), so the frozen base is the same; what differs is the order in which fp32
@@ -205,6 +205,7 @@ def qlora_argv(tmp: Path, out: str, *extra: str) -> list[str]:
 
 
 FSDP = ["--parallel.dp_shard=2", "--train.grad_accum_steps=2"]
+HSDP = ["--parallel.dp_replicate=2", "--parallel.dp_shard=1", "--train.grad_accum_steps=2"]
 ONE = ["--train.grad_accum_steps=4"]
 
 
@@ -214,7 +215,8 @@ def runs(tmp_path_factory):
     reshard_data(tmp)  # 48 rows of the quickstart data and a tiny random Llama in HF format (tmp / "llama")
     (tmp / "probe").mkdir()
     assert train.main(qlora_argv(tmp, "one", *ONE)) == 0
-    torchrun(2, [[PROBE, qlora_argv(tmp, "unused", *FSDP), str(tmp / "probe")], qlora_argv(tmp, "fsdp", *FSDP)], tmp)
+    torchrun(2, [[PROBE, qlora_argv(tmp, "unused", *FSDP), str(tmp / "probe")], qlora_argv(tmp, "fsdp", *FSDP),
+                 qlora_argv(tmp, "hsdp", *HSDP, "--checkpoint.every=0")], tmp)
     assert train.main(qlora_argv(tmp, "fsdp-then-one", *ONE, f"--checkpoint.resume={tmp / 'fsdp' / 'step-2'}")) == 0
     return tmp
 
@@ -238,11 +240,12 @@ def test_each_process_quantises_its_own_rows_exactly_as_one_process(runs):
 
 
 @pytest.mark.slow
-def test_qlora_under_fsdp_trains_like_one_process(runs):
-    """Losses, the trained adapters (adapter/) and the merged model (final/: the adapters merged into the original
-    full-precision weights, streamed one tensor at a time) equal those of one process (see the module docstring for
-    the tolerance); and training moved the adapters."""
-    one, fsdp = runs / "one", runs / "fsdp"
+@pytest.mark.parametrize("layout_name", ["fsdp", "hsdp"])
+def test_qlora_under_fsdp_trains_like_one_process(runs, layout_name):
+    """FSDP (dp_shard 2) and HSDP (dp_replicate 2 x dp_shard 1): losses, the trained adapters (adapter/) and the merged
+    model (final/: the adapters merged into the original full-precision weights, streamed one tensor at a time) equal
+    those of one process (see the module docstring for the tolerance); and training moved the adapters."""
+    one, fsdp = runs / "one", runs / layout_name
     assert len(losses(fsdp)) == 4 and losses(fsdp) == pytest.approx(losses(one), rel=1e-5)
     adapter = load_file(fsdp / "adapter" / "adapter_model.safetensors")
     reference = load_file(one / "adapter" / "adapter_model.safetensors")
