@@ -383,7 +383,7 @@ def load_sharded(model: nn.Module, path, device: torch.device, offload: bool = F
                     absmax, _ = local_box(owner.weight_absmax)  # (rows here, in_padded / 64), the same rows
                     if codes.shape[0]:
                         rows = safetensors_io.read_slice(f, info, (slice(first, first + codes.shape[0]),))
-                        owner.load_hf_rows(rows, codes, absmax)
+                        owner.load_hf_rows(rows, codes, absmax, device)  # quantised on the compute device
                     continue
                 local, offset = local_box(target)
                 where = overlap(key_region(target.shape, index), local.shape, offset)

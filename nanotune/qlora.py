@@ -170,10 +170,11 @@ class NF4Linear(nn.Module):
             raise KeyError(f"NF4Linear has no parameter {name!r} (it has 'weight' and 'bias').")
 
     @torch.no_grad()
-    def load_hf_rows(self, rows: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor) -> None:
-        """Sharded loading: quantise `rows` (n, in) of the checkpoint's weight into this process's rows of `weight`
-        and `weight_absmax` (`codes` (n, in_padded / 2) and `absmax` (n, in_padded / 64), local shards)."""
-        c, a = quantize_nf4_rows(rows.to(device=codes.device, dtype=self.compute_dtype))
+    def load_hf_rows(self, rows: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, device=None) -> None:
+        """Sharded loading: quantise `rows` (n, in) of the checkpoint's weight on `device` (by default where the shards
+        are; the GPU also when they are kept in host memory) into this process's rows of `weight` and `weight_absmax`
+        (`codes` (n, in_padded / 2) and `absmax` (n, in_padded / 64), local shards)."""
+        c, a = quantize_nf4_rows(rows.to(device=device or codes.device, dtype=self.compute_dtype))
         codes.copy_(c)
         absmax.copy_(a)
 
