@@ -1,4 +1,4 @@
-"""QLoRA under FSDP2: NF4 storage as plain tensors, quantised by each process for its own rows, training like one process.
+"""QLoRA under FSDP2: NF4 storage as plain tensors, quantised by each process for its own rows; trains like one process.
 
 One torchrun job of 2 processes (this file run as a script, `worker`) loads the NF4 model sharded and reports what each
 process holds, then trains QLoRA under FSDP (dp_shard = 2) and HSDP (dp_replicate = 2); the same run in one process,
@@ -110,7 +110,8 @@ def test_streamed_final_of_a_qlora_model_is_what_one_process_writes(hf_checkpoin
     assert len(models.safetensors_io.checkpoint_files(tmp_path / "streamed")) > 1  # written in several shards
     assert streamed.keys() == reference.keys()
     assert all(streamed[k].dtype == reference[k].dtype and torch.equal(streamed[k], reference[k]) for k in reference)
-    assert {t.dtype for t in streamed.values()} == ({torch.float32} if from_original else {torch.float32, torch.bfloat16})
+    dtypes = {torch.float32} if from_original else {torch.float32, torch.bfloat16}  # NF4 layers in their compute dtype
+    assert {t.dtype for t in streamed.values()} == dtypes
 
 
 def test_what_qlora_cannot_do_under_several_processes_is_refused_naming_the_keys():
@@ -118,7 +119,8 @@ def test_what_qlora_cannot_do_under_several_processes_is_refused_naming_the_keys
 
     config = models.config_from_hf(dict(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=96,
                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
-    fsdp, one = {"dp_replicate": 1, "dp_shard": 2, "cp": 1, "tp": 1}, {"dp_replicate": 1, "dp_shard": 1, "cp": 1, "tp": 1}
+    one = {"dp_replicate": 1, "dp_shard": 1, "cp": 1, "tp": 1}
+    fsdp = {**one, "dp_shard": 2}
     qlora_dora = LoraConfig(enabled=True, quantize="nf4", dora=True)
     with pytest.raises(ConfigError, match="lora.dora = true with lora.quantize = 'nf4' and several data-parallel"):
         parallel.check_model_layout(fsdp, config, qlora_dora)
