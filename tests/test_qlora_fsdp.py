@@ -59,6 +59,17 @@ def test_bitsandbytes_dequantisation_is_the_reference_bit_for_bit(shape, dtype):
     assert ((fast.float() - w).abs() <= bound + 1e-2 * w.abs()).all()
 
 
+@pytest.mark.cuda
+def test_on_cuda_quantisation_and_bitsandbytes_dequantisation_match_the_cpu():
+    """The CUDA kernel gives the reference's bits too, from codes and scales quantised on the GPU exactly as on CPU."""
+    w = torch.randn(96, 4096, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    codes, absmax = qlora.quantize_nf4_rows(w)
+    codes_cuda, absmax_cuda = qlora.quantize_nf4_rows(w.cuda())
+    assert torch.equal(codes_cuda.cpu(), codes) and torch.equal(absmax_cuda.cpu(), absmax)
+    fast = qlora.dequantize_nf4(codes_cuda, absmax_cuda, 4096, torch.bfloat16)
+    assert fast.is_cuda and torch.equal(fast.cpu(), qlora.dequantize_nf4_reference(codes, absmax, 4096, torch.bfloat16))
+
+
 def test_a_block_of_rows_quantises_to_those_rows_of_the_whole():
     w = torch.randn(10, 200, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     codes, absmax = qlora.quantize_nf4_rows(w)
