@@ -384,8 +384,8 @@ class GemmaForCausalLM(nn.Module):
         """Every checkpoint key the model reads, with its shape: parameter names under `hf_key_prefix`."""
         shapes = {}
         for name, param in self.named_parameters(remove_duplicate=True):
-            if ".lora_" in name or name.endswith("lora_magnitude_vector"):
-                continue  # adapters are not in base checkpoints
+            if ".lora_" in name or name.endswith("lora_magnitude_vector") or getattr(param, "hf_shape", ()) is None:
+                continue  # adapters are not in base checkpoints, nor tensors made while loading (NF4 block scales)
             shapes[self.config.hf_key_prefix + name] = tuple(getattr(param, "hf_shape", param.shape))
         if self.config.tie_word_embeddings:
             shapes.pop(self.config.hf_key_prefix + "lm_head.weight", None)

@@ -130,26 +130,30 @@ def resolve_layout(cfg: ParallelConfig, world_size: int) -> dict[str, int]:
 
 
 def check_model_layout(layout: dict[str, int], config, lora_cfg=None) -> None:
-    """Refuse a tensor-parallel size that does not split the model's heads and MLP evenly (before any weight is read)."""
+    """Refuse a tensor-parallel size that does not split the model's heads and MLP evenly, and LoRA variants the
+    layout cannot run (before any weight is read)."""
     tp = layout["tp"]
-    if tp == 1:
-        return
     sizes = {key: getattr(config, key) for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size")
              if getattr(config, key, None)}
     for key, value in sizes.items():
-        if value % tp:
+        if tp > 1 and value % tp:
             fits = [d for d in range(1, tp) if all(v % d == 0 for v in sizes.values())]
             raise ConfigError(
                 f"parallel.tp = {tp} does not divide the model's {key} ({value}): each tensor-parallel process must "
                 f"hold whole heads and an equal part of the MLP; set parallel.tp to {fits[-1]} or another divisor "
                 f"of {', '.join(f'{k} ({v})' for k, v in sizes.items())}")
-    if lora_cfg is not None and lora_cfg.enabled:
-        if lora_cfg.quantize:
-            raise ConfigError("lora.quantize = 'nf4' with parallel.tp > 1 is not supported (NF4 weights cannot be "
-                              "split by tensor parallelism yet); set parallel.tp = 1 and shard with dp_shard")
-        if lora_cfg.dora:
-            raise ConfigError("lora.dora = true with parallel.tp > 1 is not supported (DoRA's row norms are not "
-                              "split yet); set parallel.tp = 1 or lora.dora = false")
+    if lora_cfg is None or not lora_cfg.enabled:
+        return
+    if tp > 1 and lora_cfg.quantize:
+        raise ConfigError("lora.quantize = 'nf4' with parallel.tp > 1 is not supported (NF4 weights cannot be "
+                          "split by tensor parallelism yet); set parallel.tp = 1 and shard with dp_shard")
+    if tp > 1 and lora_cfg.dora:
+        raise ConfigError("lora.dora = true with parallel.tp > 1 is not supported (DoRA's row norms are not "
+                          "split yet); set parallel.tp = 1 or lora.dora = false")
+    if lora_cfg.quantize and lora_cfg.dora and layout.get("dp_replicate", 1) * layout.get("dp_shard", 1) > 1:
+        raise ConfigError("lora.dora = true with lora.quantize = 'nf4' and several data-parallel processes is not "
+                          "supported yet (DoRA's merge is not streamed for NF4 bases); set lora.dora = false or "
+                          "train in one process")
 
 
 def init_distributed(device_name: str = "auto", cfg: ParallelConfig | None = None) -> DistInfo:
@@ -315,9 +319,9 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, info: DistInfo) 
 
 def loads_sharded(cfg, info: DistInfo) -> bool:
     """Whether this run builds the model on the meta device, parallelizes it, then fills each rank's shards from the
-    checkpoint. Otherwise every process loads the whole model and then shards it: one process, random init from
-    model.size, and NF4 / DoRA (quantised while loading / magnitudes from whole rows), for now."""
-    return info.enabled and bool(cfg.model.path) and not cfg.lora.quantize and not cfg.lora.dora
+    checkpoint (NF4 weights: each process quantises the rows it holds). Otherwise every process loads the whole model
+    and then shards it: one process, random init from model.size, and DoRA (magnitudes from whole rows), for now."""
+    return info.enabled and bool(cfg.model.path) and not cfg.lora.dora
 
 
 def local_box(param: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -364,15 +368,18 @@ def key_region(shape, index) -> list[tuple[int, int, bool]]:
 
 
 @torch.no_grad()
-def load_sharded(model: nn.Module, path, device: torch.device) -> None:
+def load_sharded(model: nn.Module, path, device: torch.device, offload: bool = False) -> None:
     """Allocate this rank's shards of a meta-device, already parallelized model and fill them from the safetensors
     files, reading only the slices this rank owns (`safetensors_io.read_slice`): no process holds the whole model.
-    Adapters and RoPE tables, which checkpoints do not hold, are then initialised as in one process."""
+    An NF4 weight is read by the rows this process holds and quantised (`load_hf_rows`): blocks never straddle rows,
+    so its codes and scales are those rows of the whole weight's. Adapters and RoPE tables, which checkpoints do not
+    hold, are then initialised as in one process. With `offload` (parallel.cpu_offload) the shards are allocated in
+    host memory, where FSDP2 keeps them, and only the RoPE tables on `device`."""
     from pathlib import Path
 
     from models import expected_checkpoint_keys, safetensors_io
 
-    model.to_empty(device=device)
+    model.to_empty(device="cpu" if offload else device)
     model.tie_weights()  # to_empty gives plain (not sharded) parameters new storage, which unties them
     expected = expected_checkpoint_keys(model)
     params = dict(model.named_parameters())
@@ -383,6 +390,14 @@ def load_sharded(model: nn.Module, path, device: torch.device) -> None:
                     continue
                 name, index = model.param_for_hf_key(key) if hasattr(model, "param_for_hf_key") else (key, None)
                 target = params[name] if name in params else model.get_buffer(name)
+                owner = model.get_submodule(name.rpartition(".")[0])
+                if hasattr(owner, "load_hf_rows") and name.endswith(".weight") and index is None:  # NF4
+                    codes, (first, _) = local_box(target)  # (rows here, in_padded / 2) uint8
+                    absmax, _ = local_box(owner.weight_absmax)  # (rows here, in_padded / 64), the same rows
+                    if codes.shape[0]:
+                        rows = safetensors_io.read_slice(f, info, (slice(first, first + codes.shape[0]),))
+                        owner.load_hf_rows(rows, codes, absmax, device)  # quantised on the compute device
+                    continue
                 local, offset = local_box(target)
                 where = overlap(key_region(target.shape, index), local.shape, offset)
                 if where is not None:
@@ -405,7 +420,7 @@ def init_after_sharded_load(model: nn.Module, device: torch.device) -> None:
                 init(whole)
                 local, offset = local_box(linear.weight)
                 local.copy_(whole[tuple(slice(o, o + n) for o, n in zip(offset, local.shape))])
-        elif hasattr(module, "materialize_after_load"):
+        elif hasattr(module, "materialize_after_load") and not is_nf4(module):  # NF4 shards stay where FSDP2 keeps them
             module.materialize_after_load(device)
 
 
@@ -413,9 +428,9 @@ def init_after_sharded_load(model: nn.Module, device: torch.device) -> None:
 
 
 def saves_streamed(cfg, model: nn.Module) -> bool:
-    """Whether final/ and adapter/ can be written one gathered tensor at a time. Not yet: QLoRA (merged from the
-    original files instead) and DoRA (its merge needs whole-row norms), which are gathered whole on rank 0 as before."""
-    return not cfg.lora.quantize and not cfg.lora.dora
+    """Whether final/ and adapter/ can be written one gathered tensor at a time. Not yet: DoRA (its merge needs
+    whole-row norms), which is gathered whole on rank 0 as before."""
+    return not cfg.lora.dora
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:
@@ -423,29 +438,87 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t.detach()
 
 
-def merged_lora_weight(module: nn.Module) -> torch.Tensor:
-    """W + s B A of a LoRA layer, gathered whole, computed in fp32, in the base weight's dtype: (out, in)."""
-    w = whole(module.weight)
+def is_nf4(module: nn.Module | None) -> bool:
+    return hasattr(module, "weight_absmax")
+
+
+def layer_weight(module: nn.Module) -> torch.Tensor:
+    """A linear layer's weight W, gathered whole, (out, in): an NF4 layer's dequantised, in its compute dtype."""
+    if not is_nf4(module):
+        return whole(module.weight)
+    from nanotune.qlora import dequantize_nf4
+
+    return dequantize_nf4(whole(module.weight), whole(module.weight_absmax), module.in_features, module.compute_dtype)
+
+
+def merged_lora_weight(module: nn.Module, original: torch.Tensor | None = None) -> torch.Tensor:
+    """W + s B A of a LoRA layer, gathered whole, computed in fp32, in W's dtype: (out, in). W is `original` when given
+    (QLoRA: the full-precision weight from the checkpoint), else the layer's own (an NF4 layer's dequantised)."""
+    w = layer_weight(module) if original is None else original
     delta = (whole(module.lora_B.weight).float() @ whole(module.lora_A.weight).float()) * module.scaling
     return (w.float() + delta).to(w.dtype)
 
 
-def final_tensors(model: nn.Module, merge_lora: bool) -> list[tuple]:
+def original_tensors(model: nn.Module, folder) -> tuple[torch.dtype, dict[str, tuple]]:
+    """(the dtype the HF folder's config.json declares, parameter name -> (shape, a function reading that tensor whole
+    from the folder in that dtype)): what `lora.merge_adapter_into_base` starts from. Every process reads the tensors
+    it is asked for, one at a time, so that all of them take part in the same gathers."""
+    from pathlib import Path
+
+    from models import safetensors_io
+    from nanotune.lora import checkpoint_dtype
+
+    dtype = checkpoint_dtype(folder)
+
+    def read(file, info):
+        with open(file, "rb") as f:
+            return safetensors_io.read_tensor(f, info).to(dtype)
+
+    out = {}
+    for file in safetensors_io.checkpoint_files(Path(folder)):
+        for key, info in safetensors_io.read_header(file).items():
+            name, index = model.param_for_hf_key(key) if hasattr(model, "param_for_hf_key") else (key, None)
+            if index is None:
+                out[name] = (torch.Size(info["shape"]), lambda file=file, info=info: read(file, info))
+    return dtype, out
+
+
+def final_tensors(model: nn.Module, merge_lora: bool, original=None) -> list[tuple]:
     """(checkpoint key, a function giving the whole tensor, shape, dtype), one per tensor of final/. With merge_lora a
-    LoRA layer gives one merged weight instead of its three tensors; a tied LM head is left out, as HF does."""
+    LoRA layer gives one merged weight instead of its three tensors; a tied LM head is left out, as HF does; an NF4
+    layer gives its dequantised weight. With `original` (an HF folder: QLoRA's full-precision base), every frozen
+    tensor is read from there and the adapters are merged into its weights, in its dtype: what one process writes
+    with `lora.merge_adapter_into_base`."""
     if hasattr(model, "hf_state_dict"):
+        if original is not None:
+            raise NotImplementedError("merging into the original weights of a model with stacked experts")
         return final_tensors_by_checkpoint_key(model, merge_lora)
     modules = dict(model.named_modules())
     skip = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    original_dtype, originals = original_tensors(model, original) if original is not None else (None, {})
     out = []
     for key, value in model.state_dict(keep_vars=True).items():
-        owner = modules.get(key.rpartition(".")[0])
-        if key in skip or (merge_lora and ".lora_" in key):
+        owner_name, _, local = key.rpartition(".")
+        owner = modules.get(owner_name)
+        if key in skip or (merge_lora and ".lora_" in key) or (is_nf4(owner) and local == "weight_absmax"):
             continue
-        if merge_lora and owner is not None and key.endswith(".weight") and is_lora(owner):
-            out.append((key, lambda m=owner: merged_lora_weight(m), value.shape, value.dtype))
+        shape, dtype = value.shape, value.dtype
+        if is_nf4(owner) and local == "weight":
+            shape, dtype = torch.Size((owner.out_features, owner.in_features)), owner.compute_dtype
+        if original_dtype is not None and dtype.is_floating_point:
+            dtype = original_dtype
+        read = None
+        if key in originals and not value.requires_grad:
+            shape, read = originals[key]
+        if merge_lora and local == "weight" and is_lora(owner):
+            gather = lambda m=owner, r=read: merged_lora_weight(m, None if r is None else r())
+        elif read is not None:
+            gather = read
+        elif local == "weight" and is_nf4(owner):
+            gather = lambda m=owner: layer_weight(m)
         else:
-            out.append((key, lambda v=value: whole(v), value.shape, value.dtype))
+            gather = lambda v=value, d=dtype: whole(v).to(d)  # d: the original's dtype for tensors trained in full
+        out.append((key, gather, shape, dtype))
     return out
 
 
@@ -473,17 +546,17 @@ def final_tensors_by_checkpoint_key(model: nn.Module, merge_lora: bool) -> list[
 
 @torch.no_grad()
 def save_final_streamed(model: nn.Module, folder, info: DistInfo, merge_lora: bool = False,
-                        max_shard_bytes: int = 5 * 10**9) -> None:
+                        max_shard_bytes: int = 5 * 10**9, original=None) -> None:
     """Write an HF-format folder (config.json + safetensors shards + index) from a sharded model: each tensor is
     gathered in turn (every process takes part), and rank 0 keeps at most one shard file's tensors before writing it,
-    so no process holds the whole model."""
+    so no process holds the whole model. `original`: QLoRA's full-precision base folder (see final_tensors)."""
     import json
     from pathlib import Path
 
     import models
 
     folder = Path(folder)
-    entries = final_tensors(model, merge_lora)
+    entries = final_tensors(model, merge_lora, original)
     shards: list[list] = [[]]  # planned from shapes and dtypes alone, so the file names are known before gathering
     size = 0
     for entry in entries:

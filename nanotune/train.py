@@ -359,7 +359,7 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
     # tensor parallel -> (activation checkpointing) -> compile each block -> FSDP2 / HSDP; see docs/parallel.md
     model = parallel.parallelize(model, dist, cfg.parallel, cfg.train.precision, compile=cfg.train.compile)
     if sharded_load:
-        parallel.load_sharded(model, cfg.model.path, device)
+        parallel.load_sharded(model, cfg.model.path, device, offload=cfg.parallel.cpu_offload)
     use_autocast = cfg.train.precision == "amp-bf16" and dist.fsdp_size == 1  # else FSDP2 gathers bf16 parameters
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_autocast else contextlib.nullcontext
     # activations saved for the backward go to (pinned) host memory and come back when needed
@@ -369,7 +369,8 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
     cp = context_parallel.ContextParallel.build(model, dist)
     if cp is not None:
         train_loader, eval_loader = cp.wrap(train_loader), cp.wrap(eval_loader)
-    optimizer = build_optimizer(model, cfg.optim, device)
+    # with parallel.cpu_offload the parameters, gradients and AdamW states live in host memory: the step runs there
+    optimizer = build_optimizer(model, cfg.optim, torch.device("cpu") if cfg.parallel.cpu_offload else device)
     token_loss_sum = choose_loss(model, cfg.train.loss, dist, cp)
 
     # ---- resume: model, optimizer, data position, RNG states and step, exactly
@@ -575,7 +576,9 @@ def save_final_streamed(model, cfg: Config, output_dir: Path, dist) -> None:
         parallel.save_adapter_streamed(model, output_dir / "adapter", dist, cfg.model.path or None)
         log.info(f"saved adapter (PEFT format): {output_dir / 'adapter'}")
     if not cfg.lora.enabled or cfg.lora.merge:
-        parallel.save_final_streamed(model, tmp, dist, merge_lora=cfg.lora.enabled)
+        # QLoRA: merged into the original full-precision weights, as in one process (save_final)
+        original = cfg.model.path if cfg.lora.quantize and cfg.model.path else None
+        parallel.save_final_streamed(model, tmp, dist, merge_lora=cfg.lora.enabled, original=original)
         if dist.is_main:
             finish_final(output_dir, Path(cfg.model.tokenizer or cfg.model.path))
     parallel.barrier(dist)
