@@ -347,17 +347,19 @@ class GemmaForCausalLM(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         return_hidden: bool = False,
+        packed: bool | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or the final hidden states (B, T, D) with return_hidden.
 
-        Packed rows are recognised from position_ids restarting at 0, or given as cu_seqlens; attention never crosses
-        documents, and sliding windows count positions within the row (a window never reaches another document).
+        Packed rows are given as cu_seqlens or by position_ids restarting at 0 (`packed`: the loader's True / False, no
+        look at the data; None finds out, see models/attention.py); attention never crosses documents, and sliding windows count positions within the row (a window never reaches another document).
         """
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         ctx = attention.build_context(
-            self.config.attn_implementation, (B, T), input_ids.device, position_ids, cu_seqlens, max_seqlen
+            self.config.attn_implementation, (B, T), input_ids.device, position_ids, cu_seqlens, max_seqlen,
+            packed=packed,
         )
         self._check_softcap_support(ctx)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)

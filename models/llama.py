@@ -246,17 +246,21 @@ class LlamaForCausalLM(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         return_hidden: bool = False,
+        packed: bool | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or the final hidden states (B, T, D) with return_hidden.
 
-        Packed rows (several documents per row) are recognised from position_ids restarting at 0, or given
-        as cu_seqlens over the flattened B*T tokens; attention never crosses documents.
+        Packed rows (several documents per row) are given as cu_seqlens over the flattened B*T tokens, or by
+        position_ids restarting at 0; attention never crosses documents. `packed` (the loader's True / False) says
+        whether to look for documents at all, without reading the device: a forward torch.compile captures whole.
+        None finds out from the data (see models/attention.py).
         """
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         ctx = attention.build_context(
-            self.config.attn_implementation, (B, T), input_ids.device, position_ids, cu_seqlens, max_seqlen
+            self.config.attn_implementation, (B, T), input_ids.device, position_ids, cu_seqlens, max_seqlen,
+            packed=packed,
         )
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)  # (B, T, head_dim) each

@@ -440,11 +440,12 @@ class QwenMoeForCausalLM(nn.Module):
         max_seqlen: int | None = None,
         return_hidden: bool = False,
         aux_loss_mask: torch.Tensor | None = None,
+        packed: bool | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or the final hidden states (B, T, D) with return_hidden.
 
-        Packed rows are recognised from position_ids restarting at 0, or given as cu_seqlens; attention never crosses
-        documents. Also sets `self.aux_loss`: router_aux_loss_coef * the load-balancing loss over every token of the
+        Packed rows are given as cu_seqlens or by position_ids restarting at 0 (`packed`: the loader's True / False, no
+        look at the data; None finds out, see models/attention.py); attention never crosses documents. Also sets `self.aux_loss`: router_aux_loss_coef * the load-balancing loss over every token of the
         batch (the router sees one token at a time, so packing does not change it); tokens where the optional
         `aux_loss_mask` (B, T) is False or 0 (padding) are left out, like transformers' `attention_mask`.
         """
@@ -452,7 +453,8 @@ class QwenMoeForCausalLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         ctx = attention.build_context(
-            self.config.attn_implementation, (B, T), input_ids.device, position_ids, cu_seqlens, max_seqlen
+            self.config.attn_implementation, (B, T), input_ids.device, position_ids, cu_seqlens, max_seqlen,
+            packed=packed,
         )
         token_weight_N = None if aux_loss_mask is None else aux_loss_mask.reshape(B * T).to(torch.float32)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)

@@ -127,13 +127,14 @@ def test_rope(dtype):
 @pytest.mark.parametrize("V", [37, 4100])  # one block of the vocabulary, and two (the second partly masked)
 def test_cross_entropy_chunk_in_place(dtype, softcap, V):
     torch.manual_seed(0)
-    logits = (torch.randn(3, V, device=DEVICE) * 3).to(dtype)
-    labels = torch.tensor([0, V - 1, V // 2], device=DEVICE)
+    logits = (torch.randn(4, V, device=DEVICE) * 3).to(dtype)
+    labels = torch.tensor([0, V - 1, -100, V // 2], device=DEVICE)  # row 2 not trained: masked inside the kernel
     loss_ref, grad_ref = cross_entropy_chunk_reference(logits, labels, softcap)
     grad = logits.clone()
     loss = cross_entropy_chunk_(grad, labels, softcap)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, grad_ref, **TOL[dtype])
+    assert loss[2] == 0 and torch.all(grad[2] == 0) and torch.all(loss[[0, 1, 3]] > 0)
 
 
 @needs_kernels
