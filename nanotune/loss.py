@@ -45,9 +45,9 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
 
     Every position is projected and untrained ones (label -100) are masked inside each chunk, so that the shapes never
     depend on the labels: no boolean gather, no host sync, nothing that stops torch.compile (the cost: the LM head also
-    runs on prompt and padding tokens, a few percent of a step). Peak extra memory is about chunk_size x V x 10 bytes (the chunk's logits in
-    the compute dtype, in fp32, and its gradient) plus one gradient the size of `weight`; with V = 128256, 1024 tokens
-    a chunk is ~1.2 GiB. Gradients are exact (no recomputation); the weight gradient is accumulated over chunks in the
+    runs on prompt and padding tokens, a few percent of a step). Peak extra memory is about chunk_size x V x 10 bytes
+    (the chunk's logits in the compute dtype, in fp32, and its gradient) plus one gradient the size of `weight`; with
+    V = 128256, 1024 tokens a chunk is ~1.2 GiB. Gradients are exact (no recomputation); the weight gradient is accumulated over chunks in the
     weight's dtype, as a matmul would. Not differentiable twice.
 
     use_triton: compute each chunk's loss and gradient in place in its logits with one Triton kernel

@@ -115,3 +115,21 @@ def test_packed_flag_needs_no_look_at_the_data():
                      packed=packed)
         found = model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"] if packed else None)
         torch.testing.assert_close(told, found, rtol=0, atol=0)
+
+
+def test_compiled_forward_loss_and_backward_equal_eager():
+    """Gemma 2 (softcaps, sliding windows, eager attention under auto) on packed rows: one graph (fullgraph) with
+    AOTAutograd's backward gives the eager loss and gradients."""
+    model = tiny_model("gemma2", attn="auto")
+    batch = rows(packed=True)
+    expected = loss_sum(model, batch)
+    expected.backward()
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    torch._dynamo.reset()
+    compiled = torch.compile(functools.partial(loss_sum, model), backend="aot_eager", fullgraph=True)
+    out = compiled(batch)
+    out.backward()
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected_grads[n], rtol=1e-5, atol=1e-7, msg=n)
