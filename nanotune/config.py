@@ -99,9 +99,15 @@ class TrainConfig:
     activation_checkpointing: str = "none"
     activation_checkpointing_k: int = 2  # every_k: layers 0, k, 2k, ... are recomputed fully
     activation_offload: bool = False  # keep saved activations in host memory between forward and backward
-    compile: bool = False  # torch.compile each decoder block
+    # none | blocks (torch.compile each decoder block) | model (the whole forward and loss of one process, one graph);
+    # the old true / false still mean blocks / none
+    compile: str | bool = "none"
     loss: str = "auto"  # auto (chunked where it applies) | plain | chunked: LM head + CE a chunk of tokens at a time
     kernels: bool = False  # Triton RMSNorm and SwiGLU/GeGLU kernels (CUDA; needs triton)
+
+    def __post_init__(self):
+        if isinstance(self.compile, bool):  # the switch was a boolean that compiled each decoder block
+            self.compile = "blocks" if self.compile else "none"
 
 
 @dataclass
@@ -355,7 +361,7 @@ ALIASES: dict[str, tuple[str, str]] = {
     "wandb_project": ("logging.wandb_project", ""),
     "gradient_checkpointing": ("train.activation_checkpointing", "\"full\""),
     "activation_offloading": ("train.activation_offload", ""),
-    "torch_compile": ("train.compile", ""),
+    "torch_compile": ("train.compile", "\"model\" (forward and loss in one graph) or \"blocks\""),
     "bf16": ("train.precision", "\"bf16\" or \"amp-bf16\""),
     "fp16": ("train.precision", "\"amp-bf16\"; there is no fp16 training"),
     "tf32": ("train.precision", ""),

@@ -57,8 +57,9 @@ def check_config(cfg) -> None:
         raise ConfigError(f"attention.implementation = {cfg.attention.implementation!r} cannot take the mask of "
                           "context parallelism (queries of part of the row against the keys of all of it) yet; use "
                           "'auto', 'sdpa', 'flex' or 'eager' with parallel.cp > 1")
-    if cfg.train.compile:
-        raise ConfigError("train.compile = true with parallel.cp > 1 is not supported yet; set train.compile = false")
+    if cfg.train.compile != "none":
+        raise ConfigError(f"train.compile = {cfg.train.compile!r} with parallel.cp > 1 is not supported yet; set "
+                          "train.compile = 'none'")
 
 
 def rank_positions(seq_len: int, cp: int, rank: int) -> torch.Tensor:
@@ -192,6 +193,7 @@ def split_batch(batch: dict, cp: int, rank: int) -> dict:
         # ContextParallel); one segment per row keeps the batch contract's shapes
         "cu_seqlens": torch.arange(0, B * T_local + 1, T_local, dtype=torch.int32),
         "max_seqlen": T_local,
+        "packed": False,
         "num_trainable_tokens": int((local_labels != IGNORE_INDEX).sum()),
         "attention_mask": real[:, query_index],
         "context_parallel": RowSplit(document_ids, query_index, key_index, int(real.sum())),

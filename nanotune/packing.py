@@ -35,6 +35,9 @@ Batch (B rows, T columns; T = seq_len when packing):
     max_seqlen    int             longest segment
     num_trainable_tokens int      labels != -100 in this micro-batch
     attention_mask (B, T) bool    False in padding slots (HF's meaning; attention itself uses the segments above)
+    packed        bool            rows may hold several documents (the loader's `packing`): the model needs to look
+                                  at no tensor to know, so a compiled forward has no data-dependent branch. Unpacked
+                                  rows hold one example followed by padding, which plain causal attention handles.
 """
 
 from __future__ import annotations
@@ -220,4 +223,5 @@ class BatchLoader:
             "max_seqlen": int(max(seqlens)),
             "num_trainable_tokens": int((labels != IGNORE_INDEX).sum()),
             "attention_mask": torch.from_numpy(real),
+            "packed": self.packing,
         }

@@ -120,6 +120,7 @@ def check_config(cfg: Config) -> None:
         "train.nonfinite": (cfg.train.nonfinite, ("error", "skip")),
         "train.activation_checkpointing": (cfg.train.activation_checkpointing, models.checkpointing.MODES),
         "train.loss": (cfg.train.loss, ("auto", "plain", "chunked")),
+        "train.compile": (cfg.train.compile, ("none", "blocks", "model")),
         "optim.schedule": (cfg.optim.schedule, ("constant", "linear", "cosine")),
         "device": (cfg.device, ("auto", "cpu", "cuda")),
         "attention.implementation": (cfg.attention.implementation, attention.IMPLEMENTATIONS),
@@ -154,6 +155,14 @@ def check_config(cfg: Config) -> None:
     if cfg.train.max_steps <= 0 and cfg.train.epochs <= 0:
         raise ConfigError("set train.max_steps or train.epochs to a positive number")
     context_parallel.check_config(cfg)
+
+
+def check_compile_layout(compile_mode: str, dist) -> None:
+    """train.compile = "model" is for one process: FSDP2's and tensor parallelism's hooks sit between the blocks."""
+    if compile_mode == "model" and dist.world_size > 1:
+        raise ConfigError(f"train.compile = 'model' compiles the forward and loss of one process; with "
+                          f"{dist.world_size} processes use train.compile = 'blocks' (each decoder block compiled, "
+                          "inside tensor parallelism and FSDP2)")
 
 
 # What a resumed run must keep as it was: the model, the adapters, the data and its order (the rows per optimizer step
@@ -193,42 +202,51 @@ def forget_metrics_after(output_dir: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-def choose_loss(model, setting: str, dist, cp=None):
+def choose_loss(model, setting: str, dist, cp=None, compile_model: bool = False):
     """The token-loss function of the run: the plain CE on (B, T, V) logits, or the chunked LM head + CE that never
     holds fp32 logits for all tokens. `auto` takes the chunked one where it applies: one process (under FSDP the
-    head weight is sharded outside its module's forward) and a plain linear head (not LoRA- or NF4-wrapped)."""
+    head weight is sharded outside its module's forward) and a plain linear head (not LoRA- or NF4-wrapped).
+    `compile_model` (train.compile = "model"): the forward and the loss are compiled together, one graph (the batch
+    says whether its rows are packed, so nothing in them reads the device)."""
     softcap = getattr(model.config, "final_logit_softcapping", None)
 
     # MoE routers' load-balancing loss leaves padding slots out, as HF's attention_mask does
     takes_mask = "aux_loss_mask" in inspect.signature(model.forward).parameters
 
-    def forward(model, batch, device, return_hidden):
+    def forward(model, batch, return_hidden):
+        extra = {"aux_loss_mask": batch["attention_mask"]} if takes_mask else {}
+        return model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], batch["max_seqlen"],
+                     return_hidden=return_hidden, packed=batch["packed"], **extra)
+
+    def plain(model, batch):
+        logits = forward(model, batch, return_hidden=False)  # (B, T, V)
+        return cross_entropy_sum(logits, batch["labels"])
+
+    def chunked(model, batch):
+        hidden = forward(model, batch, return_hidden=True)  # (B, T, D)
+        return linear_cross_entropy_sum(hidden, lm_head_weight(model.lm_head), batch["labels"], softcap=softcap)
+
+    loss = plain
+    if setting != "plain":
+        try:
+            lm_head_weight(model.lm_head)
+            usable = not dist.enabled
+            why = "it needs one process for now (the head weight is sharded under FSDP2)"
+        except ValueError as e:
+            usable, why = False, str(e)
+        if setting == "chunked" and not usable:
+            raise ConfigError(f"train.loss = 'chunked' cannot be used here: {why}; use train.loss = 'auto' or 'plain'")
+        loss = chunked if usable else plain
+    if compile_model:
+        loss = torch.compile(loss)
+
+    def token_loss_sum(model, batch, device):
         if cp is not None:  # a micro-batch split over the cp group: its attention context for the model's layers
             cp.prepare(batch, device)
-        extra = {"aux_loss_mask": batch["attention_mask"].to(device)} if takes_mask else {}
-        return model(batch["input_ids"].to(device), batch["position_ids"].to(device), batch["cu_seqlens"].to(device),
-                     batch["max_seqlen"], return_hidden=return_hidden, **extra)
+        on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return loss(model, on_device)
 
-    def plain(model, batch, device):
-        logits = forward(model, batch, device, return_hidden=False)  # (B, T, V)
-        return cross_entropy_sum(logits, batch["labels"].to(device))
-
-    def chunked(model, batch, device):
-        hidden = forward(model, batch, device, return_hidden=True)  # (B, T, D)
-        return linear_cross_entropy_sum(hidden, lm_head_weight(model.lm_head), batch["labels"].to(device),
-                                        softcap=softcap)
-
-    if setting == "plain":
-        return plain
-    try:
-        lm_head_weight(model.lm_head)
-        usable = not dist.enabled
-        why = "it needs one process for now (the head weight is sharded under FSDP2)"
-    except ValueError as e:
-        usable, why = False, str(e)
-    if setting == "chunked" and not usable:
-        raise ConfigError(f"train.loss = 'chunked' cannot be used here: {why}; use train.loss = 'auto' or 'plain'")
-    return chunked if usable else plain
+    return token_loss_sum
 
 
 EVAL_PROGRESS_SECONDS = 30.0  # a long evaluation says how far it is at most this often
@@ -279,6 +297,7 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
         raise ConfigError("--overwrite deletes the checkpoints that checkpoint.resume would continue from; use one")
     dist = parallel.init_distributed(cfg.device, cfg.parallel)
     device = dist.device
+    check_compile_layout(cfg.train.compile, dist)
     fp8.check_config(cfg.fp8, device, cfg.lora.quantize)  # refuse GPUs without FP8 matrix cores before any work
     qat.check_config(cfg.qat, cfg.lora.enabled, cfg.fp8.enabled)
     output_dir = Path(cfg.output_dir)
@@ -357,7 +376,8 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
         except (ImportError, RuntimeError) as e:
             raise ConfigError(f"train.kernels = true: {e}") from None
     # tensor parallel -> (activation checkpointing) -> compile each block -> FSDP2 / HSDP; see docs/parallel.md
-    model = parallel.parallelize(model, dist, cfg.parallel, cfg.train.precision, compile=cfg.train.compile)
+    model = parallel.parallelize(model, dist, cfg.parallel, cfg.train.precision,
+                                 compile=cfg.train.compile == "blocks")
     if sharded_load:
         parallel.load_sharded(model, cfg.model.path, device, offload=cfg.parallel.cpu_offload)
     use_autocast = cfg.train.precision == "amp-bf16" and dist.fsdp_size == 1  # else FSDP2 gathers bf16 parameters
@@ -371,7 +391,7 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
         train_loader, eval_loader = cp.wrap(train_loader), cp.wrap(eval_loader)
     # with parallel.cpu_offload the parameters, gradients and AdamW states live in host memory: the step runs there
     optimizer = build_optimizer(model, cfg.optim, torch.device("cpu") if cfg.parallel.cpu_offload else device)
-    token_loss_sum = choose_loss(model, cfg.train.loss, dist, cp)
+    token_loss_sum = choose_loss(model, cfg.train.loss, dist, cp, compile_model=cfg.train.compile == "model")
 
     # ---- resume: model, optimizer, data position, RNG states and step, exactly
     step, epoch = 0, 0
