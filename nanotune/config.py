@@ -141,6 +141,9 @@ class Fp8Config:
     # module-name suffixes kept in high precision: the LM head and MoE routers
     skip: list = field(default_factory=lambda: ["lm_head", "gate", "shared_expert_gate"])
     min_dim: int = 1024  # linears with a smaller input or output dimension stay in high precision (0: all eligible)
+    # FSDP2 all-gathers the FP8 layers' weights in e4m3 (1 byte per element) with the whole weight's scale, instead of
+    # in the parameter dtype; tensorwise only, several processes with parallel.dp_shard > 1; results are unchanged
+    fsdp_float8_all_gather: bool = False
 
 
 @dataclass

@@ -276,7 +276,8 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
         raise ConfigError("--overwrite deletes the checkpoints that checkpoint.resume would continue from; use one")
     dist = parallel.init_distributed(cfg.device, cfg.parallel)
     device = dist.device
-    fp8.check_config(cfg.fp8, device, cfg.lora.quantize)  # refuse GPUs without FP8 matrix cores before any work
+    # refuse GPUs without FP8 matrix cores, and an FP8 all-gather without FSDP2 sharding, before any work
+    fp8.check_config(cfg.fp8, device, cfg.lora.quantize, dist.layout["dp_shard"], cfg.lora.enabled and cfg.lora.dora)
     qat.check_config(cfg.qat, cfg.lora.enabled, cfg.fp8.enabled)
     output_dir = Path(cfg.output_dir)
     if args.dry_run:
@@ -353,6 +354,8 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
             log.info(f"Triton kernels: {len(apply_kernels(model))} modules swapped")
         except (ImportError, RuntimeError) as e:
             raise ConfigError(f"train.kernels = true: {e}") from None
+    if cfg.fp8.fsdp_float8_all_gather:  # before fully_shard: FSDP2 then gathers these weights in e4m3 (docs/fp8.md)
+        log.info(f"FP8 all-gather: FSDP2 gathers {fp8.gather_weights_in_float8(model)} weights in e4m3")
     # tensor parallel -> (activation checkpointing) -> compile each block -> FSDP2 / HSDP; see docs/parallel.md
     model = parallel.parallelize(model, dist, cfg.parallel, cfg.train.precision, compile=cfg.train.compile)
     if sharded_load:
