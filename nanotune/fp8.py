@@ -20,6 +20,10 @@ What stays in high precision: the parameters (the swap keeps the very same `weig
 dicts, optimizer states and checkpoints are exactly those of the plain model), the bias add, the LM head, MoE routers,
 stacked MoE experts, embeddings, norms and attention. Only the operands of the three products are FP8, and only for
 the duration of each product.
+
+Under FSDP2, `gather_weights_in_float8(model)` (before fully_shard) makes FSDP2 all-gather these layers' weights
+already cast to e4m3 with the whole weight's tensorwise scale, one byte per element; the products then use the
+gathered bytes as they are, so the results are bitwise those of gathering in high precision and casting after.
 """
 
 from __future__ import annotations
@@ -99,7 +103,8 @@ class _Float8Matmul(torch.autograd.Function):
     backward: dx (M, K) = dy (M, N) @ W^T (K, N)^T     grad x e4m3, contraction over N
               dW (N, K) = dy^T (N, M) @ x^T (K, M)^T   grad x e4m3, contraction over M (tokens)
     x and W are saved in high precision and cast again in the backward, along the backward's contraction dimension
-    (for rowwise scaling that is a different axis than in the forward).
+    (for rowwise scaling that is a different axis than in the forward). A weight FSDP2 gathered in FP8 (a
+    `Float8Weight`, tensorwise) is used as it came in both products: its one scale serves W and W^T alike.
     """
 
     @staticmethod
@@ -262,6 +267,14 @@ class Float8Weight(torch.Tensor):
 
     def float8(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._data.contiguous(), self._unscale
+
+    # what torch.compile needs to trace through the wrapper: its inner tensors and how to rebuild it
+    def __tensor_flatten__(self):
+        return ["_data", "_unscale"], self.dtype
+
+    @staticmethod
+    def __tensor_unflatten__(inner, dtype, outer_size, outer_stride):
+        return Float8Weight(inner["_data"], inner["_unscale"], dtype)
 
     # FSDP2 views the gathered buffer as the weight's shape and makes a Parameter of it; the backward transposes it
     VIEWS = {aten.detach.default, aten.alias.default, aten.as_strided.default, aten.t.default}

@@ -421,9 +421,32 @@ def test_a_run_in_one_process_refuses_the_float8_all_gather_before_any_work(run,
     assert not (tmp_path / "cache").exists()  # refused before the data was read
 
 
-def fsdp_fp8_llama(mesh, gather_in_fp8: bool, param_dtype):
-    """A tiny Llama, every linear but the LM head in tensorwise FP8, sharded by FSDP2 per layer; returns the model and
-    a list that each decoder layer's all-gather appends the bytes it sends to."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_weight_gathered_in_fp8_gives_bitwise_the_products_of_the_high_precision_weight(compiled):
+    """What FSDP2 hands the layer with the switch on: the weight's e4m3 bytes and tensorwise scale (a Float8Weight).
+    Output, input gradient and weight gradient are bitwise those of the same layer holding the high-precision weight
+    (tensorwise scales do not depend on the weight's layout, so the backward reuses the bytes, transposed); the weight
+    gradient has the high-precision dtype. torch.compile traces it without graph breaks (fullgraph)."""
+    plain = Float8Linear(nn.Linear(64, 48), "tensorwise")
+    gathered = Float8Linear(nn.Linear(64, 48), "tensorwise")
+    gathered.bias = plain.bias
+    gathered.weight = nn.Parameter(fp8.Float8Weight(*fp8.to_float8(plain.weight.detach(), E4M3, False), torch.float32))
+    x = torch.randn(2, 16, 64, requires_grad=True)
+    results = []
+    for layer in (plain, torch.compile(gathered, backend="aot_eager", fullgraph=True) if compiled else gathered):
+        y = layer(x)
+        y.square().sum().backward()
+        results.append((y.detach(), x.grad, layer.weight.grad))
+        x.grad = plain.bias.grad = None
+    (y_ref, dx_ref, dw_ref), (y, dx, dw) = results
+    assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref) and torch.equal(dw, dw_ref)
+    assert type(dw) is torch.Tensor and dw.dtype == torch.float32
+
+
+def fsdp_fp8_llama(folder, mesh, gather_in_fp8: bool, param_dtype, lora: bool):
+    """The tiny Llama in `folder`, every linear but the LM head in tensorwise FP8 (with LoRA: LoRA on each, the frozen base in FP8),
+    sharded by FSDP2 per layer; returns the model and a list that each decoder layer's all-gather appends the bytes it
+    sends to."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather
 
@@ -434,7 +457,13 @@ def fsdp_fp8_llama(mesh, gather_in_fp8: bool, param_dtype):
             sent.append(input_tensor.numel() * input_tensor.element_size())
             return super().__call__(output_tensor, input_tensor, group, async_op)
 
-    model = models.from_size("llama-tiny", vocab_size=96, device="cpu", seed=0)
+    model = models.from_pretrained(folder)
+    if lora:
+        torch.manual_seed(0)  # the adapters' A
+        apply_lora(model, "all-linear", rank=4, alpha=8)
+        for module in model.modules():  # non-zero B, so that the base's input gradient matters
+            if isinstance(module, LoRALinear):
+                nn.init.normal_(module.lora_B.weight, std=0.02)
     apply_fp8(model, "tensorwise", skip=["lm_head"], min_dim=0)
     if gather_in_fp8:
         assert fp8.gather_weights_in_float8(model) == 2 * 7
@@ -446,13 +475,13 @@ def fsdp_fp8_llama(mesh, gather_in_fp8: bool, param_dtype):
     return model, sent
 
 
-def compare_gathers(mesh, param_dtype) -> dict:
+def compare_gathers(folder, mesh, param_dtype, lora: bool = False) -> dict:
     """Two training steps of fsdp_fp8_llama gathering in the parameter dtype and in FP8 (run in every process):
     -> what the test checks, as plain values."""
-    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(mesh.get_rank()))
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(mesh.get_rank()))  # vocab 64
     runs = {}
     for gather_in_fp8 in (False, True):
-        model, sent = fsdp_fp8_llama(mesh, gather_in_fp8, param_dtype)
+        model, sent = fsdp_fp8_llama(folder, mesh, gather_in_fp8, param_dtype, lora)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         step_losses = []
         for _ in range(2):
@@ -468,7 +497,9 @@ def compare_gathers(mesh, param_dtype) -> dict:
     hp, f8 = runs[False], runs[True]
     differ = [k for k in hp["state"] if not (f8["state"][k].dtype == hp["state"][k].dtype
                                               and torch.equal(f8["state"][k], hp["state"][k]))]
-    return dict(losses=[hp["losses"], f8["losses"]], sent=[hp["sent"], f8["sent"]], types=[hp["types"], f8["types"]],
+    layer = models.from_pretrained(folder).model.layers[0]
+    fp8_elements = sum(m.weight.numel() for m in layer.modules() if type(m) is nn.Linear)  # the 7 projections
+    return dict(fp8_elements_per_layer=fp8_elements, losses=[hp["losses"], f8["losses"]], sent=[hp["sent"], f8["sent"]], types=[hp["types"], f8["types"]],
                 keys_equal=hp["state"].keys() == f8["state"].keys(), differ=differ)
 
 
@@ -492,7 +523,7 @@ def float8_all_gather_runs(tmp_path_factory):
             base_argv(tmp, tmp / "llama", outs["resumed"]) + common + on +
             [f"--checkpoint.resume={outs['fp8_gather'] / 'step-1'}"]]
     spec = tmp / "spec.json"
-    spec.write_text(json.dumps({"gathers": str(tmp / "gathers.json"), "runs": runs}))
+    spec.write_text(json.dumps({"model": str(tmp / "llama"), "gathers": str(tmp / "gathers.json"), "runs": runs}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(spec)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -510,7 +541,8 @@ def worker(spec_file: str) -> None:
     dist.init_process_group("gloo")
     spec = json.loads(Path(spec_file).read_text())
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    gathers = {name: compare_gathers(mesh, dtype) for name, dtype in (("fp32", None), ("bf16", torch.bfloat16))}
+    gathers = {name: compare_gathers(spec["model"], mesh, dtype, lora) for name, dtype, lora in
+               (("fp32", None, False), ("bf16-lora", torch.bfloat16, True))}
     if dist.get_rank() == 0:
         Path(spec["gathers"]).write_text(json.dumps(gathers))
     for argv in spec["runs"]:
@@ -519,25 +551,23 @@ def worker(spec_file: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("gather_dtype", ["fp32", "bf16"])
-def test_fsdp2_sends_fp8_weights_as_one_byte_per_element_and_computes_the_same(float8_all_gather_runs, gather_dtype):
-    """Two processes, two training steps of a sharded tiny Llama, gathering the FP8 layers' weights in fp32 (or bf16,
-    under a mixed-precision policy) and in e4m3. Every all-gather of a decoder layer sends exactly its FP8 weights'
+@pytest.mark.parametrize("case", ["fp32", "bf16-lora"])
+def test_fsdp2_sends_fp8_weights_as_one_byte_per_element_and_computes_the_same(float8_all_gather_runs, case):
+    """Two processes, two training steps of a sharded tiny Llama, gathering the FP8 layers' weights in fp32 (or, with
+    LoRA, the frozen FP8 base weights in bf16 under a mixed-precision policy) and in e4m3. Every all-gather of a decoder layer sends exactly its FP8 weights'
     elements x (bytes of the gather dtype - 1) fewer bytes, and nothing else changes. Losses, the updated weights and
     AdamW states are bitwise equal: the scale is the whole weight's (the max of the shards' amaxes, exact), so the
     gathered bytes are the very FP8 values the layer would cast the gathered weight to. Model and optimizer states
     are plain tensors: the wrapper never reaches a checkpoint."""
-    got = float8_all_gather_runs[0][gather_dtype]
+    got = float8_all_gather_runs[0][case]
     (losses_hp, losses_fp8), (sent_hp, sent_fp8) = got["losses"], got["sent"]
     assert losses_fp8 == losses_hp
     assert got["keys_equal"] and got["differ"] == []
     assert got["types"] == [["Tensor"], ["Tensor"]]
-    layer = models.from_size("llama-tiny", vocab_size=96, device="meta").model.layers[0]
-    fp8_elements = sum(m.weight.numel() for m in layer.modules() if type(m) is nn.Linear)  # the 7 projections
-    gather_bytes = {"fp32": 4, "bf16": 2}[gather_dtype]
+    gather_bytes = {"fp32": 4, "bf16-lora": 2}[case]
     assert len(sent_fp8) == len(sent_hp) >= 2 * 2 * 2  # 2 layers x (forward + backward) x 2 steps
     for hp, f8 in zip(sent_hp, sent_fp8):
-        assert hp - f8 == fp8_elements * (gather_bytes - 1) // 2  # each process sends its half of every weight
+        assert hp - f8 == got["fp8_elements_per_layer"] * (gather_bytes - 1) // 2  # each process sends half of each
 
 
 def state_tensors(step_dir: Path) -> dict:
