@@ -5,7 +5,7 @@ the device has finished everything queued before it: a host-device sync, which o
 prepares the next work. Every such read runs `aten._local_scalar_dense`; a TorchDispatchMode counts the ones that
 nanotune's own code asks for (the loop, the loss, the parallel helpers), during real trainer runs on the CPU, and
 attributes them to optimizer steps with torch's global optimizer step hook. (`tolist()` does not go through that op:
-the code under test does not use it.) Reads made inside torch (the optimizer's step counter lives on the host) and
+the loop uses it only after an `.item()` has found a non-finite step, to word the error.) Reads made inside torch (the optimizer's step counter lives on the host) and
 by the data loader (host memory) are not host-device syncs and are not counted; reads in a model's forward are the
 model files' business and are counted separately (tests for the models' compile-clean forward cover them).
 """
