@@ -89,7 +89,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     eval_every: int = 0  # steps between evaluations (0: only at the end)
     eval_batches: int = 0  # micro-batches per evaluation and process (0: the whole eval split)
-    nonfinite: str = "error"  # error | skip: what a non-finite loss or gradient norm does
+    # error (stop at the next logging step, eval or checkpoint, naming the first non-finite step) | skip (skip that
+    # step: reads one flag from the device per step): what a non-finite loss or gradient norm does
+    nonfinite: str = "error"
     max_skipped_steps: int = 10  # with nonfinite = "skip": stop with an error after this many skipped steps in a row
     # fp32 | bf16 (bf16 parameters, gradients and AdamW states; LoRA adapters stay fp32) | amp-bf16 (fp32 parameters
     # and AdamW states, bf16 compute)
@@ -147,6 +149,9 @@ class Fp8Config:
     # module-name suffixes kept in high precision: the LM head and MoE routers
     skip: list = field(default_factory=lambda: ["lm_head", "gate", "shared_expert_gate"])
     min_dim: int = 1024  # linears with a smaller input or output dimension stay in high precision (0: all eligible)
+    # FSDP2 all-gathers the FP8 layers' weights in e4m3 (1 byte per element) with the whole weight's scale, instead of
+    # in the parameter dtype; tensorwise only, several processes with parallel.dp_shard > 1; results are unchanged
+    fsdp_float8_all_gather: bool = False
 
 
 @dataclass
@@ -169,7 +174,9 @@ class AttentionConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 0  # steps between checkpoints (0: none by step count; see every_minutes; always on SIGTERM / SIGINT)
-    every_minutes: float = 30.0  # also a checkpoint after this much wall-clock time since the last one (0: off)
+    # also a checkpoint after this much wall-clock time since the last one (0: off); with several processes, at the
+    # first logging step after that time
+    every_minutes: float = 30.0
     keep: int = 2  # keep the newest K step-N checkpoints (0: keep all)
     resume: str = ""  # "" | auto (newest step-N in output_dir) | a path to a step-N folder
     save_final: bool = True  # write <output_dir>/final in HF format
@@ -177,7 +184,9 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    every: int = 1  # steps between progress lines
+    # steps between progress lines; the loop reads loss and gradient norm back from the device only then, and with
+    # several processes agrees on a stop request (SIGTERM / SIGINT) and checkpoint.every_minutes only then
+    every: int = 1
     tensorboard: bool = False  # also write TensorBoard event files to <output_dir>/tensorboard (needs tensorboard)
     wandb: bool = False  # also log to Weights & Biases (needs wandb and a login)
     wandb_project: str = "nanotune"  # the W&B project the run is logged under

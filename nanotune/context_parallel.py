@@ -196,6 +196,7 @@ def split_batch(batch: dict, cp: int, rank: int) -> dict:
         "packed": False,
         "num_trainable_tokens": int((local_labels != IGNORE_INDEX).sum()),
         "attention_mask": real[:, query_index],
+        "num_tokens": int(real[:, query_index].sum()),
         "context_parallel": RowSplit(document_ids, query_index, key_index, int(real.sum())),
     }
 

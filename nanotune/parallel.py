@@ -297,20 +297,23 @@ def shard_lora_linear(module: nn.Module, mesh, style: str) -> None:
     distribute_module(module, mesh, input_fn=input_fn, output_fn=output_fn)  # the rest (A or B, b) replicated
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float, info: DistInfo) -> float:
-    """Scale the gradients so that their global 2-norm is at most max_norm; returns the norm before clipping.
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float, info: DistInfo) -> torch.Tensor:
+    """Scale the gradients so that their global 2-norm is at most max_norm; returns the norm before clipping as a ()
+    tensor on the device, not read back (the caller reads it when it logs: no host-device sync here).
     Under tensor parallelism the parameters are plain tensors and DTensors on different meshes (split weights beside
     replicated norms), which torch's clip_grad_norm_ cannot mix: each gradient's norm is reduced over its own mesh."""
     if info.layout["tp"] == 1:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     grads = [p.grad for p in params if p.grad is not None]
     norms = [torch.linalg.vector_norm(g) for g in grads]
     norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]  # () each, whole over its mesh
-    total = float(torch.linalg.vector_norm(torch.stack(norms).float())) if norms else 0.0
-    scale = min(1.0, max_norm / (total + 1e-6))  # a non-finite norm is returned as is: the caller skips or stops
+    if not norms:
+        return torch.zeros((), device=info.device)
+    total = torch.linalg.vector_norm(torch.stack(norms).float())
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)  # a non-finite norm is returned as is: the caller skips or stops
     for g in grads:
-        g.mul_(scale)
+        g.mul_(scale.to(g.dtype))
     return total
 
 
@@ -618,6 +621,18 @@ def all_reduce_sum(value: float | int, info: DistInfo) -> float:
     t = torch.tensor(float(value), dtype=torch.float64, device=info.device)
     dist.all_reduce(t)
     return t.item()
+
+
+def all_reduce_sum_on_device(value: torch.Tensor | float, info: DistInfo) -> torch.Tensor:
+    """The sum over all processes as an fp64 tensor on the device, not read back: no host-device sync. A host number
+    becomes a tensor by a fill on the device (no copy from host memory, which would wait for the device)."""
+    if not isinstance(value, torch.Tensor):
+        value = torch.full((), float(value), dtype=torch.float64, device=info.device)
+    value = value.to(torch.float64)
+    if info.enabled:
+        value = value.clone()  # all_reduce works in place
+        dist.all_reduce(value)
+    return value
 
 
 def broadcast_from_main(value: int, info: DistInfo) -> int:

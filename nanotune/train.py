@@ -249,6 +249,14 @@ def choose_loss(model, setting: str, dist, cp=None, compile_model: bool = False)
     return token_loss_sum
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A micro-batch's tensors on the device. On CUDA they are copied from pinned host memory with non_blocking=True:
+    the host queues the copy and goes on, instead of waiting for the device to finish the work queued before it."""
+    pinned = device.type == "cuda"
+    return {k: (v.pin_memory() if pinned else v).to(device, non_blocking=pinned) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
 EVAL_PROGRESS_SECONDS = 30.0  # a long evaluation says how far it is at most this often
 
 
@@ -256,20 +264,20 @@ def evaluate(model, loader, max_batches: int, device, autocast, token_loss_sum, 
     model.eval()
     loader.rewind()  # from the first eval batch, also after an earlier pass stopped at max_batches
     num_batches = min(len(loader), max_batches) if max_batches else len(loader)
-    loss_sum = tokens = 0.0
+    loss_sum, tokens = torch.zeros((), dtype=torch.float64, device=device), 0  # summed on the device, read once
     last_report = time.monotonic()
     with torch.no_grad():
         for i, batch in enumerate(loader):
             if max_batches and i >= max_batches:
                 break
             with autocast():
-                loss_sum += token_loss_sum(model, batch, device).item()
+                loss_sum += token_loss_sum(model, to_device(batch, device), device).double()
             tokens += batch["num_trainable_tokens"]
             if time.monotonic() - last_report >= EVAL_PROGRESS_SECONDS and i + 1 < num_batches:
                 log.info(f"eval at step {step}: {i + 1}/{num_batches} batches")
                 last_report = time.monotonic()
     model.train()
-    return {"loss_sum": loss_sum, "tokens": tokens}
+    return {"loss_sum": loss_sum.item(), "tokens": tokens}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,7 +306,8 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
     dist = parallel.init_distributed(cfg.device, cfg.parallel)
     device = dist.device
     check_compile_layout(cfg.train.compile, dist)
-    fp8.check_config(cfg.fp8, device, cfg.lora.quantize)  # refuse GPUs without FP8 matrix cores before any work
+    # refuse GPUs without FP8 matrix cores, and an FP8 all-gather without FSDP2 sharding, before any work
+    fp8.check_config(cfg.fp8, device, cfg.lora.quantize, dist.layout["dp_shard"], cfg.lora.enabled and cfg.lora.dora)
     qat.check_config(cfg.qat, cfg.lora.enabled, cfg.fp8.enabled)
     output_dir = Path(cfg.output_dir)
     if args.dry_run:
@@ -375,6 +384,8 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
             log.info(f"Triton kernels: {len(apply_kernels(model))} modules swapped")
         except (ImportError, RuntimeError) as e:
             raise ConfigError(f"train.kernels = true: {e}") from None
+    if cfg.fp8.fsdp_float8_all_gather:  # before fully_shard: FSDP2 then gathers these weights in e4m3 (docs/fp8.md)
+        log.info(f"FP8 all-gather: FSDP2 gathers {fp8.gather_weights_in_float8(model)} weights in e4m3")
     # tensor parallel -> (activation checkpointing) -> compile each block -> FSDP2 / HSDP; see docs/parallel.md
     model = parallel.parallelize(model, dist, cfg.parallel, cfg.train.precision,
                                  compile=cfg.train.compile == "blocks")
@@ -425,15 +436,18 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
         log.info(f"saved checkpoint {path}")
         last_save = time.monotonic()
 
-    def checkpoint_due() -> bool:
+    def checkpoint_due(logging_step: bool) -> bool:
         """Every `checkpoint.every` steps, and every `checkpoint.every_minutes` of wall-clock time as rank 0's clock
-        says (broadcast, so that every rank saves at the same step)."""
+        says. With several processes the clock is broadcast on logging steps only (a collective read back on the host
+        would make every step wait for the device), so that every rank saves at the same step."""
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             return True
         if not cfg.checkpoint.every_minutes:
             return False
-        return bool(parallel.broadcast_from_main(time.monotonic() - last_save >= 60 * cfg.checkpoint.every_minutes,
-                                                 dist))
+        late = time.monotonic() - last_save >= 60 * cfg.checkpoint.every_minutes
+        if not dist.enabled:
+            return late
+        return logging_step and bool(parallel.broadcast_from_main(late, dist))
 
     def micro_batches():
         """Endless stream of micro-batches, epoch after epoch, reshuffled each epoch."""
@@ -449,22 +463,37 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
         log.info(f"eval at step {step}: loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f}")
         logger.write({"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))})
 
-    # ---- the loop
+    # ---- the loop. The host queues work and runs ahead of the device: it reads a value back (a sync: it waits for
+    # the device to finish everything queued) only on logging steps, for evaluations and checkpoints, and with
+    # train.nonfinite = "skip" once per step. Loss, gradient norm and the non-finite check stay on the device between.
     model.train()
     stream = micro_batches()
     timer, run_start, start_step = metrics.Timer(), time.perf_counter(), step
-    loss_window, tokens_window = [], 0
+    window_loss, window_steps, window_tokens = torch.zeros((), dtype=torch.float64, device=device), 0, 0
+    # train.nonfinite = "error": (step, loss, gradient norm) of the first non-finite step, step 0 while there is none
+    first_nonfinite = torch.zeros(3, dtype=torch.float64, device=device)
     num_skipped = 0  # consecutive steps skipped for a non-finite loss or gradient norm
+
+    def check_finite():
+        """Stop at the first non-finite step (read here, before anything is logged, evaluated or saved after it)."""
+        if first_nonfinite[0].item():
+            bad_step, bad_loss, bad_norm = first_nonfinite.tolist()
+            raise FloatingPointError(
+                f"step {int(bad_step)}: loss {bad_loss} / gradient norm {bad_norm} is not finite; no checkpoint was "
+                "written for this step or after it. Lower optim.lr, check the data, or set train.nonfinite = 'skip'")
+
     while step < total_steps:
         lr = lr_at(step, total_steps, cfg.optim)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batches = [next(stream) for _ in range(accum)]
+        # the step's micro-batches, collated now and their copies queued at once (pinned, non-blocking on CUDA)
+        batches = [to_device(next(stream), device) for _ in range(accum)]
         qat.update(model, cfg.qat, step)  # fake quantisation from step qat.start_step on
         # divide by trainable tokens in the whole step (all micro-batches, all ranks) so that the loss and gradients
         # do not depend on micro-batch size, accumulation steps or world size
-        step_tokens = parallel.all_reduce_sum(sum(b["num_trainable_tokens"] for b in batches), dist)
-        loss_sum = aux_sum = torch.zeros((), device=device)  # summed on the device: one host sync per step
+        step_tokens = parallel.all_reduce_sum_on_device(sum(b["num_trainable_tokens"] for b in batches), dist)
+        denominator = step_tokens.clamp(min=1.0).float()  # () on the device
+        loss_sum = aux_sum = torch.zeros((), device=device)  # summed on the device
         for i, batch in enumerate(batches):
             if dist.fsdp_size > 1:  # FSDP2 reduces gradients once, after the last micro-batch
                 model.set_requires_gradient_sync(i == accum - 1)
@@ -472,23 +501,19 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
                 loss_i = token_loss_sum(model, batch, device)  # summed over this micro-batch's trained tokens
                 # FSDP averages gradients over dp (and cp) ranks: scale by world_size (step_tokens counts each
                 # tensor-parallel group's tokens tp times; cp ranks count only their own) to get the sum over all ranks
-                objective = loss_i * dist.world_size / max(step_tokens, 1.0)
+                objective = loss_i * dist.world_size / denominator
                 aux = getattr(model, "aux_loss", None)  # MoE load balancing, already times router_aux_loss_coef
                 if aux is not None:
                     objective = objective + aux / accum  # a mean over the step's micro-batches (and ranks, by FSDP)
                     aux_sum = aux_sum + aux.detach() / accum
             objective.backward()
             loss_sum = loss_sum + loss_i.detach()
-        loss = parallel.all_reduce_sum(loss_sum.item(), dist) / max(step_tokens, 1.0)
+        step_loss = parallel.all_reduce_sum_on_device(loss_sum, dist) / step_tokens.clamp(min=1.0)  # () fp64
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
         grad_norm = parallel.clip_grad_norm([p for p in model.parameters() if p.requires_grad], max_norm, dist)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)  # the same on every rank: both are global
+        if cfg.train.nonfinite == "skip" and not finite.item():  # skipping needs the answer now: a read per step
             optimizer.zero_grad(set_to_none=True)
-            if cfg.train.nonfinite == "error":
-                raise FloatingPointError(
-                    f"step {step + 1}: loss {loss} / gradient norm {grad_norm} is not finite; no checkpoint was "
-                    "written for this step. Lower optim.lr, check the data, or set train.nonfinite = 'skip'"
-                )
             log.warning(f"step {step + 1}: non-finite loss or gradient norm, step skipped")
             num_skipped += 1
             if num_skipped >= cfg.train.max_skipped_steps:  # the model is not training any more: no final/ of it
@@ -500,15 +525,23 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
             num_skipped = 0
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if cfg.train.nonfinite == "error":  # a non-finite step is remembered here and stops the run in check_finite
+                this_step = torch.stack([torch.full_like(step_loss, step + 1), step_loss, grad_norm.double()])
+                first_nonfinite = torch.where(~finite & (first_nonfinite[0] == 0), this_step, first_nonfinite)
         step += 1
 
-        loss_window.append(loss)
-        tokens_window += sum(int(b["attention_mask"].sum()) for b in batches) * dist.fsdp_size  # real, not padding
-        signalled = parallel.all_reduce_sum(stop.signal is not None, dist) > 0  # every rank stops at the same step
-        if step % cfg.logging.every == 0 or step == total_steps or signalled:  # a stopped run logs its last steps
+        window_loss, window_steps = window_loss + step_loss, window_steps + 1
+        window_tokens += sum(b["num_tokens"] for b in batches) * dist.fsdp_size  # real tokens, not padding
+        logging_step = step % cfg.logging.every == 0 or step == total_steps
+        # a stop request (SIGTERM / SIGINT): at once in one process; with several, agreed on at logging steps, so
+        # that every rank stops at the same step without a collective read back on every step
+        signalled = stop.signal is not None if not dist.enabled else \
+            logging_step and parallel.all_reduce_sum(stop.signal is not None, dist) > 0
+        if logging_step or signalled:  # a stopped run logs its last steps
+            check_finite()
             elapsed = timer.lap()
-            tokens_per_s = tokens_window / elapsed
-            record = {"step": step, "loss": sum(loss_window) / len(loss_window), "lr": lr, "grad_norm": grad_norm,
+            tokens_per_s = window_tokens / elapsed
+            record = {"step": step, "loss": window_loss.item() / window_steps, "lr": lr, "grad_norm": grad_norm.item(),
                       "tokens_per_s": tokens_per_s, "epoch": epoch}
             if getattr(model, "aux_loss", None) is not None:
                 record["aux_loss"] = parallel.all_reduce_sum(aux_sum.item(), dist) / dist.world_size
@@ -520,11 +553,15 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
             record["eta_s"] = (time.perf_counter() - run_start) / done * (total_steps - step)
             log.info(metrics.format_progress(record, total_steps))
             logger.write(record)
-            loss_window, tokens_window = [], 0
+            window_loss, window_steps, window_tokens = torch.zeros_like(window_loss), 0, 0
         with timer.paused():  # evaluation and checkpoints do not count against tokens/s
-            if eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
+            eval_due = eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0
+            save_due = checkpoint_due(logging_step) or signalled
+            if eval_due or save_due:
+                check_finite()
+            if eval_due:
                 run_eval()
-            if checkpoint_due() or signalled:
+            if save_due:
                 save_checkpoint()
         if signalled:
             log.info(f"stopped by {stop.signal or 'a signal'} after step {step}; resume with --checkpoint.resume=auto")
@@ -533,6 +570,7 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
             return 0
 
     # ---- the end: last eval, final model in HF format
+    check_finite()
     if eval_loader is not None and not finished_before and not (cfg.train.eval_every and step % cfg.train.eval_every == 0):
         run_eval()  # the end of the run, unless the loop just evaluated this step
     if cfg.checkpoint.save_final:
