@@ -38,6 +38,9 @@ class ModelConfig:
     path: str = ""  # HF-format model folder (config.json + *.safetensors); empty: build `size` with random init
     size: str = ""  # a named size for random init (see models.SIZES), used when `path` is empty
     tokenizer: str = ""  # folder or tokenizer.json; default: the model folder
+    # config.json fields to change, e.g. {max_position_embeddings = 32768, rope_scaling = {rope_type = "yarn",
+    # factor = 4.0, original_max_position_embeddings = 8192}}; saved in final/config.json (docs/long-context.md)
+    overrides: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -99,9 +99,10 @@ def build_model(cfg: Config, vocab_size: int, device: torch.device, layout: dict
             raise ConfigError(str(e)) from None
     if cfg.model.path:
         model = models.from_pretrained(cfg.model.path, dtype=dtype, device=device, attn_implementation=attn,
-                                       prepare=prepare)
+                                       prepare=prepare, overrides=cfg.model.overrides)
     elif cfg.model.size:
-        model = models.from_size(cfg.model.size, vocab_size, dtype, device, attn, seed=cfg.seed)
+        model = models.from_size(cfg.model.size, vocab_size, dtype, device, attn, seed=cfg.seed,
+                                 overrides=cfg.model.overrides)
         prepare(model)
     else:
         raise ConfigError("set model.path (an HF model folder) or model.size (one of " + ", ".join(models.SIZES) + ")")
@@ -615,7 +616,7 @@ def save_final(model, cfg: Config, output_dir: Path, dist) -> None:
             return
         if cfg.lora.quantize and cfg.model.path:
             # merge into the original full-precision weights, not into dequantised NF4 ones
-            lora.merge_adapter_into_base(Path(cfg.model.path), adapter, tmp)
+            lora.merge_adapter_into_base(Path(cfg.model.path), adapter, tmp, overrides=cfg.model.overrides)
             finish_final(output_dir, tokenizer_source)
             parallel.barrier(dist)
             return
