@@ -103,7 +103,12 @@ class TrainConfig:
     # (recompute each decoder layer in the backward) | every_k (full recompute of every k-th layer)
     activation_checkpointing: str = "none"
     activation_checkpointing_k: int = 2  # every_k: layers 0, k, 2k, ... are recomputed fully
-    activation_offload: bool = False  # keep saved activations in host memory between forward and backward
+    # keep saved activations in host memory between forward and backward: overlap (copies on a side CUDA stream, back
+    # a layer ahead of the backward; true means this) | sync (torch's save_on_cpu: every copy waits) | false
+    activation_offload: bool | str = False
+    tiled_mlp: bool = False  # each decoder layer's MLP over tiles of tiled_mlp_tile tokens, recomputed in the backward
+    tiled_mlp_tile: int = 4096  # tokens per MLP tile (of the micro-batch's rows flattened): its activation memory
+    layer_offload: bool = False  # LoRA / QLoRA: frozen layer weights in host memory, on the device a layer ahead
     # none | blocks (torch.compile each decoder block) | model (the whole forward and loss of one process, one graph);
     # the old true / false still mean blocks / none
     compile: str | bool = "none"
