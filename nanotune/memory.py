@@ -20,6 +20,7 @@ plain computation.
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import torch.nn as nn
@@ -48,12 +49,16 @@ class _TiledMLPFunction(torch.autograd.Function):
         ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
         ctx.save_for_backward(x, *[t for t in per_token if t is not None])
         ctx.per_token_is_none = [t is None for t in per_token]
-        pieces, sums = [], None
+        result = sums = None
         for start in range(0, x.shape[1], tile):
             out = _as_tuple(run(x[:, start:start + tile], *_cut(per_token, start, tile)))
-            pieces.append(out[0])
-            sums = list(out[1:]) if sums is None else [s + o for s, o in zip(sums, out[1:])]
-        return (torch.cat(pieces, dim=1), *sums)
+            if result is None:  # (1, N, D_out), filled tile by tile (no list of pieces and a copy of them all)
+                result = out[0].new_empty((1, x.shape[1], *out[0].shape[2:]))
+                sums = list(out[1:])
+            else:
+                sums = [s.add_(o) for s, o in zip(sums, out[1:])]
+            result[:, start:start + tile] = out[0]
+        return (result, *sums)
 
     @staticmethod
     def backward(ctx, grad_out, *grad_sums):
@@ -81,7 +86,7 @@ class _TiledMLPFunction(torch.autograd.Function):
                 if grad_x is not None:
                     grad_x[:, start:start + ctx.tile] = grads[0] if grads[0] is not None else 0
                     grads = grads[1:]
-                grad_params = [a if b is None else (b if a is None else a + b) for a, b in zip(grad_params, grads)]
+                grad_params = [a if b is None else (b if a is None else a.add_(b)) for a, b in zip(grad_params, grads)]
         return (None, None, None, grad_x, *([None] * ctx.num_per_token), *grad_params)
 
 
@@ -179,6 +184,7 @@ class ActivationOffload:
         self.saved: list[_Offloaded] = []  # a handle is an index into it
         self.by_layer: dict[int, list[_Offloaded]] = {}
         self.fetched: set[int] = set()
+        self.by_storage: dict[tuple, tuple] = {}  # (storage, offset, shape, stride, dtype, version) -> (its ref, handle)
 
     def _enter_layer(self, index: int, module, args) -> None:
         self.layer = index
@@ -192,6 +198,11 @@ class ActivationOffload:
         if (t.device.type != self.device.type or t.numel() * t.element_size() < self.min_bytes
                 or isinstance(t, nn.Parameter) or t.untyped_storage().data_ptr() in self.parameters):
             return t  # kept as it is: small, already in host memory, or a weight that stays on the device anyway
+        # the same tensor saved by several ops (a layer input feeds q, k and v) is copied once
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, t._version)
+        earlier = self.by_storage.get(key)
+        if earlier is not None and earlier[0]() is not None:  # the storage it was copied from is still alive
+            return earlier[1]
         entry = _Offloaded(self.layer, t.device)
         if self.stream is None:
             entry.host = t.detach().clone()
@@ -203,6 +214,7 @@ class ActivationOffload:
             t.record_stream(self.stream)
         self.saved.append(entry)
         self.by_layer.setdefault(self.layer, []).append(entry)
+        self.by_storage[key] = (weakref.ref(t.untyped_storage()), len(self.saved) - 1)
         return len(self.saved) - 1
 
     def _unpack(self, handle):
@@ -211,10 +223,14 @@ class ActivationOffload:
         entry = self.saved[handle]
         self._fetch_layer(entry.layer)  # this layer's tensors, if the backward of the layer after it has not
         self._fetch_layer(entry.layer - 1)  # and the previous layer's, ahead of its backward
-        if entry.on_device is None:  # handed out before (a graph kept for a second backward): fetch it again
+        handed = entry.handed() if entry.handed is not None else None
+        if handed is not None:  # saved by several ops: the copy one of them got is still in use
+            return handed
+        if entry.on_device is None:  # handed out and freed (a graph kept for a second backward): fetch it again
             self._fetch(entry)
         t, arrived = entry.on_device, entry.arrived
         entry.on_device = entry.arrived = None  # from here on autograd holds it, and frees it after its use
+        entry.handed = weakref.ref(t)
         if arrived is not None:
             compute = torch.cuda.current_stream(t.device)
             compute.wait_event(arrived)
@@ -249,6 +265,7 @@ class _Offloaded:
         self.host: torch.Tensor | None = None
         self.on_device: torch.Tensor | None = None
         self.arrived = None  # CUDA event, recorded on the side stream after the copy back
+        self.handed = None  # weak reference to the device copy autograd got
 
 
 # ---------------------------------------------------------------------------------------------- layer offload

@@ -27,13 +27,16 @@ FAMILIES = {
 }
 
 
-def tiny_model(family: str, seed: int = 0):
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]  # on a GPU: the side streams and pinned memory
+
+
+def tiny_model(family: str, seed: int = 0, device: str = "cpu"):
     config = models.config_from_hf({**FAMILIES[family], "vocab_size": VOCAB})
     model = models.build_model(config, "meta")
     model.to_empty(device="cpu")
     model.tie_weights()
     model.init_weights(torch.Generator().manual_seed(seed))
-    return model.train()
+    return model.to(device).train()
 
 
 def loss_and_grads(model, ids, mask=None):
@@ -119,13 +122,13 @@ def test_tiled_mlp_is_the_plain_mlp_when_one_tile_holds_every_token():
         assert torch.allclose(model(ids), tiled, atol=1e-6)  # the forward in tiles, without a backward
 
 
-def lora_model(family: str = "llama"):
+def lora_model(family: str = "llama", device: str = "cpu"):
     model = tiny_model(family)
     lora.apply_lora(model, ["all-linear"], rank=4, alpha=8)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # B starts at zero: make the adapters change the output
             torch.nn.init.normal_(p, std=0.1)
-    return model
+    return model.to(device)
 
 
 class CountingOffload(ActivationOffload):
@@ -145,13 +148,14 @@ class CountingOffload(ActivationOffload):
         return super()._unpack(handle)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
-def test_activation_offload_changes_nothing(family):
+def test_activation_offload_changes_nothing(family, device):
     """Every saved activation goes to the host and comes back, a layer ahead: the same loss and gradients."""
-    model = lora_model(family)
-    ids = torch.randint(0, VOCAB, (2, 24))
+    model = lora_model(family, device)
+    ids = torch.randint(0, VOCAB, (2, 24), device=device)
     expected = loss_and_grads(model, ids)
-    offload = CountingOffload(model, torch.device("cpu"))
+    offload = CountingOffload(model, torch.device(device), min_bytes=0)
     for _ in range(2):  # a second step reuses the offloader
         with offload.saving():
             model.zero_grad(set_to_none=True)
@@ -167,15 +171,16 @@ def test_activation_offload_changes_nothing(family):
     assert layers_seen <= offload.fetched  # every layer's tensors were fetched back
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("checkpointing", ["none", "full"])
-def test_layer_offload_changes_nothing_and_keeps_two_layers_at_most(checkpointing):
-    model = lora_model("llama")
+def test_layer_offload_changes_nothing_and_keeps_two_layers_at_most(checkpointing, device):
+    model = lora_model("llama", device)
     model.config.num_hidden_layers = 3
     model.model.layers.append(copy.deepcopy(model.model.layers[0]))  # three layers: eviction happens
     model.activation_checkpointing = checkpointing
-    ids = torch.randint(0, VOCAB, (2, 16))
+    ids = torch.randint(0, VOCAB, (2, 16), device=device)
     expected = loss_and_grads(model, ids)
-    offload = LayerOffload(model, torch.device("cpu"))
+    offload = LayerOffload(model, torch.device(device))
     frozen = model.model.layers[1].self_attn.q_proj.weight
     assert frozen.untyped_storage().nbytes() == 0  # freed until its layer runs
     assert offload.bytes_offloaded() > 0
