@@ -107,8 +107,15 @@ def apply_overrides(hf: dict, overrides: dict, known_keys) -> dict:
             raise ValueError(f"model.overrides.{key} = {value!r} does not fit config.json's {key} ({current!r}); "
                              "give a value of the same kind")
     merged = dict(hf)
+    nested = {"full_attention", "sliding_attention"} & set(hf.get("rope_parameters") or {})
+    if "rope_theta" in overrides and not ({"rope_scaling", "rope_parameters"} & set(overrides)):
+        if nested:
+            raise ValueError("model.overrides.rope_theta: this config.json has one rope per layer type "
+                             "(rope_parameters.full_attention / sliding_attention); override rope_parameters instead")
+        for spelling in ("rope_scaling", "rope_parameters"):  # a rope_theta inside the file's rope dict would win
+            if hf.get(spelling):
+                merged[spelling] = {**hf[spelling], "rope_theta": overrides["rope_theta"]}
     if "rope_scaling" in overrides or "rope_parameters" in overrides:
-        nested = {"full_attention", "sliding_attention"} & set(hf.get("rope_parameters") or {})
         if nested and "rope_parameters" not in overrides:
             raise ValueError("model.overrides.rope_scaling: this config.json has one rope per layer type "
                              "(rope_parameters.full_attention / sliding_attention); override rope_parameters with "

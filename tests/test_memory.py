@@ -224,3 +224,37 @@ def test_training_with_every_memory_switch_equals_plain_training(run):
 def test_memory_switches_refuse_what_they_cannot_do(run, change, message):
     with pytest.raises(ConfigError, match=message):
         run(*change)
+
+
+@pytest.mark.slow
+def test_layer_offload_is_refused_under_fsdp(run, tmp_path):
+    from tests.test_train import torchrun
+
+    config = run("--train.max_steps=1", "--checkpoint.save_final=false") / "config.toml"
+    result = torchrun(config, "--lora.enabled=true", "--train.layer_offload=true", f"--output_dir={tmp_path / 'd'}",
+                      expect_ok=False)
+    assert result.returncode != 0
+    assert "train.layer_offload = true runs in one process (this run has 2)" in result.stderr + result.stdout
+
+
+def test_layer_offload_with_qlora_changes_nothing():
+    """NF4 weights (packed uint8, their scales beside them) leave and come back like any frozen tensor."""
+    pytest.importorskip("bitsandbytes")
+    from nanotune.qlora import quantize_nf4
+
+    model = tiny_model("llama")
+    quantize_nf4(model, compute_dtype=torch.float32, device="cpu")
+    lora.apply_lora(model, ["all-linear"], rank=4, alpha=8)
+    for module in model.modules():
+        if hasattr(module, "materialize_after_load") and any(p.is_meta for p in module.parameters()):
+            module.materialize_after_load("cpu")
+    for name, p in model.named_parameters():
+        p.requires_grad = ".lora_" in name
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    ids = torch.randint(0, VOCAB, (2, 16))
+    expected = loss_and_grads(model, ids)
+    offload = LayerOffload(model, torch.device("cpu"))
+    packed = model.model.layers[0].mlp.up_proj.weight
+    assert packed.dtype == torch.uint8 and packed.untyped_storage().nbytes() == 0
+    assert_same(loss_and_grads(model, ids), expected, atol=1e-6)

@@ -49,17 +49,17 @@ def ids_around_original():
     return [torch.randint(0, VOCAB, (2, ORIGINAL - 4)), torch.randint(0, VOCAB, (2, 3 * ORIGINAL))]
 
 
-@pytest.mark.parametrize("spelling", ["transformers5", "transformers4"])
 @pytest.mark.parametrize("rope", sorted(ROPES))
-def test_llama_rope_scaling_logits_match_transformers(tmp_path, rope, spelling):
+def test_llama_rope_scaling_logits_match_transformers_in_both_spellings(tmp_path, rope):
     rope_parameters = {"rope_theta": THETA, **ROPES[rope]}
     reference = write_hf_checkpoint(tmp_path / "m", "llama", rope_parameters=rope_parameters, head_dim=HEAD_DIM)
-    if spelling == "transformers4":
-        classic_spelling(tmp_path / "m", ROPES[rope])
-    model = models.from_pretrained(tmp_path / "m")
-    assert model.config.rope_scaling["rope_type"] == ROPES[rope]["rope_type"]
-    for ids in ids_around_original():
-        assert max_logit_diff(model, reference, ids) <= 1e-4
+    for spelling in ("transformers5", "transformers4"):  # as saved (rope_parameters), then rope_theta + rope_scaling
+        if spelling == "transformers4":
+            classic_spelling(tmp_path / "m", ROPES[rope])
+        model = models.from_pretrained(tmp_path / "m")
+        assert model.config.rope_scaling["rope_type"] == ROPES[rope]["rope_type"]
+        for ids in ids_around_original():
+            assert max_logit_diff(model, reference, ids) <= 1e-4, spelling
 
 
 def test_rope_scaling_changes_the_logits(tmp_path):
@@ -106,6 +106,13 @@ def test_override_turns_a_plain_checkpoint_into_yarn_and_final_config_loads_in_t
     assert reference.config.rope_parameters["rope_type"] == "yarn"
     for ids in ids_around_original():
         assert max_logit_diff(model, reference.eval(), ids) <= 1e-4
+
+
+def test_rope_theta_override_wins_over_the_one_inside_rope_parameters(tmp_path):
+    write_hf_checkpoint(tmp_path / "m", "llama", rope_parameters={"rope_theta": THETA, **ROPES["yarn"]},
+                        head_dim=HEAD_DIM)
+    model = models.from_pretrained(tmp_path / "m", overrides={"rope_theta": 2 * THETA})
+    assert model.config.rope_theta == 2 * THETA and model.config.rope_scaling["rope_type"] == "yarn"
 
 
 @pytest.mark.parametrize(
