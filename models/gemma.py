@@ -205,7 +205,7 @@ class RotaryEmbedding(nn.Module):
         self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
         self.max_position_embeddings = max_position_embeddings
         self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
-        self.rope = None  # RopeFrequencies, set by materialize_after_load
+        self.rope = rope_frequencies(head_dim, theta, scaling, max_position_embeddings)  # on the construction device
 
     def materialize_after_load(self, device) -> None:
         """The frequencies are derived, not stored in checkpoints: compute them on the final device."""

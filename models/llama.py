@@ -94,7 +94,8 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.config = config
         self.register_buffer("inv_freq", torch.empty(config.head_dim // 2), persistent=False)
-        self.rope = None  # RopeFrequencies, set by materialize_after_load
+        self.rope = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling,
+                                     config.max_position_embeddings)  # on the device of construction (meta, often)
 
     def materialize_after_load(self, device) -> None:
         """The frequencies are derived, not stored in checkpoints: compute them on the final device."""
