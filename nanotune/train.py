@@ -374,6 +374,10 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
     sharded_load = parallel.loads_sharded(cfg, dist)
     on_meta = args.dry_run or sharded_load
     model = build_model(cfg, tokenizer.vocab_size, torch.device("meta") if on_meta else device, dist.layout)
+    if cfg.parallel.cp > 1 and (getattr(model.config, "rope_scaling", None) or {}).get("rope_type") == "longrope":
+        raise ConfigError("longrope picks its frequencies by the longest position of the whole batch, which a "
+                          "context-parallel process does not see; use parallel.cp = 1, or another rope_type "
+                          "(e.g. model.overrides.rope_scaling = {rope_type = \"yarn\", ...})")
     # FP8 / QAT swaps after the LoRA ones, before compile and sharding; the Parameters stay the same
     for name, swapped in [("FP8", fp8.apply_from_config(model, cfg.fp8)),
                           ("QAT", qat.apply_from_config(model, cfg.qat))]:

@@ -148,3 +148,18 @@ def test_training_run_saves_the_override_in_final_config(run):
     assert written["rope_parameters"] == {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
     assert written["max_position_embeddings"] == 2048
     assert models.from_pretrained(out / "final").config.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+
+
+@pytest.mark.slow
+def test_longrope_is_refused_under_context_parallelism(run, tmp_path):
+    """longrope picks its factors by the batch's longest position, which no context-parallel process sees whole."""
+    from tests.test_train import torchrun
+
+    config = run("--train.max_steps=1", "--checkpoint.save_final=false") / "config.toml"
+    factors = "[" + ", ".join(["1.0"] * 16) + "]"  # llama-tiny: head_dim 32
+    rope = ('{rope_scaling={rope_type="longrope", original_max_position_embeddings=32, '
+            f'short_factor={factors}, long_factor={factors}}}}}')
+    result = torchrun(config, "--parallel.cp=2", "--parallel.dp_shard=1", f"--model.overrides={rope}",
+                      f"--output_dir={tmp_path / 'cp'}", expect_ok=False)
+    assert result.returncode != 0
+    assert "longrope picks its frequencies by the longest position" in result.stderr + result.stdout
