@@ -184,7 +184,8 @@ class ActivationOffload:
         self.saved: list[_Offloaded] = []  # a handle is an index into it
         self.by_layer: dict[int, list[_Offloaded]] = {}
         self.fetched: set[int] = set()
-        self.by_storage: dict[tuple, tuple] = {}  # (storage, offset, shape, stride, dtype, version) -> (its ref, handle)
+        # (storage, offset, shape, stride, dtype, version) -> (a weak reference to the storage, handle)
+        self.by_storage: dict[tuple, tuple] = {}
 
     def _enter_layer(self, index: int, module, args) -> None:
         self.layer = index
@@ -289,8 +290,8 @@ class LayerOffload:
         self.layers: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per layer: (the storage's filler, host copy)
         for layer in model.model.layers:
             frozen = [t for t in [*layer.parameters(), *layer.buffers()] if not t.requires_grad and _owns_storage(t)]
-            self.layers.append([(_filler(t), t.detach().to("cpu", copy=True).pin_memory() if pin else t.detach().clone())
-                                for t in frozen])
+            host = [t.detach().to("cpu", copy=True).pin_memory() if pin else t.detach().clone() for t in frozen]
+            self.layers.append(list(zip(map(_filler, frozen), host)))
         self.arrived: dict[int, object] = {}  # layer -> CUDA event of its copy (None on CPU): resident or on its way
         self.hooks = []
         for i, layer in enumerate(model.model.layers):
@@ -316,7 +317,7 @@ class LayerOffload:
         return grad
 
     def _use(self, i: int, ahead: int | None) -> None:
-        """Layer i's weights on the device (waiting for their copy), `ahead`'s on their way, every other layer's freed."""
+        """Layer i's weights on the device (waiting for their copy), `ahead`'s on their way, other layers' freed."""
         keep = {i, ahead}
         for j in list(self.arrived):
             if j not in keep:
