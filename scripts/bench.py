@@ -143,12 +143,13 @@ class Batch:
     max_seqlen: int | None
     real_tokens: int  # non-padding tokens
     trained_tokens: int  # labels != -100
+    packed: bool = False  # rows hold several documents (what nanotune's loader says of its batches)
 
     def to(self, device) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.input_ids), move(self.hf_labels), move(self.attention_mask), move(self.labels),
                      move(self.position_ids), move(self.cu_seqlens), self.max_seqlen, self.real_tokens,
-                     self.trained_tokens)
+                     self.trained_tokens, self.packed)
 
 
 def dense_batches(w: Workload, vocab: int, n: int, seed: int) -> list[Batch]:
@@ -201,7 +202,7 @@ def packed_batch(b: dict) -> Batch:
     per_seg = torch.zeros(len(seg_len)).index_add_(0, seg_id, trained)
     num_docs = int((per_seg > 0).sum())  # a padding run has no trained label; a document (>= 2 tokens) has
     return Batch(b["input_ids"], b["input_ids"], None, b["labels"], b["position_ids"], b["cu_seqlens"],
-                 b["max_seqlen"], b["num_trainable_tokens"] + num_docs, b["num_trainable_tokens"])
+                 b["max_seqlen"], b["num_trainable_tokens"] + num_docs, b["num_trainable_tokens"], packed=True)
 
 
 def document_batches(w: Workload, vocab: int, n: int, seed: int) -> tuple[list[Batch], list[Batch], float]:
@@ -229,7 +230,8 @@ def packed_rows_of(batch: Batch) -> Batch:
         labels.append(lab)
         pos.append(torch.arange(n))
     ids, labels, pos = torch.cat(ids)[None], torch.cat(labels)[None], torch.cat(pos)[None]
-    return Batch(ids, ids, None, labels, pos, None, None, ids.numel(), int((labels != IGNORE_INDEX).sum()))
+    return Batch(ids, ids, None, labels, pos, None, None, ids.numel(), int((labels != IGNORE_INDEX).sum()),
+                 packed=True)
 
 
 # ------------------------------------------------------------------------------------------------- flops, mfu
@@ -521,10 +523,10 @@ def copy_weights(model: nn.Module, hf_sd: dict, dtype, device) -> None:
 
 
 def nanotune_loss_sum(model, b: Batch, args) -> torch.Tensor:
-    # packed (W7) batches carry cu_seqlens, dense ones none: the model is told, as the trainer's loader tells it, so
-    # that it does not inspect the device for document boundaries (a host sync every step)
+    # the model is told whether rows are packed, as the trainer's loader tells it, so that it does not inspect the
+    # device for document boundaries (a host sync every step)
     hidden = model(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen, return_hidden=True,
-                   packed=b.cu_seqlens is not None)  # (B, T, D)
+                   packed=b.packed)  # (B, T, D)
     softcap = getattr(model.config, "final_logit_softcapping", None)
     # None: the Triton chunk kernel on CUDA when triton is installed; under TRITON_INTERPRET=1 on CPU as well
     use_triton = (True if interpreting() else None) if args.kernels else False
@@ -584,8 +586,12 @@ def failure(e: Exception) -> str:
     return text[:300]
 
 
-def loss_tolerance(dtype, ref: float) -> float:
-    return 1e-3 if dtype == torch.float32 else 2e-2 + 1e-2 * abs(ref)
+def loss_tolerance(dtype, ref: float, mode: str = "full") -> float:
+    if dtype != torch.float32:
+        return 2e-2 + 1e-2 * abs(ref)
+    # QLoRA: the two sides hold different NF4 block scales (bitsandbytes double-quantises them to 8 bits, nanotune keeps
+    # them in bf16 so that they shard by rows under FSDP2): weights differ by a few 1e-3 relative, the loss by ~3e-3
+    return 1e-2 if mode == "qlora" else 1e-3
 
 
 def run_workload(w: Workload, args, device, dtype, have, records: list[dict]) -> None:
@@ -663,7 +669,7 @@ def summarize(workloads: list[Workload], records: list[dict], dtype) -> list[dic
         if nt and hf:
             ours = nt.get("check_loss", nt["first_loss"])
             s["loss_nanotune"], s["loss_hf"] = ours, hf["first_loss"]
-            s["loss_ok"] = abs(ours - hf["first_loss"]) <= loss_tolerance(dtype, hf["first_loss"])
+            s["loss_ok"] = abs(ours - hf["first_loss"]) <= loss_tolerance(dtype, hf["first_loss"], w.mode)
         s["target_met"] = target_met(w, s)
         out.append(s)
     return out
