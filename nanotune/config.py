@@ -38,6 +38,8 @@ class ModelConfig:
     path: str = ""  # HF-format model folder (config.json + *.safetensors); empty: build `size` with random init
     size: str = ""  # a named size for random init (see models.SIZES), used when `path` is empty
     tokenizer: str = ""  # folder or tokenizer.json; default: the model folder
+    router_aux_loss_coef: float = -1.0  # MoE: weight of the load-balancing loss (< 0: config.json's value)
+    router_z_loss_coef: float = 0.0  # MoE: weight of the router z-loss, mean logsumexp(router logits)^2 (0: off)
 
 
 @dataclass

@@ -534,6 +534,15 @@ def all_reduce_sum(value: float | int, info: DistInfo) -> float:
     return t.item()
 
 
+def all_reduce_tensor(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The sum of `t` over all processes (a new tensor; `t` itself unchanged)."""
+    if not info.enabled:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
 def broadcast_from_main(value: int, info: DistInfo) -> int:
     """Rank 0's value on every rank: for decisions all ranks must take together (e.g. a checkpoint on the clock)."""
     if not info.enabled:

@@ -89,6 +89,7 @@ def build_model(cfg: Config, vocab_size: int, device: torch.device, layout: dict
         raise ConfigError(str(e)) from None
 
     def prepare(model):  # LoRA's complaints (e.g. targets that match no module) are about the [lora] config
+        set_router_losses(model, cfg)
         if layout is not None:
             parallel.check_model_layout(layout, model.config, cfg.lora)
         if lora_prepare is None:
@@ -111,6 +112,19 @@ def build_model(cfg: Config, vocab_size: int, device: torch.device, layout: dict
             "use the model's own tokenizer (model.tokenizer)"
         )
     return model
+
+
+def set_router_losses(model, cfg: Config) -> None:
+    """The [model] router loss weights of a mixture-of-experts model (refused for a model without a router)."""
+    aux, z = cfg.model.router_aux_loss_coef, cfg.model.router_z_loss_coef
+    if not hasattr(model.config, "router_aux_loss_coef"):
+        if aux >= 0 or z:
+            raise ConfigError(f"model.router_aux_loss_coef / model.router_z_loss_coef apply to mixture-of-experts "
+                              f"models; {model.config.model_type} has no router: leave them out")
+        return
+    if aux >= 0:
+        model.config.router_aux_loss_coef = aux
+    model.config.router_z_loss_coef = z
 
 
 def check_config(cfg: Config) -> None:
@@ -141,6 +155,7 @@ def check_config(cfg: Config) -> None:
         ("train.max_skipped_steps", t.max_skipped_steps, 1),
         ("train.activation_checkpointing_k", t.activation_checkpointing_k, 1),
         ("optim.lr", o.lr, 0), ("optim.warmup_steps", o.warmup_steps, 0), ("optim.weight_decay", o.weight_decay, 0),
+        ("model.router_z_loss_coef", cfg.model.router_z_loss_coef, 0),
     ]:
         if value < least:
             raise ConfigError(f"{key} must be at least {least}, got {value}")
@@ -426,6 +441,7 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
     stream = micro_batches()
     timer, run_start, start_step = metrics.Timer(), time.perf_counter(), step
     loss_window, tokens_window = [], 0
+    expert_tokens = None  # MoE: tokens routed to each expert in the log window, summed on the device
     num_skipped = 0  # consecutive steps skipped for a non-finite loss or gradient norm
     while step < total_steps:
         lr = lr_at(step, total_steps, cfg.optim)
@@ -449,6 +465,9 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
                 if aux is not None:
                     objective = objective + aux / accum  # a mean over the step's micro-batches (and ranks, by FSDP)
                     aux_sum = aux_sum + aux.detach() / accum
+                routed = getattr(model, "tokens_per_expert", None)  # MoE: (sparse layers, E), read back when logged
+                if routed is not None:
+                    expert_tokens = routed if expert_tokens is None else expert_tokens + routed
             objective.backward()
             loss_sum = loss_sum + loss_i.detach()
         loss = parallel.all_reduce_sum(loss_sum.item(), dist) / max(step_tokens, 1.0)
@@ -484,6 +503,10 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
                       "tokens_per_s": tokens_per_s, "epoch": epoch}
             if getattr(model, "aux_loss", None) is not None:
                 record["aux_loss"] = parallel.all_reduce_sum(aux_sum.item(), dist) / dist.world_size
+            if expert_tokens is not None:  # per optimizer step, over all data-parallel processes
+                record.update(metrics.expert_load(parallel.all_reduce_tensor(expert_tokens, dist) * dist.dp_size
+                                                  / dist.world_size / len(loss_window)))
+                expert_tokens = None
             if peak:
                 record["mfu"] = flops_per_token * tokens_per_s / dist.world_size / peak
             if device.type == "cuda":
