@@ -317,9 +317,10 @@ class Experts(nn.Module):
     (nanotune/lora_experts.py) are subclasses swapped in from outside that change only it.
     """
 
-    def __init__(self, config: QwenMoeConfig):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
-        E, D, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        E, D, I = num_experts, hidden_size, intermediate_size
+        self.num_experts = E
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))  # per expert: [gate_proj; up_proj] weights
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
         # torch._grouped_mm or the padded-bmm fallback: decided once, by `choose_kernel`, when the weights are
@@ -353,7 +354,7 @@ class Experts(nn.Module):
         """x (N, D); each token's K chosen experts and their weights (N, K) -> sum_k weight * expert_k(x), (N, D)."""
         if self.use_grouped_mm is None:  # a module built by hand, not by the loader: decide now, once
             self.choose_kernel(x_ND.device)
-        order, token, counts = sort_by_expert(expert_NK, self.gate_up_proj.shape[0])  # (N*K,), (N*K,), (E,)
+        order, token, counts = sort_by_expert(expert_NK, self.num_experts)  # (N*K,), (N*K,), (E,)
         h = self.project("gate_up_proj", x_ND[token], counts)  # (N*K, 2I): rows permuted into expert order
         gate, up = h.chunk(2, dim=-1)
         h = self.project("down_proj", F.silu(gate) * up, counts)  # (N*K, D)
@@ -376,7 +377,7 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         self.config = config
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
-        self.experts = Experts(config)
+        self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
         if config.shared_expert_intermediate_size:
             self.shared_expert = MLP(config.hidden_size, config.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
@@ -560,10 +561,12 @@ class QwenMoeForCausalLM(nn.Module):
         for name, param in self.named_parameters(remove_duplicate=True):
             prefix, _, local = name.rpartition(".")
             if isinstance(self.get_submodule(prefix), Experts):
-                for expert in range(param.shape[0]):
+                E, out, inner = getattr(param, "hf_shape", param.shape)  # hf_shape: what a quantised tensor stands for
+                for expert in range(E):
                     for hf_local, (stacked, rows) in EXPERT_KEYS.items():
                         if stacked == local:
-                            shapes[f"{prefix}.{expert}.{hf_local}"] = tuple(param[expert, self._rows(rows)].shape)
+                            num_rows = len(range(out)[self._rows(rows)])
+                            shapes[f"{prefix}.{expert}.{hf_local}"] = (num_rows, inner)
             elif ".lora_" not in name:  # adapters are not in base checkpoints
                 shapes[name] = tuple(param.shape)
         if self.config.tie_word_embeddings:

@@ -130,6 +130,9 @@ class LoraConfig:
     dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output feature (Liu et al. 2024)
     modules_to_save: list = field(default_factory=list)  # e.g. ["embed_tokens", "lm_head"], trained in full
     quantize: str = ""  # "" | nf4 (QLoRA through bitsandbytes)
+    # MoE: stacked expert weights given per-expert adapters (PEFT's target_parameters): ["gate_up_proj", "down_proj"]
+    target_experts: list = field(default_factory=list)
+    quantize_experts: bool = False  # MoE: store the frozen stacked expert weights in NF4 (bitsandbytes)
     merge: bool = True  # write the merged model to <output_dir>/final
 
 

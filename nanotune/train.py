@@ -90,6 +90,9 @@ def build_model(cfg: Config, vocab_size: int, device: torch.device, layout: dict
 
     def prepare(model):  # LoRA's complaints (e.g. targets that match no module) are about the [lora] config
         set_router_losses(model, cfg)
+        if (cfg.lora.target_experts or cfg.lora.quantize_experts) and layout and math.prod(layout.values()) > 1:
+            raise ConfigError("lora.target_experts / lora.quantize_experts run in one process for now; train with "
+                              "one process or leave them out")
         if layout is not None:
             parallel.check_model_layout(layout, model.config, cfg.lora)
         if lora_prepare is None:
