@@ -573,7 +573,7 @@ def save_final(model, cfg: Config, output_dir: Path, dist) -> None:
         if not cfg.lora.merge:
             parallel.barrier(dist)
             return
-        if cfg.lora.quantize and cfg.model.path:
+        if (cfg.lora.quantize or cfg.lora.quantize_experts) and cfg.model.path:
             # merge into the original full-precision weights, not into dequantised NF4 ones
             lora.merge_adapter_into_base(Path(cfg.model.path), adapter, tmp)
             finish_final(output_dir, tokenizer_source)

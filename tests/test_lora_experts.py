@@ -116,7 +116,10 @@ def test_expert_options_peft_cannot_express_are_refused():
         FrozenExperts(Experts(2, 16, 16)).add_adapters(["up_proj"], 4, 8)
 
 
-def test_training_run_saves_expert_adapters_that_peft_loads_and_a_merged_final(tmp_path):
+@pytest.mark.parametrize("nf4", [False, True], ids=["bf16-experts", "nf4-experts"])
+def test_training_run_saves_expert_adapters_that_peft_loads_and_a_merged_final(tmp_path, nf4):
+    """With NF4 experts too: the adapter trained on them is merged into the original weights, so final/ is exactly
+    base + adapter as transformers + peft compute it."""
     from tests.test_train import QUICKSTART
     from nanotune import train
 
@@ -133,7 +136,8 @@ def test_training_run_saves_expert_adapters_that_peft_loads_and_a_merged_final(t
             "--data.eval_datasets=[]", "--data.seq_len=64", f"--data.cache_dir={tmp_path / 'cache'}",
             "--train.micro_batch_size=2", "--train.max_steps=3", "--train.eval_every=0", "--optim.lr=1e-2",
             "--logging.plot=false", "--lora.enabled=true", '--lora.targets=["q_proj"]',
-            '--lora.target_experts=["gate_up_proj", "down_proj"]', f"--output_dir={out}"]
+            '--lora.target_experts=["gate_up_proj", "down_proj"]', f"--output_dir={out}",
+            f"--lora.quantize_experts={str(nf4).lower()}"]
     assert train.main(argv) == 0
     ids = torch.randint(0, 64, (2, 12))
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "moe", experts_implementation="eager").eval()
