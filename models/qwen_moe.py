@@ -405,6 +405,15 @@ class SparseMoeBlock(nn.Module):
         return out.view(B, T, D), RouterStats(tokens, (probs * w_N[:, None]).sum(0), (z_N * w_N).sum())
 
 
+def _sum_over_group(stats: list[RouterStats], num_tokens, group, device):
+    """Routing statistics summed over a process group, differentiably (the backward sums the gradients back)."""
+    from torch.distributed.nn.functional import all_reduce
+
+    summed = [RouterStats(*(all_reduce(t, group=group) for t in s)) for s in stats]
+    count = all_reduce(torch.as_tensor(num_tokens, dtype=torch.float32, device=device).detach(), group=group)
+    return summed, count
+
+
 def load_balancing_loss(stats: list[RouterStats], num_tokens: torch.Tensor | float, num_experts: int) -> torch.Tensor:
     """E * sum_e f_e * P_e over all sparse layers together (transformers' `load_balancing_loss_func`).
 
@@ -483,6 +492,8 @@ class QwenMoeForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.aux_loss: torch.Tensor | None = None  # set by every forward, see there
         self.tokens_per_expert: torch.Tensor | None = None  # likewise
+        # expert parallelism (nanotune/expert_parallel.py): the process group whose tokens the router losses cover
+        self.router_group = None
         self.tie_weights()
         # none | selective | full | every_k (see models/checkpointing.py); True / False still mean full / none
         self.activation_checkpointing: str | bool = "none"
@@ -534,6 +545,8 @@ class QwenMoeForCausalLM(nn.Module):
                 stats.append(layer_stats)
         if stats:
             num_tokens = B * T if token_weight_N is None else token_weight_N.sum()
+            if self.router_group is not None:  # the statistics of every process's tokens, as one process sees them
+                stats, num_tokens = _sum_over_group(stats, num_tokens, self.router_group, input_ids.device)
             self.aux_loss = self.config.router_aux_loss_coef * load_balancing_loss(stats, num_tokens, self.config.num_experts)
             if self.config.router_z_loss_coef:
                 self.aux_loss = self.aux_loss + self.config.router_z_loss_coef * router_z_loss(stats, num_tokens)
