@@ -547,7 +547,8 @@ class QwenMoeForCausalLM(nn.Module):
             num_tokens = B * T if token_weight_N is None else token_weight_N.sum()
             if self.router_group is not None:  # the statistics of every process's tokens, as one process sees them
                 stats, num_tokens = _sum_over_group(stats, num_tokens, self.router_group, input_ids.device)
-            self.aux_loss = self.config.router_aux_loss_coef * load_balancing_loss(stats, num_tokens, self.config.num_experts)
+            balance = load_balancing_loss(stats, num_tokens, self.config.num_experts)
+            self.aux_loss = self.config.router_aux_loss_coef * balance
             if self.config.router_z_loss_coef:
                 self.aux_loss = self.aux_loss + self.config.router_z_loss_coef * router_z_loss(stats, num_tokens)
             self.tokens_per_expert = torch.stack([s.tokens_per_expert for s in stats]).detach()  # (layers, E)

@@ -385,7 +385,8 @@ def check_expert_options(target_experts, dropout: float, dora: bool) -> None:
     """What PEFT's adapters on fused expert weights (ParamWrapper) cannot express, refused before any work."""
     if target_experts and dropout:
         raise ValueError(f"lora.dropout = {dropout} with lora.target_experts: PEFT's adapters on stacked expert "
-                         "weights have no dropout (it cannot be factored out of the grouped product); set lora.dropout = 0")
+                         "weights have no dropout (it cannot be factored out of the grouped product); "
+                         "set lora.dropout = 0")
     if target_experts and dora:
         raise ValueError("lora.dora = true with lora.target_experts is not supported (PEFT has no DoRA for stacked "
                          "expert weights); set one of them off")
@@ -568,7 +569,8 @@ def read_adapter_config(path: str | Path) -> dict:
     for key, default in _UNSUPPORTED:
         if config.get(key, default) not in (default, None, {}, False):
             raise ValueError(f"{file}: {key} = {config[key]!r} is not supported by nanotune (only {default!r}).")
-    others = [t for t in config.get("target_parameters") or [] if t.rpartition(".")[2] not in lora_experts.EXPERT_PARAMS]
+    others = [t for t in config.get("target_parameters") or []
+              if t.rpartition(".")[2] not in lora_experts.EXPERT_PARAMS]
     if others:
         raise ValueError(f"{file}: target_parameters {others} are not supported by nanotune (only stacked MoE "
                          f"expert weights: {list(lora_experts.EXPERT_PARAMS)}).")

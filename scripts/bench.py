@@ -46,7 +46,7 @@ from nanotune.packing import BatchLoader  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H100 / H200 SXM dense bf16, the denominator of MFU in docs/BENCHMARKS.md
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# W6-LoRA: a Qwen3-MoE has no dense MLP, so its LoRA is on attention and on the stacked experts (PEFT's target_parameters)
+# W6-LoRA: a Qwen3-MoE has no dense MLP; its LoRA is on attention and on the stacked experts (PEFT's target_parameters)
 MOE_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERT_TARGETS = ["gate_up_proj", "down_proj"]
 
