@@ -310,6 +310,18 @@ def sort_by_expert(expert_NK: torch.Tensor, num_experts: int):
     return order, order // K, counts
 
 
+def combine(h_MD: torch.Tensor, order: torch.Tensor, weight_NK: torch.Tensor) -> torch.Tensor:
+    """Un-permute: rows in expert order (N*K, D) -> each token's sum of its K rows times their routing weights, (N, D).
+
+    The rows go back to slot order n*K + k (a copy to distinct places, whose backward is a gather) and one batched
+    (1, K) x (K, D) product per token weights and sums them: no atomic adds, so the result and its gradient are the same
+    in every run on a GPU, unlike a scatter-add into the tokens.
+    """
+    N, K = weight_NK.shape
+    h_slots = h_MD.new_empty(h_MD.shape).index_copy(0, order, h_MD)  # (N*K, D): row n*K + k is token n's k-th expert
+    return torch.bmm(weight_NK.to(h_MD.dtype)[:, None, :], h_slots.view(N, K, -1)).squeeze(1)  # (N, D)
+
+
 class Experts(nn.Module):
     """`num_experts` SwiGLU MLPs stacked into two tensors, computed as grouped GEMMs over tokens sorted by expert.
 
@@ -358,8 +370,7 @@ class Experts(nn.Module):
         h = self.project("gate_up_proj", x_ND[token], counts)  # (N*K, 2I): rows permuted into expert order
         gate, up = h.chunk(2, dim=-1)
         h = self.project("down_proj", F.silu(gate) * up, counts)  # (N*K, D)
-        h = h * weight_NK.flatten()[order, None].to(h.dtype)  # (N*K, D) scaled by its router weight
-        return torch.zeros_like(x_ND).index_add_(0, token, h.to(x_ND.dtype))  # (N, D): un-permuted, summed over K
+        return combine(h, order, weight_NK).to(x_ND.dtype)  # (N, D)
 
 
 class RouterStats(NamedTuple):

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.nn.functional import all_to_all_single
 
-from models.qwen_moe import Experts, sort_by_expert
+from models.qwen_moe import Experts, combine, sort_by_expert
 
 
 class ExpertParallelExperts(Experts):
@@ -71,8 +71,7 @@ class ExpertParallelExperts(Experts):
         h = self.project("down_proj", torch.nn.functional.silu(gate) * up, local_counts)  # (M, D)
         h_recv = torch.empty_like(h).index_copy(0, regroup, h)  # back to the order the rows arrived in
         h_sent = all_to_all_single(h.new_empty(x_sent.shape), h_recv, send_sizes, recv_sizes, group=self.group)
-        h_sent = h_sent * weight_NK.flatten()[order, None].to(h_sent.dtype)  # (N*K, D)
-        return torch.zeros_like(x_ND).index_add_(0, token, h_sent.to(x_ND.dtype))  # (N, D)
+        return combine(h_sent, order, weight_NK).to(x_ND.dtype)  # (N, D), as on one process
 
 
 def apply_expert_parallel(model: nn.Module, group) -> list[str]:

@@ -209,6 +209,25 @@ def test_the_kernel_is_chosen_once_when_the_model_is_built(tmp_path):
     assert chosen == {"bf16": {compiles_bf16}, "fp32": {compiles_fp32}, "bf16-narrow": {False}}
 
 
+def test_combine_equals_the_scatter_add_of_weighted_rows_with_gradients():
+    from models.qwen_moe import combine, sort_by_expert
+
+    gen = torch.Generator().manual_seed(0)
+    expert_NK = torch.stack([torch.randperm(6, generator=gen)[:3] for _ in range(7)])  # (7, 3): K distinct experts
+    order, token, _ = sort_by_expert(expert_NK, 6)
+    h = torch.randn(21, 16, generator=gen, requires_grad=True)
+    w = torch.rand(7, 3, generator=gen, requires_grad=True)
+    ours = combine(h, order, w)  # (7, 16)
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    theirs = torch.zeros(7, 16).index_add_(0, token, h2 * w2.flatten()[order, None])
+    torch.testing.assert_close(ours, theirs)
+    g = torch.randn(7, 16, generator=gen)
+    ours.backward(g)
+    theirs.backward(g)
+    torch.testing.assert_close(h.grad, h2.grad)
+    torch.testing.assert_close(w.grad, w2.grad)
+
+
 def test_model_runs_the_fallback_for_unaligned_expert_width(tmp_path):
     reference = write_checkpoint(tmp_path / "m", "qwen3_moe", moe_intermediate_size=6)
     model = models.from_pretrained(tmp_path / "m")
