@@ -252,7 +252,8 @@ def merge_experts(model: nn.Module) -> None:
         if not isinstance(module, FrozenExperts):
             continue
         E, D, I = module.shapes["down_proj"]
-        plain = Experts(E, D, I)  # on the meta device until its tensors are set below
+        with torch.device("meta"):  # no memory until its tensors are set below
+            plain = Experts(E, D, I)
         for param in EXPERT_PARAMS:
             w = module.weight(param)
             if param in module.lora_A:
