@@ -15,6 +15,7 @@ Checkpoint-key hooks a model may define (the identity is used otherwise):
 - `model.hf_state_dict() -> dict[str, Tensor]`: the tensors under their checkpoint names, for saving.
 Module hooks used while loading:
 - `module.load_hf_weight(name, tensor)`: called instead of assigning the parameter (NF4 quantisation happens here);
+  a parameter with `hf_shape = None` (NF4 block scales) is made by such a module and is not read from checkpoints;
 - `module.materialize_after_load(device)`: allocates and initialises tensors that checkpoints do not hold (RoPE
   frequencies, fresh LoRA adapters).
 """
@@ -160,8 +161,8 @@ def expected_checkpoint_keys(model: nn.Module) -> dict[str, tuple[int, ...]]:
         return model.expected_hf_keys()
     shapes = {}
     for name, param in model.named_parameters(remove_duplicate=True):
-        if ".lora_" in name:
-            continue  # adapters are not in base checkpoints
+        if ".lora_" in name or getattr(param, "hf_shape", ()) is None:
+            continue  # adapters are not in base checkpoints, nor tensors made while loading (NF4 block scales)
         shapes[name] = tuple(getattr(param, "hf_shape", param.shape))
     if getattr(model.config, "tie_word_embeddings", False):
         shapes.pop("lm_head.weight", None)

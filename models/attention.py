@@ -6,10 +6,13 @@ every layer reuses them) and calls `attend(q, k, v, ctx, ...)` in each attention
     ctx = build_context("sdpa", input_ids.shape, input_ids.device, position_ids=position_ids)
     out = attend(q, k, v, ctx, sliding_window=4096)          # q (B, Hq, T, D), k/v (B, Hkv, T, D)
 
-Attention is always causal (decoder-only language models). A row is *packed* when it holds several documents:
-recognised from `position_ids` that restart at 0 inside a row, or given directly as `cu_seqlens` over the flattened
-(B * T) tokens. A token never attends to a token of another document, whatever the backend. Documents never span
-rows: a row boundary always starts a new document, also when `cu_seqlens` says otherwise.
+Attention is always causal (decoder-only language models). A row is *packed* when it holds several documents. The
+caller that knows says so (`packed=True / False`: the batch loader, for every batch of a run); the documents then come
+from `cu_seqlens` over the flattened (B * T) tokens, or from `position_ids` restarting at 0, by ops whose shapes do not
+depend on the data, without reading anything back to the host: a forward that torch.compile captures whole. With
+`packed=None` the context finds out from the data (it reads the device, and checks `cu_seqlens`): for calls by hand.
+A token never attends to a token of another document, whatever the backend. Documents never span rows: a row boundary
+always starts a new document, also when `cu_seqlens` says otherwise.
 
 Sliding windows follow HF semantics: query i sees key j when 0 <= i - j < sliding_window (itself included).
 Logit softcapping (Gemma 2) replaces each scaled score s by softcap * tanh(s / softcap) before the softmax.
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +66,10 @@ class AttentionContext:
     auto: bool = False  # "auto" was asked: `implementation` is the default and each call may pick another
     batch_size: int = 1
     compile_flex: bool = False  # run flex through torch.compile (fused kernels); default: on CUDA
+    # context parallelism (nanotune/context_parallel.py): each process holds part of every row, so `attend` hands the
+    # call, with the same arguments, to this function, which gathers the keys and values of the whole row from the
+    # other processes and masks by whole-row positions and documents. None: the backends below.
+    attend_override: Callable | None = None
 
     @property
     def is_packed(self) -> bool:
@@ -79,15 +87,12 @@ def document_ids_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
 
 
 def document_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
-    """cu_seqlens over the flattened B*T tokens -> (B, T) document ids (documents never span rows)."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
-    doc_BT = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths)
-    if doc_BT.numel() != batch * seq_len:
-        raise ValueError(
-            f"cu_seqlens covers {doc_BT.numel()} tokens but the batch has B*T = {batch}*{seq_len} = {batch * seq_len}; "
-            "cu_seqlens must start at 0 and end at B*T"
-        )
-    return doc_BT.view(batch, seq_len)
+    """cu_seqlens over the flattened B*T tokens -> (B, T) document ids: documents that end at or before each token.
+
+    Ids count over the whole batch; masks compare them within a row, so a row boundary always starts a new document.
+    """
+    token = torch.arange(batch * seq_len, device=cu_seqlens.device, dtype=cu_seqlens.dtype)  # (B*T,)
+    return torch.searchsorted(cu_seqlens[1:].contiguous(), token, right=True).view(batch, seq_len)
 
 
 def cu_seqlens_from_document_ids(document_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -118,14 +123,19 @@ def build_context(
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
     *,
+    packed: bool | None = None,
     compile_flex: bool | None = None,
     sliding_windows: tuple[int | None, ...] = (),
 ) -> AttentionContext:
     """Build once per forward. `shape` is (B, T) of the input ids.
 
-    Packing comes from `cu_seqlens` when given (no detection needed), else from `position_ids` restarting at 0
-    inside a row. Refuses, before any layer runs, a backend that cannot run on this device or that the installed
-    torch lacks.
+    `packed`: whether rows may hold several documents, as the caller knows it (the loader does). Then the documents
+    come from `cu_seqlens` when given, else from `position_ids` restarting at 0, with no host sync: a compiled forward
+    has no graph break here. `cu_seqlens` is then trusted to start at 0, end at B*T and never cross a row (the loader's
+    do). `packed=False`: one causal sequence per row (padding at the end of a row changes nothing before it).
+    `packed=None`: found out from the data (`cu_seqlens` given, or `position_ids` restarting inside a row), with
+    `cu_seqlens` checked and split at row boundaries; this reads the device (host syncs).
+    Refuses, before any layer runs, a backend that cannot run on this device or that the installed torch lacks.
     `compile_flex` (default: True on CUDA) runs flex through torch.compile. `sliding_windows` (the windows the
     layers will ask for, None for none) builds their masks here rather than in the first layer, i.e. outside any
     compiled block; windows not listed are still built on first use.
@@ -133,24 +143,22 @@ def build_context(
     device = torch.device(device)
     B, T = shape
     is_auto = implementation == "auto"
+    if position_ids is not None and tuple(position_ids.shape) != (B, T):
+        raise ValueError(f"position_ids has shape {tuple(position_ids.shape)} but input_ids has {(B, T)}")
+    if packed is None:
+        cu_seqlens, max_seqlen = find_packing(B, T, position_ids, cu_seqlens, max_seqlen)
+        packed = cu_seqlens is not None
     document_ids = None
-    if cu_seqlens is not None:
-        if cu_seqlens.dim() != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != B * T:
-            raise ValueError(
-                f"cu_seqlens must be a 1-d tensor that starts at 0 and ends at B*T = {B}*{T} = {B * T}, "
-                f"got {cu_seqlens.tolist() if cu_seqlens.numel() <= 16 else tuple(cu_seqlens.shape)}"
-            )
-        cu_seqlens = split_at_rows(cu_seqlens, B, T)
-        document_ids = document_ids_from_cu_seqlens(cu_seqlens, B, T)
-        if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    elif position_ids is not None:
-        if tuple(position_ids.shape) != (B, T):
-            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)} but input_ids has {(B, T)}")
-        if bool((position_ids[:, 1:] == 0).any()):
+    if packed:
+        if cu_seqlens is not None:
+            document_ids = document_ids_from_cu_seqlens(cu_seqlens, B, T)
+        elif position_ids is not None:
             document_ids = document_ids_from_position_ids(position_ids)
-            cu_seqlens, max_seqlen = cu_seqlens_from_document_ids(document_ids)
-    implementation = resolve_implementation(implementation, device, is_packed=document_ids is not None)
+        else:
+            raise ValueError("packed rows need position_ids (restarting at 0 at each document) or cu_seqlens")
+    else:
+        cu_seqlens = max_seqlen = None  # one sequence per row: the backends take the fast unpacked paths
+    implementation = resolve_implementation(implementation, device, is_packed=packed)
     if compile_flex is None:
         compile_flex = device.type == "cuda"
     ctx = AttentionContext(
@@ -160,6 +168,23 @@ def build_context(
     for window in sliding_windows:
         build_mask(ctx, ctx.implementation, checked_window(window, T))
     return ctx
+
+
+def find_packing(B: int, T: int, position_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                 max_seqlen: int | None) -> tuple[torch.Tensor | None, int | None]:
+    """For callers that do not say whether rows are packed: (cu_seqlens split at rows, max_seqlen), or (None, None)
+    for one document per row. Checks a given cu_seqlens; reads the device (host syncs)."""
+    if cu_seqlens is not None:
+        if cu_seqlens.dim() != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != B * T:
+            raise ValueError(
+                f"cu_seqlens must be a 1-d tensor that starts at 0 and ends at B*T = {B}*{T} = {B * T}, "
+                f"got {cu_seqlens.tolist() if cu_seqlens.numel() <= 16 else tuple(cu_seqlens.shape)}"
+            )
+        cu_seqlens = split_at_rows(cu_seqlens, B, T)
+        return cu_seqlens, max_seqlen if max_seqlen is not None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    if position_ids is not None and bool((position_ids[:, 1:] == 0).any()):
+        return cu_seqlens_from_document_ids(document_ids_from_position_ids(position_ids))
+    return None, None
 
 
 def build_mask(ctx: AttentionContext, backend: str, sliding_window: int | None) -> None:
@@ -261,6 +286,8 @@ def attend(
     scale: float | None = None,
 ) -> torch.Tensor:
     """q (B, Hq, T, D), k and v (B, Hkv, T, D) with Hq a multiple of Hkv -> (B, Hq, T, D)."""
+    if ctx.attend_override is not None:
+        return ctx.attend_override(q, k, v, sliding_window=sliding_window, softcap=softcap, scale=scale)
     if q.shape[2] != ctx.seq_len:
         raise ValueError(f"attend got {q.shape[2]} query positions but the context was built for T = {ctx.seq_len}")
     sliding_window = checked_window(sliding_window, ctx.seq_len)
@@ -358,6 +385,7 @@ def _compiled_create_block_mask():
 
 
 @functools.cache
+@torch.compiler.assume_constant_result  # a compiled forward takes the answer as a constant: the probe stays eager
 def flex_backward_on_cpu() -> bool:
     """Whether the installed flex_attention can backpropagate on CPU (probed once on a tiny input)."""
     fn = flex_attention_fn()
@@ -433,7 +461,10 @@ def _parameters(fn) -> frozenset[str]:
 
 
 def varlen_seqlens(ctx: AttentionContext) -> tuple[torch.Tensor, int]:
-    """(cu_seqlens, max_seqlen) over the flattened tokens; one sequence per row when the rows are not packed."""
+    """(cu_seqlens, max_seqlen) over the flattened tokens; one sequence per row when the rows are not packed.
+    Packed rows given without cu_seqlens or max_seqlen get them from the document ids (a host sync)."""
+    if ctx.is_packed and (ctx.cu_seqlens is None or ctx.max_seqlen is None):
+        ctx.cu_seqlens, ctx.max_seqlen = cu_seqlens_from_document_ids(ctx.document_ids)
     if ctx.cu_seqlens is not None:
         return ctx.cu_seqlens.to(device=ctx.device, dtype=torch.int32), int(ctx.max_seqlen)
     if "rows" not in ctx.cache:

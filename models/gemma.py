@@ -224,6 +224,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+class Rope(nn.Module):
+    """Applies `apply_rope` to q and k: a module of its own so that nanotune.kernels.apply_kernels can swap in the
+    Triton kernel (both heads in one launch) without touching the attention's forward. No parameters."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     """cap * tanh(x / cap): smoothly bounds x to (-cap, cap); the identity for cap None."""
     return x if cap is None else cap * torch.tanh(x / cap)
@@ -244,6 +252,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(D, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, D, bias=bias)
+        self.rope = Rope()  # q and k rotated by position (apply_kernels may swap in the Triton kernel)
         if config.qk_norm:  # Gemma 3: RMSNorm over each head's head_dim, before RoPE
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -256,7 +265,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)  # (B, H, T, hd)
+        q, k = self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (B, H, T, hd)
         y = attention.attend(q, k, v, ctx, sliding_window=self.sliding_window, softcap=self.softcap, scale=self.scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, Hq * hd) -> (B, T, D)
 
@@ -347,17 +356,19 @@ class GemmaForCausalLM(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         return_hidden: bool = False,
+        packed: bool | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or the final hidden states (B, T, D) with return_hidden.
 
-        Packed rows are recognised from position_ids restarting at 0, or given as cu_seqlens; attention never crosses
-        documents, and sliding windows count positions within the row (a window never reaches another document).
+        Packed rows are given as cu_seqlens or by position_ids restarting at 0 (`packed`: the loader's True / False, no
+        look at the data; None finds out, see models/attention.py); attention never crosses documents, and sliding windows count positions within the row (a window never reaches another document).
         """
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         ctx = attention.build_context(
-            self.config.attn_implementation, (B, T), input_ids.device, position_ids, cu_seqlens, max_seqlen
+            self.config.attn_implementation, (B, T), input_ids.device, position_ids, cu_seqlens, max_seqlen,
+            packed=packed,
         )
         self._check_softcap_support(ctx)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
@@ -384,8 +395,8 @@ class GemmaForCausalLM(nn.Module):
         """Every checkpoint key the model reads, with its shape: parameter names under `hf_key_prefix`."""
         shapes = {}
         for name, param in self.named_parameters(remove_duplicate=True):
-            if ".lora_" in name or name.endswith("lora_magnitude_vector"):
-                continue  # adapters are not in base checkpoints
+            if ".lora_" in name or name.endswith("lora_magnitude_vector") or getattr(param, "hf_shape", ()) is None:
+                continue  # adapters are not in base checkpoints, nor tensors made while loading (NF4 block scales)
             shapes[self.config.hf_key_prefix + name] = tuple(getattr(param, "hf_shape", param.shape))
         if self.config.tie_word_embeddings:
             shapes.pop(self.config.hf_key_prefix + "lm_head.weight", None)

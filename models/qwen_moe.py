@@ -206,6 +206,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+class Rope(nn.Module):
+    """Applies `apply_rope` to q and k: a module of its own so that nanotune.kernels.apply_kernels can swap in the
+    Triton kernel (both heads in one launch) without touching the attention's forward. No parameters."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
 class Attention(nn.Module):
     def __init__(self, config: QwenMoeConfig):
         super().__init__()
@@ -217,6 +225,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(D, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, D, bias=config.o_bias)
+        self.rope = Rope()  # q and k rotated by position (apply_kernels may swap in the Triton kernel)
         if config.qk_norm:  # Qwen3: one RMSNorm over head_dim, shared by all heads
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -229,7 +238,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
+        q, k = self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         y = attention.attend(q, k, v, ctx)  # (B, Hq, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, Hq * hd) -> (B, T, D)
 
@@ -523,11 +532,13 @@ class QwenMoeForCausalLM(nn.Module):
         max_seqlen: int | None = None,
         return_hidden: bool = False,
         aux_loss_mask: torch.Tensor | None = None,
+        packed: bool | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or the final hidden states (B, T, D) with return_hidden.
 
-        Packed rows are recognised from position_ids restarting at 0, or given as cu_seqlens; attention never crosses
-        documents. Also sets, on the device and without a host sync:
+        Packed rows are given as cu_seqlens or by position_ids restarting at 0 (`packed`: the loader's True / False, no
+        look at the data; None finds out, see models/attention.py); attention never crosses documents. Also sets, on
+        the device and without a host sync:
         - `self.aux_loss`: router_aux_loss_coef * the load-balancing loss + router_z_loss_coef * the router z-loss,
           over every token of the batch (the router sees one token at a time, so packing does not change them);
           tokens where the optional `aux_loss_mask` (B, T) is False or 0 (padding) are left out, like transformers'
@@ -538,7 +549,8 @@ class QwenMoeForCausalLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         ctx = attention.build_context(
-            self.config.attn_implementation, (B, T), input_ids.device, position_ids, cu_seqlens, max_seqlen
+            self.config.attn_implementation, (B, T), input_ids.device, position_ids, cu_seqlens, max_seqlen,
+            packed=packed,
         )
         token_weight_N = None if aux_loss_mask is None else aux_loss_mask.reshape(B * T).to(torch.float32)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)

@@ -91,7 +91,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     eval_every: int = 0  # steps between evaluations (0: only at the end)
     eval_batches: int = 0  # micro-batches per evaluation and process (0: the whole eval split)
-    nonfinite: str = "error"  # error | skip: what a non-finite loss or gradient norm does
+    # error (stop at the next logging step, eval or checkpoint, naming the first non-finite step) | skip (skip that
+    # step: reads one flag from the device per step): what a non-finite loss or gradient norm does
+    nonfinite: str = "error"
     max_skipped_steps: int = 10  # with nonfinite = "skip": stop with an error after this many skipped steps in a row
     # fp32 | bf16 (bf16 parameters, gradients and AdamW states; LoRA adapters stay fp32) | amp-bf16 (fp32 parameters
     # and AdamW states, bf16 compute)
@@ -101,9 +103,15 @@ class TrainConfig:
     activation_checkpointing: str = "none"
     activation_checkpointing_k: int = 2  # every_k: layers 0, k, 2k, ... are recomputed fully
     activation_offload: bool = False  # keep saved activations in host memory between forward and backward
-    compile: bool = False  # torch.compile each decoder block
+    # none | blocks (torch.compile each decoder block) | model (the whole forward and loss of one process, one graph);
+    # the old true / false still mean blocks / none
+    compile: str | bool = "none"
     loss: str = "auto"  # auto (chunked where it applies) | plain | chunked: LM head + CE a chunk of tokens at a time
     kernels: bool = False  # Triton RMSNorm and SwiGLU/GeGLU kernels (CUDA; needs triton)
+
+    def __post_init__(self):
+        if isinstance(self.compile, bool):  # the switch was a boolean that compiled each decoder block
+            self.compile = "blocks" if self.compile else "none"
 
 
 @dataclass
@@ -146,6 +154,9 @@ class Fp8Config:
     # module-name suffixes kept in high precision: the LM head and MoE routers
     skip: list = field(default_factory=lambda: ["lm_head", "gate", "shared_expert_gate"])
     min_dim: int = 1024  # linears with a smaller input or output dimension stay in high precision (0: all eligible)
+    # FSDP2 all-gathers the FP8 layers' weights in e4m3 (1 byte per element) with the whole weight's scale, instead of
+    # in the parameter dtype; tensorwise only, several processes with parallel.dp_shard > 1; results are unchanged
+    fsdp_float8_all_gather: bool = False
 
 
 @dataclass
@@ -168,7 +179,9 @@ class AttentionConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 0  # steps between checkpoints (0: none by step count; see every_minutes; always on SIGTERM / SIGINT)
-    every_minutes: float = 30.0  # also a checkpoint after this much wall-clock time since the last one (0: off)
+    # also a checkpoint after this much wall-clock time since the last one (0: off); with several processes, at the
+    # first logging step after that time
+    every_minutes: float = 30.0
     keep: int = 2  # keep the newest K step-N checkpoints (0: keep all)
     resume: str = ""  # "" | auto (newest step-N in output_dir) | a path to a step-N folder
     save_final: bool = True  # write <output_dir>/final in HF format
@@ -176,7 +189,9 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    every: int = 1  # steps between progress lines
+    # steps between progress lines; the loop reads loss and gradient norm back from the device only then, and with
+    # several processes agrees on a stop request (SIGTERM / SIGINT) and checkpoint.every_minutes only then
+    every: int = 1
     tensorboard: bool = False  # also write TensorBoard event files to <output_dir>/tensorboard (needs tensorboard)
     wandb: bool = False  # also log to Weights & Biases (needs wandb and a login)
     wandb_project: str = "nanotune"  # the W&B project the run is logged under
@@ -192,7 +207,7 @@ class ParallelConfig:
     dp_replicate: int = 1  # data-parallel replicas of the sharded model (HSDP: > 1, usually the number of nodes)
     dp_shard: int = -1  # FSDP2: processes that share one copy of the model, each holding 1/dp_shard (-1: the rest)
     tp: int = 1  # tensor parallel: processes that split every attention / MLP matmul (keep it within one node)
-    cp: int = 1  # context parallel (not built yet: must be 1)
+    cp: int = 1  # context parallel: processes that split each row's tokens; data.seq_len a multiple of 2 cp
     ep: int = 1  # expert parallel (not built yet: must be 1)
     param_dtype: str = "auto"  # FSDP2 compute dtype of gathered parameters: auto (bf16 for amp-bf16) | fp32 | bf16
     reduce_dtype: str = "auto"  # FSDP2 gradient reduction dtype: auto (fp32 for amp-bf16, else the parameters') | fp32 | bf16
@@ -360,7 +375,7 @@ ALIASES: dict[str, tuple[str, str]] = {
     "wandb_project": ("logging.wandb_project", ""),
     "gradient_checkpointing": ("train.activation_checkpointing", "\"full\""),
     "activation_offloading": ("train.activation_offload", ""),
-    "torch_compile": ("train.compile", ""),
+    "torch_compile": ("train.compile", "\"model\" (forward and loss in one graph) or \"blocks\""),
     "bf16": ("train.precision", "\"bf16\" or \"amp-bf16\""),
     "fp16": ("train.precision", "\"amp-bf16\"; there is no fp16 training"),
     "tf32": ("train.precision", ""),

@@ -20,13 +20,19 @@ What stays in high precision: the parameters (the swap keeps the very same `weig
 dicts, optimizer states and checkpoints are exactly those of the plain model), the bias add, the LM head, MoE routers,
 stacked MoE experts, embeddings, norms and attention. Only the operands of the three products are FP8, and only for
 the duration of each product.
+
+Under FSDP2, `gather_weights_in_float8(model)` (before fully_shard) makes FSDP2 all-gather these layers' weights
+already cast to e4m3 with the whole weight's tensorwise scale, one byte per element; the products then use the
+gathered bytes as they are, so the results are bitwise those of gathering in high precision and casting after.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._pytree import tree_map_only
 
 from nanotune.config import ConfigError
 from nanotune.lora import LoRALinear
@@ -43,15 +49,18 @@ AMAX_EPS = 1e-12  # an all-zero operand gets a finite scale
 # ---------------------------------------------------------------------------------------------------- scaling
 
 
-def to_float8(x: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def to_float8(x: torch.Tensor, dtype: torch.dtype, rowwise: bool, group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """x (R, C) in high precision -> (x_fp8 (R, C), unscale) with x ~= x_fp8 * unscale.
 
     unscale is a () tensor (tensorwise) or (R, 1) (rowwise: one per row, the amax taken along C). The scale is
-    the largest power of two that keeps amax * scale within the FP8 range.
+    the largest power of two that keeps amax * scale within the FP8 range. With a process `group` (tensorwise only),
+    x is one of the group's shards of a tensor, and the amax is the max over all of them: the whole tensor's.
     """
     fp8_max = torch.finfo(dtype).max
     x32 = x.float()
     amax = x32.abs().amax(dim=1, keepdim=True) if rowwise else x32.abs().amax()  # (R, 1) or ()
+    if group is not None:
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)  # exact: a max needs no rounding
     scale = torch.exp2(torch.floor(torch.log2(fp8_max / amax.clamp(min=AMAX_EPS))))
     x_fp8 = (x32 * scale).clamp(-fp8_max, fp8_max).to(dtype)  # the clamp guards rounding at the top of the range
     return x_fp8, scale.reciprocal()
@@ -68,14 +77,23 @@ def scaled_matmul(a: torch.Tensor, b_rows: torch.Tensor, a_dtype: torch.dtype, b
     if K % GEMM_MULTIPLE:  # zero columns change neither the amax nor the product (only the weight gradient pads: K=M)
         pad = GEMM_MULTIPLE - K % GEMM_MULTIPLE
         a, b_rows = F.pad(a, (0, pad)), F.pad(b_rows, (0, pad))
-    # row-major copies where the operands are transposed views: casts keep their input's layout, and CUDA's kernels
-    # want the left operand row-major and the right one column-major (b_fp8.t() of a row-major b_fp8)
-    a_fp8, a_unscale = to_float8(a.contiguous(), a_dtype, rowwise)  # (M, K), () or (M, 1)
-    b_fp8, b_unscale = to_float8(b_rows.contiguous(), b_dtype, rowwise)  # (N, K), () or (N, 1)
+    a_fp8, a_unscale = cast_operand(a, a_dtype, rowwise)  # (M, K), () or (M, 1)
+    b_fp8, b_unscale = cast_operand(b_rows, b_dtype, rowwise)  # (N, K), () or (N, 1)
     # CUDA's rowwise kernels write bf16 only: an fp32 layer's rowwise result is rounded to bf16 there, then cast up
     mm_dtype = torch.bfloat16 if rowwise and a.is_cuda else out_dtype
     out = torch._scaled_mm(a_fp8, b_fp8.t(), scale_a=a_unscale, scale_b=b_unscale.t(), out_dtype=mm_dtype)
     return out.to(out_dtype)  # (M, N)
+
+
+def cast_operand(x: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """An operand (R, C) -> (x_fp8 (R, C) row-major, unscale). Row-major copies where the operands are transposed views:
+    casts keep their input's layout, and CUDA's kernels want the left operand row-major and the right one
+    column-major (b_fp8.t() of a row-major b_fp8). A weight FSDP2 gathered in FP8 comes cast already."""
+    if isinstance(x, Float8Weight):
+        if rowwise:
+            raise ValueError("a weight all-gathered in FP8 has one tensorwise scale; it cannot serve a rowwise product")
+        return x.float8()
+    return to_float8(x.contiguous(), dtype, rowwise)
 
 
 class _Float8Matmul(torch.autograd.Function):
@@ -85,7 +103,8 @@ class _Float8Matmul(torch.autograd.Function):
     backward: dx (M, K) = dy (M, N) @ W^T (K, N)^T     grad x e4m3, contraction over N
               dW (N, K) = dy^T (N, M) @ x^T (K, M)^T   grad x e4m3, contraction over M (tokens)
     x and W are saved in high precision and cast again in the backward, along the backward's contraction dimension
-    (for rowwise scaling that is a different axis than in the forward).
+    (for rowwise scaling that is a different axis than in the forward). A weight FSDP2 gathered in FP8 (a
+    `Float8Weight`, tensorwise) is used as it came in both products: its one scale serves W and W^T alike.
     """
 
     @staticmethod
@@ -167,6 +186,144 @@ def resolve_grad_dtype(recipe: str, grad_dtype: str) -> torch.dtype:
     return FP8_DTYPES[grad_dtype]
 
 
+# ---------------------------------------------------------------------------------------- FSDP2: gathered in FP8
+
+aten = torch.ops.aten
+
+
+class Float8GatherShard(torch.Tensor):
+    """This process's FSDP2 shard of an FP8 layer's weight, in high precision, which FSDP2 all-gathers in FP8.
+
+    To everything but the all-gather it is its high-precision data: optimizer updates, gradient clipping and
+    checkpoints compute on that data and get plain tensors back (an op keeps the wrapper only where it yields a part or
+    a copy of the weight itself: FSDP2's sharding, `to_empty`, offloading). FSDP2 calls the two hooks below around
+    every all-gather of the weight (torch/distributed/fsdp/_fully_shard/_fsdp_param.py):
+    - fsdp_pre_all_gather casts the shard to e4m3 with the tensorwise scale of the whole weight (one all-reduce of
+      the shards' amax), so one byte per element goes over the wire instead of two (bf16) or four (fp32);
+    - fsdp_post_all_gather wraps the gathered bytes and that scale as a `Float8Weight`, which Float8Linear's products
+      take without casting the weight again.
+    """
+
+    @staticmethod
+    def __new__(cls, data: torch.Tensor):
+        return torch.Tensor._make_wrapper_subclass(cls, data.shape, strides=data.stride(), dtype=data.dtype,
+                                                   device=data.device, requires_grad=data.requires_grad)
+
+    def __init__(self, data: torch.Tensor):
+        self._data = data  # (rows of this shard, in), high precision
+
+    def __repr__(self):
+        return f"Float8GatherShard({self._data!r})"
+
+    # ops that yield the weight itself or a part of it: the result is still a shard that gathers in FP8
+    KEEPS_WRAPPER = {aten.detach.default, aten.alias.default, aten.view.default, aten.as_strided.default,
+                     aten.slice.Tensor, aten.split.Tensor, aten.split_with_sizes.default, aten.new_zeros.default,
+                     aten.empty_like.default, aten._to_copy.default, aten._pin_memory.default, aten.clone.default}
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        data_args, data_kwargs = tree_map_only(cls, lambda t: t._data, (args, kwargs or {}))
+        out = func(*data_args, **data_kwargs)
+        if func in cls.KEEPS_WRAPPER:
+            return tree_map_only(torch.Tensor, cls, out)
+        if isinstance(args[0], cls) and out is data_args[0]:  # an in-place op returns its first argument
+            return args[0]
+        return out  # plain tensors: optimizer states, norms, checkpoint copies
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
+        """-> ((this shard in e4m3,), (unscale,)): what is all-gathered, and what every process already has."""
+        weight = self._data.to(mp_policy.param_dtype or self.dtype)  # the values a high-precision gather would send
+        rows = -(-outer_size[0] // mesh.size())  # FSDP2 pads every shard to this many rows (uneven sharding)
+        if weight.shape[0] < rows:
+            weight = F.pad(weight, (0, 0, 0, rows - weight.shape[0]))  # zero rows change no amax
+        data, unscale = to_float8(weight, E4M3, rowwise=False, group=mesh.get_group())  # (rows, in), ()
+        return (data,), (unscale,)
+
+    def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
+        """The gathered (all rows, in) e4m3 bytes -> the unsharded weight FSDP2 hands to the layer."""
+        (data,), (unscale,) = outputs, metadata
+        if out is not None:  # later gathers write into the same buffer (out's data): only the scale is new
+            out._unscale.copy_(unscale)
+            return
+        return Float8Weight(data, unscale, param_dtype), ()
+
+
+class Float8Weight(torch.Tensor):
+    """A weight as FSDP2 gathered it in FP8: (out, in) e4m3 data with one tensorwise unscale. To autograd it is a
+    tensor of the high-precision dtype (its gradient has that dtype); only Float8Linear's products read it."""
+
+    @staticmethod
+    def __new__(cls, data: torch.Tensor, unscale: torch.Tensor, dtype: torch.dtype):
+        return torch.Tensor._make_wrapper_subclass(cls, data.shape, strides=data.stride(), dtype=dtype,
+                                                   device=data.device)
+
+    def __init__(self, data: torch.Tensor, unscale: torch.Tensor, dtype: torch.dtype):
+        self._data, self._unscale = data, unscale  # (out, in) e4m3, () fp32
+
+    def __repr__(self):
+        return f"Float8Weight({tuple(self.shape)}, {self.dtype} gathered as {self._data.dtype})"
+
+    def float8(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._data.contiguous(), self._unscale
+
+    # what torch.compile needs to trace through the wrapper: its inner tensors and how to rebuild it
+    def __tensor_flatten__(self):
+        return ["_data", "_unscale"], self.dtype
+
+    @staticmethod
+    def __tensor_unflatten__(inner, dtype, outer_size, outer_stride):
+        return Float8Weight(inner["_data"], inner["_unscale"], dtype)
+
+    # FSDP2 views the gathered buffer as the weight's shape and makes a Parameter of it; the backward transposes it
+    VIEWS = {aten.detach.default, aten.alias.default, aten.as_strided.default, aten.t.default}
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        weight = args[0]
+        if func in cls.VIEWS:
+            return cls(func(weight._data, *args[1:], **(kwargs or {})), weight._unscale, weight.dtype)
+        if func in (aten.zeros_like.default, aten.empty_like.default):  # FSDP2's zero gradient for an unused weight
+            return torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+        raise NotImplementedError(f"{func} on a weight all-gathered in FP8 (fp8.fsdp_float8_all_gather): only "
+                                  "Float8Linear's products read it")
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+
+def gather_weights_in_float8(model: nn.Module) -> int:
+    """Before FSDP2's fully_shard: make every FP8 layer's weight a `Float8GatherShard`, so that FSDP2 all-gathers it in
+    FP8; returns the number of weights. Tensorwise layers only: see `check_config`. Checkpoints see plain tensors."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, (Float8Linear, Float8LoRALinear)):
+            if module.recipe != "tensorwise":
+                raise ValueError(f"all-gathering weights in FP8 needs the tensorwise recipe, not {module.recipe!r}")
+            weight = module.weight
+            module.weight = nn.Parameter(Float8GatherShard(weight.data), requires_grad=weight.requires_grad)
+            module.register_state_dict_post_hook(_plain_weight_in_state_dict)
+            count += 1
+    return count
+
+
+def _plain_weight_in_state_dict(module, state_dict, prefix, local_metadata) -> None:
+    """state_dict hook: the weight as the plain (DTensor) tensor it wraps, sharing its storage, so that checkpoints
+    (saved and loaded in place by DCP) and final/ never see the wrapper."""
+    key = prefix + "weight"
+    weight = state_dict[key]
+    local = weight.to_local() if hasattr(weight, "to_local") else weight
+    if not isinstance(local, Float8GatherShard):
+        return
+    if local is weight:
+        state_dict[key] = local._data
+    else:
+        from torch.distributed.tensor import DTensor
+
+        state_dict[key] = DTensor.from_local(local._data, weight.device_mesh, weight.placements, run_check=False,
+                                             shape=weight.shape, stride=weight.stride())
+
+
 # ---------------------------------------------------------------------------------------------------- applying
 
 
@@ -199,8 +356,11 @@ def apply_fp8(model: nn.Module, recipe: str = "tensorwise", skip=("lm_head",), m
     return swapped
 
 
-def check_config(cfg, device: torch.device, lora_quantize: str = "") -> None:
-    """Refuse an [fp8] section that cannot run here, before any data or weights are read."""
+def check_config(cfg, device: torch.device, lora_quantize: str = "", dp_shard: int = 1, dora: bool = False) -> None:
+    """Refuse an [fp8] section that cannot run here, before any data or weights are read. dp_shard: the processes
+    FSDP2 shards over (parallel.dp_shard as resolved); dora: lora.enabled and lora.dora."""
+    if cfg.fsdp_float8_all_gather:
+        check_float8_all_gather(cfg, dp_shard, dora)
     if not cfg.enabled:
         return
     if cfg.recipe not in RECIPES:
@@ -213,6 +373,26 @@ def check_config(cfg, device: torch.device, lora_quantize: str = "") -> None:
         raise ConfigError(f"fp8.enabled = true with lora.quantize = {lora_quantize!r}: an NF4 base cannot also be FP8; "
                           "set fp8.enabled = false for QLoRA (FP8 with plain LoRA puts the frozen base in FP8)")
     check_device(device)
+
+
+def check_float8_all_gather(cfg, dp_shard: int, dora: bool) -> None:
+    key = "fp8.fsdp_float8_all_gather = true"
+    if not cfg.enabled:
+        raise ConfigError(f"{key} gathers the weights of FP8 layers, but fp8.enabled = false; enable FP8 or set "
+                          "fp8.fsdp_float8_all_gather = false")
+    if cfg.recipe != "tensorwise":
+        raise ConfigError(
+            f"{key} needs fp8.recipe = 'tensorwise', not {cfg.recipe!r}: rowwise casts the weight per input column "
+            "for the input gradient, a max over the output rows that FSDP2 spreads over the processes, so a weight "
+            "gathered in FP8 with per-row scales cannot serve that product exactly; use tensorwise, or set "
+            "fp8.fsdp_float8_all_gather = false")
+    if dp_shard < 2:
+        raise ConfigError(f"{key} changes how FSDP2 all-gathers sharded weights, but this run shards over "
+                          f"{dp_shard} process (parallel.dp_shard = {dp_shard}); launch several processes with "
+                          "parallel.dp_shard > 1, or set fp8.fsdp_float8_all_gather = false")
+    if dora:
+        raise ConfigError(f"{key} with lora.dora = true is not supported (DoRA reads the base weight in high "
+                          "precision for its norms); set lora.dora = false or fp8.fsdp_float8_all_gather = false")
 
 
 def check_device(device: torch.device) -> None:

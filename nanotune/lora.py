@@ -272,15 +272,14 @@ class QLoRALinear(_Adapter, NF4Linear):
     def __init__(self, base: NF4Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  dora: bool = False, dtype: torch.dtype = torch.float32):
         NF4Linear.__init__(self, base.in_features, base.out_features, False, base.compute_dtype, base.quant_device)
-        self.weight, self.bias, self.quant_state = base.weight, base.bias, base.quant_state  # take over the storage
-        device = torch.device("meta") if base.quant_state is None else base.weight.device
-        self._add_adapter(rank, alpha, dropout, rslora, dora, dtype, device)
+        self.weight, self.weight_absmax, self.bias = base.weight, base.weight_absmax, base.bias  # take over the storage
+        self._add_adapter(rank, alpha, dropout, rslora, dora, dtype, base.weight.device)
 
     def base_weight(self) -> torch.Tensor:
         return self.dequantize()
 
     def _base_is_meta(self) -> bool:
-        return self.quant_state is None
+        return self.weight.is_meta
 
     def materialize_after_load(self, device) -> None:
         NF4Linear.materialize_after_load(self, device)
@@ -439,6 +438,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
             if id(p) in seen:
                 continue
             seen.add(id(p))
+            if isinstance(module, NF4Linear) and name == "weight_absmax":
+                continue  # the block scales of the NF4 weight, counted with it
             nf4 = isinstance(module, NF4Linear) and name == "weight"
             n = module.out_features * module.in_features if nf4 else p.numel()
             if isinstance(module, lora_experts.FrozenExperts) and module.nf4 and name in lora_experts.EXPERT_PARAMS:

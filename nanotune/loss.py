@@ -43,9 +43,11 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
                              use_triton: bool | None = None) -> torch.Tensor:
     """The same sum from hidden states (B, T, D) and the LM-head weight (V, D), `chunk_size` tokens at a time.
 
-    Only trained positions are projected. Peak extra memory is about chunk_size x V x 10 bytes (the chunk's logits in
-    the compute dtype, in fp32, and its gradient) plus one gradient the size of `weight`; with V = 128256, 1024 tokens
-    a chunk is ~1.2 GiB. Gradients are exact (no recomputation); the weight gradient is accumulated over chunks in the
+    Every position is projected and untrained ones (label -100) are masked inside each chunk, so that the shapes never
+    depend on the labels: no boolean gather, no host sync, nothing that stops torch.compile (the cost: the LM head also
+    runs on prompt and padding tokens, a few percent of a step). Peak extra memory is about chunk_size x V x 10 bytes
+    (the chunk's logits in the compute dtype, in fp32, and its gradient) plus one gradient the size of `weight`; with
+    V = 128256, 1024 tokens a chunk is ~1.2 GiB. Gradients are exact (no recomputation); the weight gradient is accumulated over chunks in the
     weight's dtype, as a matmul would. Not differentiable twice.
 
     use_triton: compute each chunk's loss and gradient in place in its logits with one Triton kernel
@@ -54,14 +56,10 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
     """
     if not torch.is_grad_enabled():  # evaluation: no gradient may be computed, for the weight either
         hidden, weight = hidden.detach(), weight.detach()
-    hidden_ND, labels_N = hidden.flatten(0, 1), labels.flatten()
-    keep = labels_N != IGNORE_INDEX
-    hidden_ND, labels_N = hidden_ND[keep], labels_N[keep]  # (N, D), (N,): trained positions only
-    if labels_N.numel() == 0:  # nothing trained in this micro-batch: a zero that still connects to the graph
-        return (hidden_ND.sum() * 0.0).float() + (weight.sum() * 0.0).float()
     if use_triton is None:
         use_triton = hidden.is_cuda and _triton_available()
-    return _LinearCrossEntropy.apply(hidden_ND, weight, labels_N, chunk_size, softcap, use_triton)
+    # (N, D) and (N,) over all B*T positions, untrained ones included
+    return _LinearCrossEntropy.apply(hidden.flatten(0, 1), weight, labels.flatten(), chunk_size, softcap, use_triton)
 
 
 def lm_head_weight(lm_head: torch.nn.Module) -> torch.Tensor:
@@ -123,19 +121,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def _chunk_torch(h_nD, w_VD, y_n, softcap):
-    """One chunk in PyTorch (the reference): (summed loss, d loss / d logits (n, V) in h's dtype)."""
+    """One chunk in PyTorch (the reference): (summed loss, d loss / d logits (n, V) in h's dtype).
+
+    Rows labelled -100 add 0 to the loss and get a zero gradient."""
     logits_nV = (h_nD @ w_VD.t()).float()  # (n, V) fp32: the only logits alive at any time
     if softcap is not None:
         tanh_nV = torch.tanh(logits_nV.div_(softcap))
         logits_nV = tanh_nV * softcap
+    trained_n = y_n != IGNORE_INDEX  # (n,)
+    target_n = torch.where(trained_n, y_n, 0)[:, None]  # (n, 1) a valid column for every row; untrained rows masked
     lse_n = torch.logsumexp(logits_nV, dim=-1)  # (n,)
-    loss_sum = (lse_n - logits_nV.gather(1, y_n[:, None]).squeeze(1)).sum()
-    # d loss / d logits = softmax - one_hot(y), built in place in the fp32 logits buffer
+    loss_sum = torch.where(trained_n, lse_n - logits_nV.gather(1, target_n).squeeze(1), 0.0).sum()
+    # d loss / d logits = softmax - one_hot(y), built in place in the fp32 logits buffer, zero on untrained rows
     grad_nV = logits_nV.sub_(lse_n[:, None]).exp_()
     del logits_nV
-    grad_nV[torch.arange(len(y_n), device=y_n.device), y_n] -= 1.0
+    grad_nV.scatter_add_(1, target_n, grad_nV.new_full(target_n.shape, -1.0))
     if softcap is not None:  # d(cap * tanh(z / cap)) / dz = 1 - tanh^2
         grad_nV.mul_(1.0 - tanh_nV * tanh_nV)
+    grad_nV.mul_(trained_n[:, None])
     return loss_sum, grad_nV.to(h_nD.dtype)
 
 
@@ -144,4 +147,4 @@ def _chunk_triton(h_nD, w_VD, y_n, softcap):
     from nanotune.kernels.cross_entropy import cross_entropy_chunk_
 
     grad_nV = h_nD @ w_VD.t()  # (n, V) logits
-    return cross_entropy_chunk_(grad_nV, y_n, softcap).sum(), grad_nV
+    return cross_entropy_chunk_(grad_nV, y_n, softcap).sum(), grad_nV  # untrained rows: loss 0, gradient 0

@@ -34,7 +34,11 @@ Batch (B rows, T columns; T = seq_len when packing):
     cu_seqlens    (S + 1,) int32  segment boundaries over the flattened B*T tokens (documents and padding runs)
     max_seqlen    int             longest segment
     num_trainable_tokens int      labels != -100 in this micro-batch
+    num_tokens    int             real (not padding) tokens in this micro-batch
     attention_mask (B, T) bool    False in padding slots (HF's meaning; attention itself uses the segments above)
+    packed        bool            rows may hold several documents (the loader's `packing`): the model needs to look
+                                  at no tensor to know, so a compiled forward has no data-dependent branch. Unpacked
+                                  rows hold one example followed by padding, which plain causal attention handles.
 """
 
 from __future__ import annotations
@@ -219,5 +223,7 @@ class BatchLoader:
             "cu_seqlens": torch.from_numpy(cu_seqlens),
             "max_seqlen": int(max(seqlens)),
             "num_trainable_tokens": int((labels != IGNORE_INDEX).sum()),
+            "num_tokens": int(real.sum()),  # real (not padding) tokens, counted here on the host for tokens/s
             "attention_mask": torch.from_numpy(real),
+            "packed": self.packing,
         }

@@ -13,8 +13,9 @@ world size. Parallelism is applied in a fixed order, the one torchtitan document
 4. FSDP2 (ZeRO-3, `fully_shard`) over `dp_shard`, as HSDP (replicated across `dp_replicate`, sharded within) when
    dp_replicate > 1: each decoder layer is its own unit, then the root.
 
-Data: the processes of one tensor-parallel group see the same micro-batches (`dp_rank`, `dp_size`); gradients are
-averaged over the data-parallel processes only. train.py scales its loss so that the result is the sum over all tokens
+Data: the processes of one tensor-parallel or context-parallel group see the same micro-batches (`dp_rank`,
+`dp_size`; a cp group splits every row, nanotune/context_parallel.py); gradients are averaged over the data-parallel
+and context-parallel processes (`fsdp_size`). train.py scales its loss so that the result is the sum over all tokens
 divided by the trainable tokens of the whole step, exactly as in one process. See docs/parallel.md.
 """
 
@@ -61,6 +62,12 @@ class DistInfo:
         return self.layout["dp_replicate"] * self.layout["dp_shard"]
 
     @property
+    def fsdp_size(self) -> int:
+        """Processes that average gradients under FSDP2: the data-parallel ones times cp (the processes of a context-
+        parallel group hold the same parameters and train on different tokens of the same rows)."""
+        return self.dp_size * self.layout["cp"]
+
+    @property
     def dp_rank(self) -> int:
         """This process's index among the data-parallel ones (its tensor-parallel peers share it)."""
         if self.mesh is None:
@@ -84,12 +91,9 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 
 def resolve_layout(cfg: ParallelConfig, world_size: int) -> dict[str, int]:
     """Mesh sizes from the [parallel] keys, dp_shard = -1 filled in; refuses layouts that cannot cover the processes."""
-    for key in ("cp", "ep"):
-        if getattr(cfg, key) != 1:
-            what = "context" if key == "cp" else "expert"
-            raise ConfigError(f"parallel.{key} = {getattr(cfg, key)}: {what} parallelism is not built yet; "
-                              f"set parallel.{key} = 1")
-    for key in ("dp_replicate", "tp"):
+    if cfg.ep != 1:
+        raise ConfigError(f"parallel.ep = {cfg.ep}: expert parallelism is not built yet; set parallel.ep = 1")
+    for key in ("dp_replicate", "cp", "tp"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"parallel.{key} must be at least 1, got {getattr(cfg, key)}")
     if cfg.dp_shard == 0 or cfg.dp_shard < -1:
@@ -102,7 +106,7 @@ def resolve_layout(cfg: ParallelConfig, world_size: int) -> dict[str, int]:
     if dp_shard == -1:
         if world_size % others:
             raise ConfigError(
-                f"parallel.dp_replicate x tp = {others} does not divide the {world_size} processes, so "
+                f"parallel.dp_replicate x cp x tp = {others} does not divide the {world_size} processes, so "
                 f"parallel.dp_shard = -1 cannot fill the rest; launch a multiple of {others} processes or change them")
         dp_shard = world_size // others
     layout = {"dp_replicate": cfg.dp_replicate, "dp_shard": dp_shard, "cp": cfg.cp, "tp": cfg.tp}
@@ -111,7 +115,12 @@ def resolve_layout(cfg: ParallelConfig, world_size: int) -> dict[str, int]:
         sizes = " x ".join(f"{k} {v}" for k, v in layout.items() if v > 1) or "1"
         raise ConfigError(
             f"the [parallel] layout ({sizes} = {product}) does not match the {world_size} processes launched; make "
-            "parallel.dp_replicate x dp_shard x tp equal the world size (dp_shard = -1 takes what is left)")
+            "parallel.dp_replicate x dp_shard x cp x tp equal the world size (dp_shard = -1 takes what is left)")
+    if cfg.cp > 1:  # context parallelism with FSDP2 over dp_shard x cp; not yet with TP or HSDP
+        for key in ("tp", "dp_replicate"):
+            if getattr(cfg, key) > 1:
+                raise ConfigError(f"parallel.cp = {cfg.cp} with parallel.{key} = {getattr(cfg, key)} is not supported "
+                                  f"yet; set parallel.{key} = 1 (context parallelism composes with dp_shard)")
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if cfg.tp > local:
         warnings.warn(f"parallel.tp = {cfg.tp} is larger than the {local} processes of one node: every layer's "
@@ -121,26 +130,30 @@ def resolve_layout(cfg: ParallelConfig, world_size: int) -> dict[str, int]:
 
 
 def check_model_layout(layout: dict[str, int], config, lora_cfg=None) -> None:
-    """Refuse a tensor-parallel size that does not split the model's heads and MLP evenly (before any weight is read)."""
+    """Refuse a tensor-parallel size that does not split the model's heads and MLP evenly, and LoRA variants the
+    layout cannot run (before any weight is read)."""
     tp = layout["tp"]
-    if tp == 1:
-        return
     sizes = {key: getattr(config, key) for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size")
              if getattr(config, key, None)}
     for key, value in sizes.items():
-        if value % tp:
+        if tp > 1 and value % tp:
             fits = [d for d in range(1, tp) if all(v % d == 0 for v in sizes.values())]
             raise ConfigError(
                 f"parallel.tp = {tp} does not divide the model's {key} ({value}): each tensor-parallel process must "
                 f"hold whole heads and an equal part of the MLP; set parallel.tp to {fits[-1]} or another divisor "
                 f"of {', '.join(f'{k} ({v})' for k, v in sizes.items())}")
-    if lora_cfg is not None and lora_cfg.enabled:
-        if lora_cfg.quantize:
-            raise ConfigError("lora.quantize = 'nf4' with parallel.tp > 1 is not supported (NF4 weights cannot be "
-                              "split by tensor parallelism yet); set parallel.tp = 1 and shard with dp_shard")
-        if lora_cfg.dora:
-            raise ConfigError("lora.dora = true with parallel.tp > 1 is not supported (DoRA's row norms are not "
-                              "split yet); set parallel.tp = 1 or lora.dora = false")
+    if lora_cfg is None or not lora_cfg.enabled:
+        return
+    if tp > 1 and lora_cfg.quantize:
+        raise ConfigError("lora.quantize = 'nf4' with parallel.tp > 1 is not supported (NF4 weights cannot be "
+                          "split by tensor parallelism yet); set parallel.tp = 1 and shard with dp_shard")
+    if tp > 1 and lora_cfg.dora:
+        raise ConfigError("lora.dora = true with parallel.tp > 1 is not supported (DoRA's row norms are not "
+                          "split yet); set parallel.tp = 1 or lora.dora = false")
+    if lora_cfg.quantize and lora_cfg.dora and layout.get("dp_replicate", 1) * layout.get("dp_shard", 1) > 1:
+        raise ConfigError("lora.dora = true with lora.quantize = 'nf4' and several data-parallel processes is not "
+                          "supported yet (DoRA's merge is not streamed for NF4 bases); set lora.dora = false or "
+                          "train in one process")
 
 
 def init_distributed(device_name: str = "auto", cfg: ParallelConfig | None = None) -> DistInfo:
@@ -179,13 +192,17 @@ def parallelize(model: nn.Module, info: DistInfo, cfg: ParallelConfig, precision
     if compile:  # each decoder block compiled on its own: parameter names and the loop stay as they are
         for layer in model.model.layers:
             layer.compile()
-    if info.dp_size > 1:
+    if info.fsdp_size > 1:
         apply_fsdp(model, data_parallel_mesh(info), cfg, precision)
     return model
 
 
 def data_parallel_mesh(info: DistInfo):
-    """The mesh FSDP2 shards over: 1-D (dp_shard), or 2-D (dp_replicate, dp_shard) for HSDP."""
+    """The mesh FSDP2 shards over: 1-D (dp_shard), or 2-D (dp_replicate, dp_shard) for HSDP. With context
+    parallelism, dp_shard x cp flattened into one dimension (as torchtitan does): the cp processes hold the same
+    parameters, so they share the shards and their gradients are averaged with the data-parallel ones."""
+    if info.layout["cp"] > 1:
+        return info.mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
     if info.layout["dp_replicate"] > 1:
         return info.mesh["dp_replicate", "dp_shard"]
     return info.mesh["dp_shard"]
@@ -280,20 +297,23 @@ def shard_lora_linear(module: nn.Module, mesh, style: str) -> None:
     distribute_module(module, mesh, input_fn=input_fn, output_fn=output_fn)  # the rest (A or B, b) replicated
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float, info: DistInfo) -> float:
-    """Scale the gradients so that their global 2-norm is at most max_norm; returns the norm before clipping.
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float, info: DistInfo) -> torch.Tensor:
+    """Scale the gradients so that their global 2-norm is at most max_norm; returns the norm before clipping as a ()
+    tensor on the device, not read back (the caller reads it when it logs: no host-device sync here).
     Under tensor parallelism the parameters are plain tensors and DTensors on different meshes (split weights beside
     replicated norms), which torch's clip_grad_norm_ cannot mix: each gradient's norm is reduced over its own mesh."""
     if info.layout["tp"] == 1:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     grads = [p.grad for p in params if p.grad is not None]
     norms = [torch.linalg.vector_norm(g) for g in grads]
     norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]  # () each, whole over its mesh
-    total = float(torch.linalg.vector_norm(torch.stack(norms).float())) if norms else 0.0
-    scale = min(1.0, max_norm / (total + 1e-6))  # a non-finite norm is returned as is: the caller skips or stops
+    if not norms:
+        return torch.zeros((), device=info.device)
+    total = torch.linalg.vector_norm(torch.stack(norms).float())
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)  # a non-finite norm is returned as is: the caller skips or stops
     for g in grads:
-        g.mul_(scale)
+        g.mul_(scale.to(g.dtype))
     return total
 
 
@@ -302,9 +322,9 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, info: DistInfo) 
 
 def loads_sharded(cfg, info: DistInfo) -> bool:
     """Whether this run builds the model on the meta device, parallelizes it, then fills each rank's shards from the
-    checkpoint. Otherwise every process loads the whole model and then shards it: one process, random init from
-    model.size, and NF4 / DoRA (quantised while loading / magnitudes from whole rows), for now."""
-    return info.enabled and bool(cfg.model.path) and not cfg.lora.quantize and not cfg.lora.dora
+    checkpoint (NF4 weights: each process quantises the rows it holds). Otherwise every process loads the whole model
+    and then shards it: one process, random init from model.size, and DoRA (magnitudes from whole rows), for now."""
+    return info.enabled and bool(cfg.model.path) and not cfg.lora.dora
 
 
 def local_box(param: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -351,15 +371,18 @@ def key_region(shape, index) -> list[tuple[int, int, bool]]:
 
 
 @torch.no_grad()
-def load_sharded(model: nn.Module, path, device: torch.device) -> None:
+def load_sharded(model: nn.Module, path, device: torch.device, offload: bool = False) -> None:
     """Allocate this rank's shards of a meta-device, already parallelized model and fill them from the safetensors
     files, reading only the slices this rank owns (`safetensors_io.read_slice`): no process holds the whole model.
-    Adapters and RoPE tables, which checkpoints do not hold, are then initialised as in one process."""
+    An NF4 weight is read by the rows this process holds and quantised (`load_hf_rows`): blocks never straddle rows,
+    so its codes and scales are those rows of the whole weight's. Adapters and RoPE tables, which checkpoints do not
+    hold, are then initialised as in one process. With `offload` (parallel.cpu_offload) the shards are allocated in
+    host memory, where FSDP2 keeps them, and only the RoPE tables on `device`."""
     from pathlib import Path
 
     from models import expected_checkpoint_keys, safetensors_io
 
-    model.to_empty(device=device)
+    model.to_empty(device="cpu" if offload else device)
     model.tie_weights()  # to_empty gives plain (not sharded) parameters new storage, which unties them
     expected = expected_checkpoint_keys(model)
     params = dict(model.named_parameters())
@@ -370,6 +393,14 @@ def load_sharded(model: nn.Module, path, device: torch.device) -> None:
                     continue
                 name, index = model.param_for_hf_key(key) if hasattr(model, "param_for_hf_key") else (key, None)
                 target = params[name] if name in params else model.get_buffer(name)
+                owner = model.get_submodule(name.rpartition(".")[0])
+                if hasattr(owner, "load_hf_rows") and name.endswith(".weight") and index is None:  # NF4
+                    codes, (first, _) = local_box(target)  # (rows here, in_padded / 2) uint8
+                    absmax, _ = local_box(owner.weight_absmax)  # (rows here, in_padded / 64), the same rows
+                    if codes.shape[0]:
+                        rows = safetensors_io.read_slice(f, info, (slice(first, first + codes.shape[0]),))
+                        owner.load_hf_rows(rows, codes, absmax, device)  # quantised on the compute device
+                    continue
                 local, offset = local_box(target)
                 where = overlap(key_region(target.shape, index), local.shape, offset)
                 if where is not None:
@@ -392,7 +423,7 @@ def init_after_sharded_load(model: nn.Module, device: torch.device) -> None:
                 init(whole)
                 local, offset = local_box(linear.weight)
                 local.copy_(whole[tuple(slice(o, o + n) for o, n in zip(offset, local.shape))])
-        elif hasattr(module, "materialize_after_load"):
+        elif hasattr(module, "materialize_after_load") and not is_nf4(module):  # NF4 shards stay where FSDP2 keeps them
             module.materialize_after_load(device)
 
 
@@ -400,9 +431,9 @@ def init_after_sharded_load(model: nn.Module, device: torch.device) -> None:
 
 
 def saves_streamed(cfg, model: nn.Module) -> bool:
-    """Whether final/ and adapter/ can be written one gathered tensor at a time. Not yet: QLoRA (merged from the
-    original files instead) and DoRA (its merge needs whole-row norms), which are gathered whole on rank 0 as before."""
-    return not cfg.lora.quantize and not cfg.lora.dora
+    """Whether final/ and adapter/ can be written one gathered tensor at a time. Not yet: DoRA (its merge needs
+    whole-row norms), which is gathered whole on rank 0 as before."""
+    return not cfg.lora.dora
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:
@@ -410,29 +441,87 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t.detach()
 
 
-def merged_lora_weight(module: nn.Module) -> torch.Tensor:
-    """W + s B A of a LoRA layer, gathered whole, computed in fp32, in the base weight's dtype: (out, in)."""
-    w = whole(module.weight)
+def is_nf4(module: nn.Module | None) -> bool:
+    return hasattr(module, "weight_absmax")
+
+
+def layer_weight(module: nn.Module) -> torch.Tensor:
+    """A linear layer's weight W, gathered whole, (out, in): an NF4 layer's dequantised, in its compute dtype."""
+    if not is_nf4(module):
+        return whole(module.weight)
+    from nanotune.qlora import dequantize_nf4
+
+    return dequantize_nf4(whole(module.weight), whole(module.weight_absmax), module.in_features, module.compute_dtype)
+
+
+def merged_lora_weight(module: nn.Module, original: torch.Tensor | None = None) -> torch.Tensor:
+    """W + s B A of a LoRA layer, gathered whole, computed in fp32, in W's dtype: (out, in). W is `original` when given
+    (QLoRA: the full-precision weight from the checkpoint), else the layer's own (an NF4 layer's dequantised)."""
+    w = layer_weight(module) if original is None else original
     delta = (whole(module.lora_B.weight).float() @ whole(module.lora_A.weight).float()) * module.scaling
     return (w.float() + delta).to(w.dtype)
 
 
-def final_tensors(model: nn.Module, merge_lora: bool) -> list[tuple]:
+def original_tensors(model: nn.Module, folder) -> tuple[torch.dtype, dict[str, tuple]]:
+    """(the dtype the HF folder's config.json declares, parameter name -> (shape, a function reading that tensor whole
+    from the folder in that dtype)): what `lora.merge_adapter_into_base` starts from. Every process reads the tensors
+    it is asked for, one at a time, so that all of them take part in the same gathers."""
+    from pathlib import Path
+
+    from models import safetensors_io
+    from nanotune.lora import checkpoint_dtype
+
+    dtype = checkpoint_dtype(folder)
+
+    def read(file, info):
+        with open(file, "rb") as f:
+            return safetensors_io.read_tensor(f, info).to(dtype)
+
+    out = {}
+    for file in safetensors_io.checkpoint_files(Path(folder)):
+        for key, info in safetensors_io.read_header(file).items():
+            name, index = model.param_for_hf_key(key) if hasattr(model, "param_for_hf_key") else (key, None)
+            if index is None:
+                out[name] = (torch.Size(info["shape"]), lambda file=file, info=info: read(file, info))
+    return dtype, out
+
+
+def final_tensors(model: nn.Module, merge_lora: bool, original=None) -> list[tuple]:
     """(checkpoint key, a function giving the whole tensor, shape, dtype), one per tensor of final/. With merge_lora a
-    LoRA layer gives one merged weight instead of its three tensors; a tied LM head is left out, as HF does."""
+    LoRA layer gives one merged weight instead of its three tensors; a tied LM head is left out, as HF does; an NF4
+    layer gives its dequantised weight. With `original` (an HF folder: QLoRA's full-precision base), every frozen
+    tensor is read from there and the adapters are merged into its weights, in its dtype: what one process writes
+    with `lora.merge_adapter_into_base`."""
     if hasattr(model, "hf_state_dict"):
+        if original is not None:
+            raise NotImplementedError("merging into the original weights of a model with stacked experts")
         return final_tensors_by_checkpoint_key(model, merge_lora)
     modules = dict(model.named_modules())
     skip = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    original_dtype, originals = original_tensors(model, original) if original is not None else (None, {})
     out = []
     for key, value in model.state_dict(keep_vars=True).items():
-        owner = modules.get(key.rpartition(".")[0])
-        if key in skip or (merge_lora and ".lora_" in key):
+        owner_name, _, local = key.rpartition(".")
+        owner = modules.get(owner_name)
+        if key in skip or (merge_lora and ".lora_" in key) or (is_nf4(owner) and local == "weight_absmax"):
             continue
-        if merge_lora and owner is not None and key.endswith(".weight") and is_lora(owner):
-            out.append((key, lambda m=owner: merged_lora_weight(m), value.shape, value.dtype))
+        shape, dtype = value.shape, value.dtype
+        if is_nf4(owner) and local == "weight":
+            shape, dtype = torch.Size((owner.out_features, owner.in_features)), owner.compute_dtype
+        if original_dtype is not None and dtype.is_floating_point:
+            dtype = original_dtype
+        read = None
+        if key in originals and not value.requires_grad:
+            shape, read = originals[key]
+        if merge_lora and local == "weight" and is_lora(owner):
+            gather = lambda m=owner, r=read: merged_lora_weight(m, None if r is None else r())
+        elif read is not None:
+            gather = read
+        elif local == "weight" and is_nf4(owner):
+            gather = lambda m=owner: layer_weight(m)
         else:
-            out.append((key, lambda v=value: whole(v), value.shape, value.dtype))
+            gather = lambda v=value, d=dtype: whole(v).to(d)  # d: the original's dtype for tensors trained in full
+        out.append((key, gather, shape, dtype))
     return out
 
 
@@ -460,17 +549,17 @@ def final_tensors_by_checkpoint_key(model: nn.Module, merge_lora: bool) -> list[
 
 @torch.no_grad()
 def save_final_streamed(model: nn.Module, folder, info: DistInfo, merge_lora: bool = False,
-                        max_shard_bytes: int = 5 * 10**9) -> None:
+                        max_shard_bytes: int = 5 * 10**9, original=None) -> None:
     """Write an HF-format folder (config.json + safetensors shards + index) from a sharded model: each tensor is
     gathered in turn (every process takes part), and rank 0 keeps at most one shard file's tensors before writing it,
-    so no process holds the whole model."""
+    so no process holds the whole model. `original`: QLoRA's full-precision base folder (see final_tensors)."""
     import json
     from pathlib import Path
 
     import models
 
     folder = Path(folder)
-    entries = final_tensors(model, merge_lora)
+    entries = final_tensors(model, merge_lora, original)
     shards: list[list] = [[]]  # planned from shapes and dtypes alone, so the file names are known before gathering
     size = 0
     for entry in entries:
@@ -534,13 +623,16 @@ def all_reduce_sum(value: float | int, info: DistInfo) -> float:
     return t.item()
 
 
-def all_reduce_tensor(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """The sum of `t` over all processes (a new tensor; `t` itself unchanged)."""
-    if not info.enabled:
-        return t
-    t = t.clone()
-    dist.all_reduce(t)
-    return t
+def all_reduce_sum_on_device(value: torch.Tensor | float, info: DistInfo) -> torch.Tensor:
+    """The sum over all processes as an fp64 tensor on the device, not read back: no host-device sync. A host number
+    becomes a tensor by a fill on the device (no copy from host memory, which would wait for the device)."""
+    if not isinstance(value, torch.Tensor):
+        value = torch.full((), float(value), dtype=torch.float64, device=info.device)
+    value = value.to(torch.float64)
+    if info.enabled:
+        value = value.clone()  # all_reduce works in place
+        dist.all_reduce(value)
+    return value
 
 
 def broadcast_from_main(value: int, info: DistInfo) -> int:

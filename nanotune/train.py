@@ -38,7 +38,7 @@ import torch
 
 import models
 from models import attention
-from nanotune import checkpoint, fp8, lora, metrics, parallel, qat, rundir
+from nanotune import checkpoint, context_parallel, fp8, lora, metrics, parallel, qat, rundir
 from nanotune.config import Config, ConfigError, check_paths, load_config, parse_toml, to_dict, to_toml
 from nanotune.data import DataError, RowError, SourceError, TemplateError, TokenizerError, load_tokenizer, prepare_data
 from nanotune.data.pipeline import describe_rows
@@ -137,6 +137,7 @@ def check_config(cfg: Config) -> None:
         "train.nonfinite": (cfg.train.nonfinite, ("error", "skip")),
         "train.activation_checkpointing": (cfg.train.activation_checkpointing, models.checkpointing.MODES),
         "train.loss": (cfg.train.loss, ("auto", "plain", "chunked")),
+        "train.compile": (cfg.train.compile, ("none", "blocks", "model")),
         "optim.schedule": (cfg.optim.schedule, ("constant", "linear", "cosine")),
         "device": (cfg.device, ("auto", "cpu", "cuda")),
         "attention.implementation": (cfg.attention.implementation, attention.IMPLEMENTATIONS),
@@ -171,6 +172,15 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {betas}")
     if cfg.train.max_steps <= 0 and cfg.train.epochs <= 0:
         raise ConfigError("set train.max_steps or train.epochs to a positive number")
+    context_parallel.check_config(cfg)
+
+
+def check_compile_layout(compile_mode: str, dist) -> None:
+    """train.compile = "model" is for one process: FSDP2's and tensor parallelism's hooks sit between the blocks."""
+    if compile_mode == "model" and dist.world_size > 1:
+        raise ConfigError(f"train.compile = 'model' compiles the forward and loss of one process; with "
+                          f"{dist.world_size} processes use train.compile = 'blocks' (each decoder block compiled, "
+                          "inside tensor parallelism and FSDP2)")
 
 
 # What a resumed run must keep as it was: the model, the adapters, the data and its order (the rows per optimizer step
@@ -210,40 +220,59 @@ def forget_metrics_after(output_dir: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-def choose_loss(model, setting: str, dist):
+def choose_loss(model, setting: str, dist, cp=None, compile_model: bool = False):
     """The token-loss function of the run: the plain CE on (B, T, V) logits, or the chunked LM head + CE that never
     holds fp32 logits for all tokens. `auto` takes the chunked one where it applies: one process (under FSDP the
-    head weight is sharded outside its module's forward) and a plain linear head (not LoRA- or NF4-wrapped)."""
+    head weight is sharded outside its module's forward) and a plain linear head (not LoRA- or NF4-wrapped).
+    `compile_model` (train.compile = "model"): the forward and the loss are compiled together, one graph (the batch
+    says whether its rows are packed, so nothing in them reads the device)."""
     softcap = getattr(model.config, "final_logit_softcapping", None)
 
     # MoE routers' load-balancing loss leaves padding slots out, as HF's attention_mask does
     takes_mask = "aux_loss_mask" in inspect.signature(model.forward).parameters
 
-    def forward(model, batch, device, return_hidden):
-        extra = {"aux_loss_mask": batch["attention_mask"].to(device)} if takes_mask else {}
-        return model(batch["input_ids"].to(device), batch["position_ids"].to(device), batch["cu_seqlens"].to(device),
-                     batch["max_seqlen"], return_hidden=return_hidden, **extra)
+    def forward(model, batch, return_hidden):
+        extra = {"aux_loss_mask": batch["attention_mask"]} if takes_mask else {}
+        return model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], batch["max_seqlen"],
+                     return_hidden=return_hidden, packed=batch["packed"], **extra)
 
-    def plain(model, batch, device):
-        logits = forward(model, batch, device, return_hidden=False)  # (B, T, V)
-        return cross_entropy_sum(logits, batch["labels"].to(device))
+    def plain(model, batch):
+        logits = forward(model, batch, return_hidden=False)  # (B, T, V)
+        return cross_entropy_sum(logits, batch["labels"])
 
-    def chunked(model, batch, device):
-        hidden = forward(model, batch, device, return_hidden=True)  # (B, T, D)
-        return linear_cross_entropy_sum(hidden, lm_head_weight(model.lm_head), batch["labels"].to(device),
-                                        softcap=softcap)
+    def chunked(model, batch):
+        hidden = forward(model, batch, return_hidden=True)  # (B, T, D)
+        return linear_cross_entropy_sum(hidden, lm_head_weight(model.lm_head), batch["labels"], softcap=softcap)
 
-    if setting == "plain":
-        return plain
-    try:
-        lm_head_weight(model.lm_head)
-        usable = not dist.enabled
-        why = "it needs one process for now (the head weight is sharded under FSDP2)"
-    except ValueError as e:
-        usable, why = False, str(e)
-    if setting == "chunked" and not usable:
-        raise ConfigError(f"train.loss = 'chunked' cannot be used here: {why}; use train.loss = 'auto' or 'plain'")
-    return chunked if usable else plain
+    loss = plain
+    if setting != "plain":
+        try:
+            lm_head_weight(model.lm_head)
+            usable = not dist.enabled
+            why = "it needs one process for now (the head weight is sharded under FSDP2)"
+        except ValueError as e:
+            usable, why = False, str(e)
+        if setting == "chunked" and not usable:
+            raise ConfigError(f"train.loss = 'chunked' cannot be used here: {why}; use train.loss = 'auto' or 'plain'")
+        loss = chunked if usable else plain
+    if compile_model:
+        loss = torch.compile(loss)
+
+    def token_loss_sum(model, batch, device):
+        if cp is not None:  # a micro-batch split over the cp group: its attention context for the model's layers
+            cp.prepare(batch, device)
+        on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return loss(model, on_device)
+
+    return token_loss_sum
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A micro-batch's tensors on the device. On CUDA they are copied from pinned host memory with non_blocking=True:
+    the host queues the copy and goes on, instead of waiting for the device to finish the work queued before it."""
+    pinned = device.type == "cuda"
+    return {k: (v.pin_memory() if pinned else v).to(device, non_blocking=pinned) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
 
 
 EVAL_PROGRESS_SECONDS = 30.0  # a long evaluation says how far it is at most this often
@@ -253,20 +282,20 @@ def evaluate(model, loader, max_batches: int, device, autocast, token_loss_sum, 
     model.eval()
     loader.rewind()  # from the first eval batch, also after an earlier pass stopped at max_batches
     num_batches = min(len(loader), max_batches) if max_batches else len(loader)
-    loss_sum = tokens = 0.0
+    loss_sum, tokens = torch.zeros((), dtype=torch.float64, device=device), 0  # summed on the device, read once
     last_report = time.monotonic()
     with torch.no_grad():
         for i, batch in enumerate(loader):
             if max_batches and i >= max_batches:
                 break
             with autocast():
-                loss_sum += token_loss_sum(model, batch, device).item()
+                loss_sum += token_loss_sum(model, to_device(batch, device), device).double()
             tokens += batch["num_trainable_tokens"]
             if time.monotonic() - last_report >= EVAL_PROGRESS_SECONDS and i + 1 < num_batches:
                 log.info(f"eval at step {step}: {i + 1}/{num_batches} batches")
                 last_report = time.monotonic()
     model.train()
-    return {"loss_sum": loss_sum, "tokens": tokens}
+    return {"loss_sum": loss_sum.item(), "tokens": tokens}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,7 +323,9 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
         raise ConfigError("--overwrite deletes the checkpoints that checkpoint.resume would continue from; use one")
     dist = parallel.init_distributed(cfg.device, cfg.parallel)
     device = dist.device
-    fp8.check_config(cfg.fp8, device, cfg.lora.quantize)  # refuse GPUs without FP8 matrix cores before any work
+    check_compile_layout(cfg.train.compile, dist)
+    # refuse GPUs without FP8 matrix cores, and an FP8 all-gather without FSDP2 sharding, before any work
+    fp8.check_config(cfg.fp8, device, cfg.lora.quantize, dist.layout["dp_shard"], cfg.lora.enabled and cfg.lora.dora)
     qat.check_config(cfg.qat, cfg.lora.enabled, cfg.fp8.enabled)
     output_dir = Path(cfg.output_dir)
     if args.dry_run:
@@ -371,17 +402,25 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
             log.info(f"Triton kernels: {len(apply_kernels(model))} modules swapped")
         except (ImportError, RuntimeError) as e:
             raise ConfigError(f"train.kernels = true: {e}") from None
+    if cfg.fp8.fsdp_float8_all_gather:  # before fully_shard: FSDP2 then gathers these weights in e4m3 (docs/fp8.md)
+        log.info(f"FP8 all-gather: FSDP2 gathers {fp8.gather_weights_in_float8(model)} weights in e4m3")
     # tensor parallel -> (activation checkpointing) -> compile each block -> FSDP2 / HSDP; see docs/parallel.md
-    model = parallel.parallelize(model, dist, cfg.parallel, cfg.train.precision, compile=cfg.train.compile)
+    model = parallel.parallelize(model, dist, cfg.parallel, cfg.train.precision,
+                                 compile=cfg.train.compile == "blocks")
     if sharded_load:
-        parallel.load_sharded(model, cfg.model.path, device)
-    use_autocast = cfg.train.precision == "amp-bf16" and dist.dp_size == 1  # else FSDP2 gathers bf16 parameters
+        parallel.load_sharded(model, cfg.model.path, device, offload=cfg.parallel.cpu_offload)
+    use_autocast = cfg.train.precision == "amp-bf16" and dist.fsdp_size == 1  # else FSDP2 gathers bf16 parameters
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_autocast else contextlib.nullcontext
     # activations saved for the backward go to (pinned) host memory and come back when needed
     offload = (lambda: torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")) \
         if cfg.train.activation_offload else contextlib.nullcontext
-    optimizer = build_optimizer(model, cfg.optim, device)
-    token_loss_sum = choose_loss(model, cfg.train.loss, dist)
+    # context parallel: every micro-batch becomes this process's part of each row (see nanotune/context_parallel.py)
+    cp = context_parallel.ContextParallel.build(model, dist)
+    if cp is not None:
+        train_loader, eval_loader = cp.wrap(train_loader), cp.wrap(eval_loader)
+    # with parallel.cpu_offload the parameters, gradients and AdamW states live in host memory: the step runs there
+    optimizer = build_optimizer(model, cfg.optim, torch.device("cpu") if cfg.parallel.cpu_offload else device)
+    token_loss_sum = choose_loss(model, cfg.train.loss, dist, cp, compile_model=cfg.train.compile == "model")
 
     # ---- resume: model, optimizer, data position, RNG states and step, exactly
     step, epoch = 0, 0
@@ -415,15 +454,18 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
         log.info(f"saved checkpoint {path}")
         last_save = time.monotonic()
 
-    def checkpoint_due() -> bool:
+    def checkpoint_due(logging_step: bool) -> bool:
         """Every `checkpoint.every` steps, and every `checkpoint.every_minutes` of wall-clock time as rank 0's clock
-        says (broadcast, so that every rank saves at the same step)."""
+        says. With several processes the clock is broadcast on logging steps only (a collective read back on the host
+        would make every step wait for the device), so that every rank saves at the same step."""
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             return True
         if not cfg.checkpoint.every_minutes:
             return False
-        return bool(parallel.broadcast_from_main(time.monotonic() - last_save >= 60 * cfg.checkpoint.every_minutes,
-                                                 dist))
+        late = time.monotonic() - last_save >= 60 * cfg.checkpoint.every_minutes
+        if not dist.enabled:
+            return late
+        return logging_step and bool(parallel.broadcast_from_main(late, dist))
 
     def micro_batches():
         """Endless stream of micro-batches, epoch after epoch, reshuffled each epoch."""
@@ -439,31 +481,46 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
         log.info(f"eval at step {step}: loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f}")
         logger.write({"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))})
 
-    # ---- the loop
+    # ---- the loop. The host queues work and runs ahead of the device: it reads a value back (a sync: it waits for
+    # the device to finish everything queued) only on logging steps, for evaluations and checkpoints, and with
+    # train.nonfinite = "skip" once per step. Loss, gradient norm and the non-finite check stay on the device between.
     model.train()
     stream = micro_batches()
     timer, run_start, start_step = metrics.Timer(), time.perf_counter(), step
-    loss_window, tokens_window = [], 0
+    window_loss, window_steps, window_tokens = torch.zeros((), dtype=torch.float64, device=device), 0, 0
+    # train.nonfinite = "error": (step, loss, gradient norm) of the first non-finite step, step 0 while there is none
+    first_nonfinite = torch.zeros(3, dtype=torch.float64, device=device)
     expert_tokens = None  # MoE: tokens routed to each expert in the log window, summed on the device
     num_skipped = 0  # consecutive steps skipped for a non-finite loss or gradient norm
+
+    def check_finite():
+        """Stop at the first non-finite step (read here, before anything is logged, evaluated or saved after it)."""
+        if first_nonfinite[0].item():
+            bad_step, bad_loss, bad_norm = first_nonfinite.tolist()
+            raise FloatingPointError(
+                f"step {int(bad_step)}: loss {bad_loss} / gradient norm {bad_norm} is not finite; no checkpoint was "
+                "written for this step or after it. Lower optim.lr, check the data, or set train.nonfinite = 'skip'")
+
     while step < total_steps:
         lr = lr_at(step, total_steps, cfg.optim)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batches = [next(stream) for _ in range(accum)]
+        # the step's micro-batches, collated now and their copies queued at once (pinned, non-blocking on CUDA)
+        batches = [to_device(next(stream), device) for _ in range(accum)]
         qat.update(model, cfg.qat, step)  # fake quantisation from step qat.start_step on
         # divide by trainable tokens in the whole step (all micro-batches, all ranks) so that the loss and gradients
         # do not depend on micro-batch size, accumulation steps or world size
-        step_tokens = parallel.all_reduce_sum(sum(b["num_trainable_tokens"] for b in batches), dist)
-        loss_sum = aux_sum = torch.zeros((), device=device)  # summed on the device: one host sync per step
+        step_tokens = parallel.all_reduce_sum_on_device(sum(b["num_trainable_tokens"] for b in batches), dist)
+        denominator = step_tokens.clamp(min=1.0).float()  # () on the device
+        loss_sum = aux_sum = torch.zeros((), device=device)  # summed on the device
         for i, batch in enumerate(batches):
-            if dist.dp_size > 1:  # FSDP2 reduces gradients once, after the last micro-batch
+            if dist.fsdp_size > 1:  # FSDP2 reduces gradients once, after the last micro-batch
                 model.set_requires_gradient_sync(i == accum - 1)
             with autocast(), offload():
                 loss_i = token_loss_sum(model, batch, device)  # summed over this micro-batch's trained tokens
-                # FSDP averages gradients over dp ranks: scale by world_size (step_tokens counts each tensor-
-                # parallel group's tokens tp times) to get the sum over all ranks instead
-                objective = loss_i * dist.world_size / max(step_tokens, 1.0)
+                # FSDP averages gradients over dp (and cp) ranks: scale by world_size (step_tokens counts each
+                # tensor-parallel group's tokens tp times; cp ranks count only their own) to get the sum over all ranks
+                objective = loss_i * dist.world_size / denominator
                 aux = getattr(model, "aux_loss", None)  # MoE load balancing, already times router_aux_loss_coef
                 if aux is not None:
                     objective = objective + aux / accum  # a mean over the step's micro-batches (and ranks, by FSDP)
@@ -473,16 +530,12 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
                     expert_tokens = routed if expert_tokens is None else expert_tokens + routed
             objective.backward()
             loss_sum = loss_sum + loss_i.detach()
-        loss = parallel.all_reduce_sum(loss_sum.item(), dist) / max(step_tokens, 1.0)
+        step_loss = parallel.all_reduce_sum_on_device(loss_sum, dist) / step_tokens.clamp(min=1.0)  # () fp64
         max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
         grad_norm = parallel.clip_grad_norm([p for p in model.parameters() if p.requires_grad], max_norm, dist)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)  # the same on every rank: both are global
+        if cfg.train.nonfinite == "skip" and not finite.item():  # skipping needs the answer now: a read per step
             optimizer.zero_grad(set_to_none=True)
-            if cfg.train.nonfinite == "error":
-                raise FloatingPointError(
-                    f"step {step + 1}: loss {loss} / gradient norm {grad_norm} is not finite; no checkpoint was "
-                    "written for this step. Lower optim.lr, check the data, or set train.nonfinite = 'skip'"
-                )
             log.warning(f"step {step + 1}: non-finite loss or gradient norm, step skipped")
             num_skipped += 1
             if num_skipped >= cfg.train.max_skipped_steps:  # the model is not training any more: no final/ of it
@@ -494,21 +547,29 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
             num_skipped = 0
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if cfg.train.nonfinite == "error":  # a non-finite step is remembered here and stops the run in check_finite
+                this_step = torch.stack([torch.full_like(step_loss, step + 1), step_loss, grad_norm.double()])
+                first_nonfinite = torch.where(~finite & (first_nonfinite[0] == 0), this_step, first_nonfinite)
         step += 1
 
-        loss_window.append(loss)
-        tokens_window += sum(int(b["attention_mask"].sum()) for b in batches) * dist.dp_size  # real, not padding
-        signalled = parallel.all_reduce_sum(stop.signal is not None, dist) > 0  # every rank stops at the same step
-        if step % cfg.logging.every == 0 or step == total_steps or signalled:  # a stopped run logs its last steps
+        window_loss, window_steps = window_loss + step_loss, window_steps + 1
+        window_tokens += sum(b["num_tokens"] for b in batches) * dist.fsdp_size  # real tokens, not padding
+        logging_step = step % cfg.logging.every == 0 or step == total_steps
+        # a stop request (SIGTERM / SIGINT): at once in one process; with several, agreed on at logging steps, so
+        # that every rank stops at the same step without a collective read back on every step
+        signalled = stop.signal is not None if not dist.enabled else \
+            logging_step and parallel.all_reduce_sum(stop.signal is not None, dist) > 0
+        if logging_step or signalled:  # a stopped run logs its last steps
+            check_finite()
             elapsed = timer.lap()
-            tokens_per_s = tokens_window / elapsed
-            record = {"step": step, "loss": sum(loss_window) / len(loss_window), "lr": lr, "grad_norm": grad_norm,
+            tokens_per_s = window_tokens / elapsed
+            record = {"step": step, "loss": window_loss.item() / window_steps, "lr": lr, "grad_norm": grad_norm.item(),
                       "tokens_per_s": tokens_per_s, "epoch": epoch}
             if getattr(model, "aux_loss", None) is not None:
                 record["aux_loss"] = parallel.all_reduce_sum(aux_sum.item(), dist) / dist.world_size
-            if expert_tokens is not None:  # per optimizer step, over all data-parallel processes
-                record.update(metrics.expert_load(parallel.all_reduce_tensor(expert_tokens, dist) * dist.dp_size
-                                                  / dist.world_size / len(loss_window)))
+            if expert_tokens is not None:  # per optimizer step, over all processes (tensor-parallel ones count once)
+                summed = parallel.all_reduce_sum_on_device(expert_tokens, dist)
+                record.update(metrics.expert_load(summed * dist.fsdp_size / dist.world_size / window_steps))
                 expert_tokens = None
             if peak:
                 record["mfu"] = flops_per_token * tokens_per_s / dist.world_size / peak
@@ -518,11 +579,15 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
             record["eta_s"] = (time.perf_counter() - run_start) / done * (total_steps - step)
             log.info(metrics.format_progress(record, total_steps))
             logger.write(record)
-            loss_window, tokens_window = [], 0
+            window_loss, window_steps, window_tokens = torch.zeros_like(window_loss), 0, 0
         with timer.paused():  # evaluation and checkpoints do not count against tokens/s
-            if eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
+            eval_due = eval_loader is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0
+            save_due = checkpoint_due(logging_step) or signalled
+            if eval_due or save_due:
+                check_finite()
+            if eval_due:
                 run_eval()
-            if checkpoint_due() or signalled:
+            if save_due:
                 save_checkpoint()
         if signalled:
             log.info(f"stopped by {stop.signal or 'a signal'} after step {step}; resume with --checkpoint.resume=auto")
@@ -531,6 +596,7 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
             return 0
 
     # ---- the end: last eval, final model in HF format
+    check_finite()
     if eval_loader is not None and not finished_before and not (cfg.train.eval_every and step % cfg.train.eval_every == 0):
         run_eval()  # the end of the run, unless the loop just evaluated this step
     if cfg.checkpoint.save_final:
@@ -594,7 +660,9 @@ def save_final_streamed(model, cfg: Config, output_dir: Path, dist) -> None:
         parallel.save_adapter_streamed(model, output_dir / "adapter", dist, cfg.model.path or None)
         log.info(f"saved adapter (PEFT format): {output_dir / 'adapter'}")
     if not cfg.lora.enabled or cfg.lora.merge:
-        parallel.save_final_streamed(model, tmp, dist, merge_lora=cfg.lora.enabled)
+        # QLoRA: merged into the original full-precision weights, as in one process (save_final)
+        original = cfg.model.path if cfg.lora.quantize and cfg.model.path else None
+        parallel.save_final_streamed(model, tmp, dist, merge_lora=cfg.lora.enabled, original=original)
         if dist.is_main:
             finish_final(output_dir, Path(cfg.model.tokenizer or cfg.model.path))
     parallel.barrier(dist)

@@ -535,7 +535,10 @@ def copy_weights(model: nn.Module, hf_sd: dict, dtype, device) -> None:
 
 
 def nanotune_loss_sum(model, b: Batch, args) -> torch.Tensor:
-    hidden = model(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen, return_hidden=True)  # (B, T, D)
+    # packed (W7) batches carry cu_seqlens, dense ones none: the model is told, as the trainer's loader tells it, so
+    # that it does not inspect the device for document boundaries (a host sync every step)
+    hidden = model(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen, return_hidden=True,
+                   packed=b.cu_seqlens is not None)  # (B, T, D)
     softcap = getattr(model.config, "final_logit_softcapping", None)
     # None: the Triton chunk kernel on CUDA when triton is installed; under TRITON_INTERPRET=1 on CPU as well
     use_triton = (True if interpreting() else None) if args.kernels else False

@@ -54,6 +54,17 @@ def test_overrides_are_typed():
     assert Config().train.max_steps == 0
 
 
+def test_compile_takes_a_mode_and_the_old_boolean():
+    """train.compile was a boolean that compiled each decoder block: true still does, false still does not."""
+    assert load_config(None, []).train.compile == "none"
+    for value, mode in [("true", "blocks"), ("false", "none"), ("model", "model"), ("blocks", "blocks")]:
+        cfg = load_config(None, [f"--train.compile={value}"])
+        assert cfg.train.compile == mode
+        check_config(cfg)
+    with pytest.raises(ConfigError, match="train.compile = 'whole' is not one of"):
+        check_config(load_config(None, ["--train.compile=whole"]))
+
+
 @pytest.mark.parametrize(
     "toml,message",
     [

@@ -3,6 +3,12 @@ filter, unchanged state dicts, LoRA with an FP8 base, torch.compile without grap
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -13,6 +19,7 @@ from nanotune import fp8
 from nanotune.config import ConfigError, Fp8Config
 from nanotune.fp8 import E4M3, E5M2, Float8Linear, Float8LoRALinear, apply_fp8, fp8_linear
 from nanotune.lora import LoRALinear, apply_lora, merge_lora
+from tests.conftest import ROOT
 
 RECIPES = ["tensorwise", "rowwise"]
 GRADS = {"e5m2": E5M2, "e4m3": E4M3}
@@ -390,3 +397,206 @@ def test_fp8_and_qat_with_tensor_parallelism_are_refused_before_any_work():
         cfg = load_config(quickstart, [f"--{section}.enabled=true", "--parallel.tp=2"])
         with pytest.raises(ConfigError, match=f"{section}.enabled with parallel.tp = 2"):
             train.check_config(cfg)
+
+
+# ------------------------------------------------------------------------------------------------ FSDP2: FP8 all-gather
+
+
+@pytest.mark.parametrize("cfg, dp_shard, dora, message", [
+    (Fp8Config(fsdp_float8_all_gather=True), 2, False, "fp8.enabled = false; enable FP8 or set fp8.fsdp_float8"),
+    (Fp8Config(enabled=True, recipe="rowwise", fsdp_float8_all_gather=True), 2, False,
+     "needs fp8.recipe = 'tensorwise', not 'rowwise'"),
+    (Fp8Config(enabled=True, fsdp_float8_all_gather=True), 1, False, r"shards over 1 process \(parallel.dp_shard = 1\)"),
+    (Fp8Config(enabled=True, fsdp_float8_all_gather=True), 2, True, "with lora.dora = true is not supported"),
+])
+def test_float8_all_gather_refusals_name_the_keys(cfg, dp_shard, dora, message):
+    with pytest.raises(ConfigError, match=message):
+        fp8.check_config(cfg, torch.device("cpu"), dp_shard=dp_shard, dora=dora)
+    fp8.check_config(Fp8Config(enabled=True, fsdp_float8_all_gather=True), torch.device("cpu"), dp_shard=2)
+
+
+def test_a_run_in_one_process_refuses_the_float8_all_gather_before_any_work(run, tmp_path):
+    with pytest.raises(ConfigError, match="parallel.dp_shard > 1, or set fp8.fsdp_float8_all_gather = false"):
+        run("--fp8.enabled=true", "--fp8.fsdp_float8_all_gather=true", name="refused")
+    assert not (tmp_path / "cache").exists()  # refused before the data was read
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_weight_gathered_in_fp8_gives_bitwise_the_products_of_the_high_precision_weight(compiled):
+    """What FSDP2 hands the layer with the switch on: the weight's e4m3 bytes and tensorwise scale (a Float8Weight).
+    Output, input gradient and weight gradient are bitwise those of the same layer holding the high-precision weight
+    (tensorwise scales do not depend on the weight's layout, so the backward reuses the bytes, transposed); the weight
+    gradient has the high-precision dtype. torch.compile traces it without graph breaks (fullgraph)."""
+    plain = Float8Linear(nn.Linear(64, 48), "tensorwise")
+    gathered = Float8Linear(nn.Linear(64, 48), "tensorwise")
+    gathered.bias = plain.bias
+    gathered.weight = nn.Parameter(fp8.Float8Weight(*fp8.to_float8(plain.weight.detach(), E4M3, False), torch.float32))
+    x = torch.randn(2, 16, 64, requires_grad=True)
+    results = []
+    for layer in (plain, torch.compile(gathered, backend="aot_eager", fullgraph=True) if compiled else gathered):
+        y = layer(x)
+        y.square().sum().backward()
+        results.append((y.detach(), x.grad, layer.weight.grad))
+        x.grad = plain.bias.grad = None
+    (y_ref, dx_ref, dw_ref), (y, dx, dw) = results
+    assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref) and torch.equal(dw, dw_ref)
+    assert type(dw) is torch.Tensor and dw.dtype == torch.float32
+
+
+def fsdp_fp8_llama(folder, mesh, gather_in_fp8: bool, param_dtype, lora: bool):
+    """The tiny Llama in `folder`, every linear but the LM head in tensorwise FP8 (with LoRA: LoRA on each, the frozen base in FP8),
+    sharded by FSDP2 per layer; returns the model and a list that each decoder layer's all-gather appends the bytes it
+    sends to."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather
+
+    sent = []
+
+    class CountingAllGather(DefaultAllGather):
+        def __call__(self, output_tensor, input_tensor, group, async_op=False):
+            sent.append(input_tensor.numel() * input_tensor.element_size())
+            return super().__call__(output_tensor, input_tensor, group, async_op)
+
+    model = models.from_pretrained(folder)
+    if lora:
+        torch.manual_seed(0)  # the adapters' A
+        apply_lora(model, "all-linear", rank=4, alpha=8)
+        for module in model.modules():  # non-zero B, so that the base's input gradient matters
+            if isinstance(module, LoRALinear):
+                nn.init.normal_(module.lora_B.weight, std=0.02)
+    apply_fp8(model, "tensorwise", skip=["lm_head"], min_dim=0)
+    if gather_in_fp8:
+        assert fp8.gather_weights_in_float8(model) == 2 * 7
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+        layer.set_custom_all_gather(CountingAllGather())
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model, sent
+
+
+def compare_gathers(folder, mesh, param_dtype, lora: bool = False) -> dict:
+    """Two training steps of fsdp_fp8_llama gathering in the parameter dtype and in FP8 (run in every process):
+    -> what the test checks, as plain values."""
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(mesh.get_rank()))  # vocab 64
+    runs = {}
+    for gather_in_fp8 in (False, True):
+        model, sent = fsdp_fp8_llama(folder, mesh, gather_in_fp8, param_dtype, lora)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        step_losses = []
+        for _ in range(2):
+            loss = model(ids).float().square().mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            step_losses.append(loss.item())
+        state = {k: v.to_local() for k, v in model.state_dict().items()}
+        adam = [t.to_local() for s in optimizer.state.values() for t in s.values() if t.ndim]
+        types = sorted({type(t).__name__ for t in [*state.values(), *adam]})
+        runs[gather_in_fp8] = dict(losses=step_losses, state=state, sent=sent, types=types)
+    hp, f8 = runs[False], runs[True]
+    differ = [k for k in hp["state"] if not (f8["state"][k].dtype == hp["state"][k].dtype
+                                              and torch.equal(f8["state"][k], hp["state"][k]))]
+    layer = models.from_pretrained(folder).model.layers[0]
+    fp8_elements = sum(m.weight.numel() for m in layer.modules() if type(m) is nn.Linear)  # the 7 projections
+    return dict(fp8_elements_per_layer=fp8_elements, losses=[hp["losses"], f8["losses"]], sent=[hp["sent"], f8["sent"]], types=[hp["types"], f8["types"]],
+                keys_equal=hp["state"].keys() == f8["state"].keys(), differ=differ)
+
+
+@pytest.fixture(scope="module")
+def float8_all_gather_runs(tmp_path_factory):
+    """One torchrun job of 2 processes (FSDP2 over gloo): compare_gathers for fp32 and bf16 gathers, then trainer
+    runs with FP8 tensorwise under amp-bf16 (bf16 gathers, fp32 gradient reduction): the weights gathered in bf16,
+    in FP8 (both with a checkpoint after step 1), and resumed from that checkpoint with the FP8 gather."""
+    from tests.test_parallel import QUICKSTART, base_argv, write_family_checkpoint
+
+    tmp = tmp_path_factory.mktemp("fp8_all_gather")
+    rows = (QUICKSTART / "train.jsonl").read_text().splitlines()[:48]
+    (tmp / "train.jsonl").write_text("\n".join(rows) + "\n")
+    write_family_checkpoint(tmp / "llama", "llama")
+    common = ["--fp8.enabled=true", "--fp8.min_dim=0", "--train.precision=amp-bf16", "--parallel.dp_shard=2",
+              "--train.grad_accum_steps=2", "--train.max_steps=2", "--checkpoint.every=1", "--checkpoint.keep=0"]
+    on = ["--fp8.fsdp_float8_all_gather=true"]
+    outs = {name: tmp / name for name in ("bf16_gather", "fp8_gather", "resumed")}
+    runs = [base_argv(tmp, tmp / "llama", outs["bf16_gather"]) + common,
+            base_argv(tmp, tmp / "llama", outs["fp8_gather"]) + common + on,
+            base_argv(tmp, tmp / "llama", outs["resumed"]) + common + on +
+            [f"--checkpoint.resume={outs['fp8_gather'] / 'step-1'}"]]
+    spec = tmp / "spec.json"
+    spec.write_text(json.dumps({"model": str(tmp / "llama"), "gathers": str(tmp / "gathers.json"), "runs": runs}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(spec)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads((tmp / "gathers.json").read_text()), outs
+
+
+def worker(spec_file: str) -> None:
+    """Inside torchrun: compare_gathers, then each trainer run of the spec, in one process group."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from nanotune import train
+
+    dist.init_process_group("gloo")
+    spec = json.loads(Path(spec_file).read_text())
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    gathers = {name: compare_gathers(spec["model"], mesh, dtype, lora) for name, dtype, lora in
+               (("fp32", None, False), ("bf16-lora", torch.bfloat16, True))}
+    if dist.get_rank() == 0:
+        Path(spec["gathers"]).write_text(json.dumps(gathers))
+    for argv in spec["runs"]:
+        assert train.main(argv) == 0
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["fp32", "bf16-lora"])
+def test_fsdp2_sends_fp8_weights_as_one_byte_per_element_and_computes_the_same(float8_all_gather_runs, case):
+    """Two processes, two training steps of a sharded tiny Llama, gathering the FP8 layers' weights in fp32 (or, with
+    LoRA, the frozen FP8 base weights in bf16 under a mixed-precision policy) and in e4m3. Every all-gather of a decoder layer sends exactly its FP8 weights'
+    elements x (bytes of the gather dtype - 1) fewer bytes, and nothing else changes. Losses, the updated weights and
+    AdamW states are bitwise equal: the scale is the whole weight's (the max of the shards' amaxes, exact), so the
+    gathered bytes are the very FP8 values the layer would cast the gathered weight to. Model and optimizer states
+    are plain tensors: the wrapper never reaches a checkpoint."""
+    got = float8_all_gather_runs[0][case]
+    (losses_hp, losses_fp8), (sent_hp, sent_fp8) = got["losses"], got["sent"]
+    assert losses_fp8 == losses_hp
+    assert got["keys_equal"] and got["differ"] == []
+    assert got["types"] == [["Tensor"], ["Tensor"]]
+    gather_bytes = {"fp32": 4, "bf16-lora": 2}[case]
+    assert len(sent_fp8) == len(sent_hp) >= 2 * 2 * 2  # 2 layers x (forward + backward) x 2 steps
+    for hp, f8 in zip(sent_hp, sent_fp8):
+        assert hp - f8 == got["fp8_elements_per_layer"] * (gather_bytes - 1) // 2  # each process sends half of each
+
+
+def state_tensors(step_dir: Path) -> dict:
+    """Every tensor of a DCP checkpoint folder, by file and key."""
+    return {(f.name, k): v for f in sorted((step_dir / "state").glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.mark.slow
+def test_trainer_with_fp8_all_gather_equals_bf16_gather_and_resumes_exactly(float8_all_gather_runs):
+    """The trainer under FSDP2 (2 processes, amp-bf16, tensorwise FP8): with fp8.fsdp_float8_all_gather the losses,
+    the step-1 checkpoint (DCP files: keys, dtypes, values of parameters and AdamW states) and final/ are bitwise
+    those of the bf16 gather; resuming the FP8-gather run from its checkpoint continues it bitwise too."""
+    outs = float8_all_gather_runs[1]
+    log = (outs["fp8_gather"] / "train.log").read_text()
+    assert "FP8 all-gather: FSDP2 gathers 14 weights in e4m3" in log
+    assert "FP8 all-gather" not in (outs["bf16_gather"] / "train.log").read_text()
+    assert losses(outs["fp8_gather"]) == losses(outs["bf16_gather"])
+    hp, f8 = state_tensors(outs["bf16_gather"] / "step-1"), state_tensors(outs["fp8_gather"] / "step-1")
+    assert hp.keys() == f8.keys() and any("exp_avg" in k for _, k in hp)
+    for key in hp:
+        assert f8[key].dtype == hp[key].dtype and torch.equal(f8[key], hp[key]), key
+    final_hp, final_f8 = load_file(outs["bf16_gather"] / "final" / "model.safetensors"), \
+        load_file(outs["fp8_gather"] / "final" / "model.safetensors")
+    assert final_hp.keys() == final_f8.keys() and all(torch.equal(final_f8[k], final_hp[k]) for k in final_hp)
+    assert {v.dtype for v in final_f8.values()} == {torch.float32}  # the model's own dtype: nothing FP8 in final/
+    assert losses(outs["resumed"]) == losses(outs["fp8_gather"])[1:]
+    final_resumed = load_file(outs["resumed"] / "final" / "model.safetensors")
+    assert all(torch.equal(final_resumed[k], final_f8[k]) for k in final_f8)
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])

@@ -28,7 +28,7 @@ needs_kernels = pytest.mark.skipif(
 )
 
 import models  # noqa: E402
-from nanotune.kernels import GLU_MLP_CLASSES, RMSNORM_CLASSES, apply_kernels  # noqa: E402
+from nanotune.kernels import GLU_MLP_CLASSES, RMSNORM_CLASSES, ROPE_CLASSES, apply_kernels  # noqa: E402
 from nanotune.kernels.cross_entropy import cross_entropy_chunk_, cross_entropy_chunk_reference  # noqa: E402
 from nanotune.kernels.glu import glu, glu_reference  # noqa: E402
 from nanotune.kernels.rms_norm import rms_norm, rms_norm_reference  # noqa: E402
@@ -127,13 +127,14 @@ def test_rope(dtype):
 @pytest.mark.parametrize("V", [37, 4100])  # one block of the vocabulary, and two (the second partly masked)
 def test_cross_entropy_chunk_in_place(dtype, softcap, V):
     torch.manual_seed(0)
-    logits = (torch.randn(3, V, device=DEVICE) * 3).to(dtype)
-    labels = torch.tensor([0, V - 1, V // 2], device=DEVICE)
+    logits = (torch.randn(4, V, device=DEVICE) * 3).to(dtype)
+    labels = torch.tensor([0, V - 1, -100, V // 2], device=DEVICE)  # row 2 not trained: masked inside the kernel
     loss_ref, grad_ref = cross_entropy_chunk_reference(logits, labels, softcap)
     grad = logits.clone()
     loss = cross_entropy_chunk_(grad, labels, softcap)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, grad_ref, **TOL[dtype])
+    assert loss[2] == 0 and torch.all(grad[2] == 0) and torch.all(loss[[0, 1, 3]] > 0)
 
 
 @needs_kernels
@@ -190,7 +191,7 @@ def test_apply_kernels_keeps_names_logits_and_gradients(family):
     swapped = apply_kernels(model)
     assert [n for n, _ in model.named_parameters()] == names_before
     kinds = {type(model.get_submodule(n)).__name__ for n in swapped}
-    assert kinds == {"TritonRMSNorm", "TritonGLUMLP"}
+    assert kinds == {"TritonRMSNorm", "TritonGLUMLP", "TritonRope"}
     logits = model(input_ids)
     torch.testing.assert_close(logits, logits_ref, rtol=1e-4, atol=1e-5)
     logits.square().mean().backward()
@@ -198,10 +199,24 @@ def test_apply_kernels_keeps_names_logits_and_gradients(family):
         torch.testing.assert_close(p.grad, grads_ref[n], rtol=1e-3, atol=1e-6, msg=n)
 
 
+@needs_kernels
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen2_moe"])
+def test_rope_swap_alone_equals_the_plain_rotation(family):
+    """Every attention's Rope module, and only those, is swapped; packed rows (cos / sin restarting per document)."""
+    model = tiny_model(TINY[family])
+    input_ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 2, 3]] * 2, device=DEVICE)
+    with torch.no_grad():
+        ref = model(input_ids, position_ids)
+        swapped = apply_kernels(model, norms=False, mlps=False)
+        assert swapped == [f"model.layers.{i}.self_attn.rope" for i in range(len(model.model.layers))]
+        torch.testing.assert_close(model(input_ids, position_ids), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_tables_name_the_model_classes():
     import importlib
 
-    for qualified in [*RMSNORM_CLASSES, *GLU_MLP_CLASSES]:
+    for qualified in [*RMSNORM_CLASSES, *GLU_MLP_CLASSES, *ROPE_CLASSES]:
         module_name, _, cls = qualified.rpartition(".")
         assert hasattr(importlib.import_module(module_name), cls), qualified
 

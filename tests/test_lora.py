@@ -371,12 +371,12 @@ def test_qlora_loading_peak_memory_stays_near_the_quantised_size(tmp_path):
     bf16_peak, _ = peak_and_final_mb("bf16")
     nf4_peak, nf4_final = peak_and_final_mb("nf4")
     assert bf16_peak > 0.9 * linear_bf16_mb, (bf16_peak, linear_bf16_mb)  # the measure sees a full-size load
-    # NF4 keeps ~4.1 bits per weight (4 + double-quantised scales): ~8.5 MiB, 0.26 of bf16; the resident set adds a
-    # few MiB of allocator and quantisation-state bookkeeping (11-13 MiB measured in all), while a bf16 copy left
-    # behind would add the whole 32 MiB
+    # NF4 keeps 4.25 bits per weight (4 + a bf16 scale per 64): ~8.5 MiB, 0.27 of bf16; the resident set adds a
+    # few MiB of allocator bookkeeping (12 MiB measured in all), while a bf16 copy left behind would add the whole
+    # 32 MiB
     assert nf4_final < 0.5 * linear_bf16_mb, (nf4_final, linear_bf16_mb)
-    # on top only the tensor in flight and quantisation scratch (bitsandbytes' CPU quantiser uses ~7x the tensor's
-    # bf16 size), which scale with the largest tensor, not with the model
+    # on top only the tensor in flight and quantisation scratch (~9 bytes per weight of the tensor, ~5x its bf16
+    # size), which scale with the largest tensor, not with the model
     assert nf4_peak < nf4_final + 10 * largest_bf16_mb, (nf4_peak, nf4_final, largest_bf16_mb)
     print(f"peak RSS growth: bf16 {bf16_peak:.0f} MiB, nf4 {nf4_peak:.0f} MiB (after load {nf4_final:.0f} MiB)")
 

@@ -88,6 +88,7 @@ def test_batch_tensors_shapes_positions_and_cu_seqlens():
         assert all(s // T == (s + n - 1) // T for s, n in zip(cu[:-1], seg))
         assert (b["labels"][b["input_ids"] == -1] == -100).all()
         assert torch.equal(b["attention_mask"], b["input_ids"] != -1)  # False exactly in the padding slots
+        assert b["packed"] is True  # the model takes the loader's word: it need not look at position_ids
         # the last token of each segment is never trained (it would predict the next document's first token)
         ends = np.array(cu[1:]) - 1
         assert (b["labels"].flatten()[ends] == -100).all()
@@ -99,6 +100,7 @@ def test_unpacked_pads_to_longest_in_batch():
     (b,) = list(loader)
     assert b["input_ids"].shape == (3, 9)
     assert b["cu_seqlens"].tolist() == [0, 5, 9, 18, 22, 27]
+    assert b["packed"] is False  # one example then padding per row: plain causal attention
 
 
 def test_deterministic_and_reshuffled_each_epoch():

@@ -52,11 +52,10 @@ def test_dp_shard_takes_the_processes_left_over():
 
 @pytest.mark.parametrize("world_size,keys,message", [
     (4, dict(dp_shard=2), r"layout \(dp_shard 2 = 2\) does not match the 4 processes launched; make parallel."
-                          r"dp_replicate x dp_shard x tp equal the world size"),
-    (6, dict(tp=4), r"parallel.dp_replicate x tp = 4 does not divide the 6 processes"),
-    (1, dict(tp=2), r"parallel.dp_replicate x tp = 2 does not divide the 1 processes"),
+                          r"dp_replicate x dp_shard x cp x tp equal the world size"),
+    (6, dict(tp=4), r"parallel.dp_replicate x cp x tp = 4 does not divide the 6 processes"),
+    (1, dict(tp=2), r"parallel.dp_replicate x cp x tp = 2 does not divide the 1 processes"),
     (2, dict(dp_shard=2, tp=2), r"layout \(dp_shard 2 x tp 2 = 4\) does not match the 2 processes launched"),
-    (2, dict(cp=2), r"parallel.cp = 2: context parallelism is not built yet; set parallel.cp = 1"),
     (2, dict(ep=2), r"parallel.ep = 2: expert parallelism is not built yet; set parallel.ep = 1"),
     (2, dict(dp_shard=0), r"parallel.dp_shard must be -1 \(the processes left over\) or at least 1"),
     (2, dict(reduce_dtype="fp16"), r"parallel.reduce_dtype = 'fp16' is not one of"),
@@ -355,6 +354,7 @@ def test_every_layout_trains_like_one_process(trained, family, tuning, layout_na
 RESHARD_LAYOUTS = {
     "one": (1, ["--train.grad_accum_steps=4"]),
     "fsdp": (2, ["--parallel.dp_shard=2", "--train.grad_accum_steps=2"]),
+    "hsdp": (2, ["--parallel.dp_replicate=2", "--parallel.dp_shard=1", "--train.grad_accum_steps=2"]),
     "tp": (2, ["--parallel.tp=2", "--train.grad_accum_steps=4"]),
     "fsdp4": (4, ["--parallel.dp_shard=4", "--train.grad_accum_steps=1"]),
     "fsdp-tp": (4, ["--parallel.dp_shard=2", "--parallel.tp=2", "--train.grad_accum_steps=2"]),
@@ -395,20 +395,23 @@ def assert_continues_like(out: Path, straight: Path, first_step: int) -> None:
 @pytest.mark.slow
 def test_a_checkpoint_resumes_on_another_layout_like_an_uninterrupted_run(tmp_path):
     """Four steps of one process, uninterrupted, against: FSDP (dp_shard 2) for two steps, resumed in one process;
-    and TP (tp 2) for two steps, resumed under FSDP (dp_shard 2). DCP reshards the parameters and AdamW states (TP and
-    FSDP2 DTensors into plain tensors, TP shards into FSDP2 shards) and the data position maps onto the new
+    HSDP (dp_replicate 2 x dp_shard 1) for two steps, resumed in one process; and TP (tp 2) for two steps, resumed
+    under FSDP (dp_shard 2). DCP reshards the parameters and AdamW states (TP, FSDP2 and HSDP DTensors into plain
+    tensors, TP shards into FSDP2 shards) and the data position maps onto the new
     data-parallel processes, so steps 3 and 4 see the same rows as the uninterrupted run's steps 3 and 4: losses
     within 1e-5 and weights within `assert_same_params`, the tolerance of every layout against one process (fp32 sums
     in another order; see this file's docstring). A wrong position (one micro-batch early or late, or the epoch's
     start again) trains steps 3 and 4 on other rows, whose losses differ by far more."""
     reshard_data(tmp_path)
     assert train.main(reshard_argv(tmp_path, "one", "one", 4)) == 0
-    torchrun(2, [reshard_argv(tmp_path, "fsdp", "fsdp", 4), reshard_argv(tmp_path, "tp", "tp", 4),
+    torchrun(2, [reshard_argv(tmp_path, "fsdp", "fsdp", 4), reshard_argv(tmp_path, "hsdp", "hsdp", 4),
+                 reshard_argv(tmp_path, "tp", "tp", 4),
                  reshard_argv(tmp_path, "fsdp", "tp-then-fsdp", 4, f"--checkpoint.resume={tmp_path / 'tp' / 'step-2'}")],
              tmp_path)
-    assert train.main(reshard_argv(tmp_path, "one", "fsdp-then-one", 4,
-                                   f"--checkpoint.resume={tmp_path / 'fsdp' / 'step-2'}")) == 0
-    assert_continues_like(tmp_path / "fsdp-then-one", tmp_path / "one", 3)
+    for layout_name in ("fsdp", "hsdp"):
+        assert train.main(reshard_argv(tmp_path, "one", f"{layout_name}-then-one", 4,
+                                       f"--checkpoint.resume={tmp_path / layout_name / 'step-2'}")) == 0
+        assert_continues_like(tmp_path / f"{layout_name}-then-one", tmp_path / "one", 3)
     assert_continues_like(tmp_path / "tp-then-fsdp", tmp_path / "one", 3)
     # the rows of steps 3 and 4 are not those of steps 1 and 2: equal losses mean the same rows, not any rows
     straight = losses(tmp_path / "one")

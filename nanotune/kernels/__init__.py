@@ -7,8 +7,8 @@
 Parameters and submodules, so checkpoints, LoRA adapters and optimizer state do not notice):
 - every RMSNorm of the model files -> `TritonRMSNorm` (rms_norm.py), with the family's rounding and Gemma's 1 + weight;
 - every dense gated MLP (SwiGLU, GeGLU) -> `TritonGLUMLP` (glu.py): same gate/up/down projections, one fused
-  activation kernel. The MoE experts keep their own forward (their grouped GEMMs are the cost there).
-RoPE (rope.py) is a function the attention modules call directly; it is not swapped (see docs/kernels.md).
+  activation kernel. The MoE experts keep their own forward (their grouped GEMMs are the cost there);
+- every attention's `Rope` module (q and k rotated by position) -> `TritonRope` (rope.py): both in one launch.
 
 The module classes are named in two tables below (data, not imports: `nanotune` does not import `models`), and a
 test checks the tables against the model files. Kernels run on CUDA tensors; on CPU they run only under Triton's
@@ -33,6 +33,8 @@ GLU_MLP_CLASSES = {
     "models.qwen_moe.MLP": "silu",
     "models.gemma.MLP": "gelu_tanh",
 }
+# "module.Class" of an attention's RoPE module: forward(q, k, cos, sin) -> (q, k), HF's rotate-half layout
+ROPE_CLASSES = ("models.llama.Rope", "models.qwen_moe.Rope", "models.gemma.Rope")
 
 
 def triton_available() -> bool:
@@ -47,8 +49,9 @@ def _qualified_name(module: nn.Module) -> str:
     return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
-def apply_kernels(model: nn.Module, norms: bool = True, mlps: bool = True) -> list[str]:
-    """Swap the model's RMSNorms and gated MLPs for Triton-backed modules in place; returns the swapped names.
+def apply_kernels(model: nn.Module, norms: bool = True, mlps: bool = True, ropes: bool = True) -> list[str]:
+    """Swap the model's RMSNorms, gated MLPs and RoPE modules for Triton-backed ones in place; returns the swapped
+    names.
 
     Call it after the weights are loaded or initialised (the models' `init_weights` recognise only their own norm
     class) and after LoRA / QLoRA swaps, before torch.compile. Raises when triton is missing or the model is on a
@@ -68,6 +71,7 @@ def apply_kernels(model: nn.Module, norms: bool = True, mlps: bool = True) -> li
         )
     from nanotune.kernels.glu import TritonGLUMLP
     from nanotune.kernels.rms_norm import TritonRMSNorm
+    from nanotune.kernels.rope import TritonRope
 
     swapped = []
     for name, module in list(model.named_modules()):
@@ -76,6 +80,8 @@ def apply_kernels(model: nn.Module, norms: bool = True, mlps: bool = True) -> li
             new = TritonRMSNorm(module.weight, module.eps, **RMSNORM_CLASSES[kind])
         elif mlps and kind in GLU_MLP_CLASSES:
             new = TritonGLUMLP(module.gate_proj, module.up_proj, module.down_proj, GLU_MLP_CLASSES[kind])
+        elif ropes and kind in ROPE_CLASSES:
+            new = TritonRope()
         else:
             continue
         parent_name, _, child = name.rpartition(".")
@@ -84,4 +90,4 @@ def apply_kernels(model: nn.Module, norms: bool = True, mlps: bool = True) -> li
     return swapped
 
 
-__all__ = ["apply_kernels", "triton_available", "RMSNORM_CLASSES", "GLU_MLP_CLASSES"]
+__all__ = ["apply_kernels", "triton_available", "RMSNORM_CLASSES", "GLU_MLP_CLASSES", "ROPE_CLASSES"]

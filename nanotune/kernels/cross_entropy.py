@@ -4,6 +4,7 @@ For each row z (V,) of a chunk of logits in the compute dtype (bf16): z <- softc
 by an online max / sum over blocks of the vocabulary (Milakov & Gimelshein, 2018), loss = lse - z[y], then the row
 is overwritten with d loss / d z = softmax(z) - one_hot(y) (times 1 - tanh^2 under a softcap). Two reads and one
 write of the bf16 logits, where the PyTorch path (`cross_entropy_chunk_reference`) makes an fp32 copy and a softmax.
+A row labelled -100 (not trained) gets loss 0 and a zero gradient, so the caller keeps every row: no boolean gather.
 """
 
 from __future__ import annotations
@@ -13,21 +14,25 @@ import triton
 import triton.language as tl
 
 from nanotune.kernels.launch import check_device
+from nanotune.packing import IGNORE_INDEX  # the batch contract's "not trained" label
 
 
 def cross_entropy_chunk_reference(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None = None):
-    """logits (n, V), labels (n,) all trained -> (per-row loss (n,) fp32, d sum(loss) / d logits (n, V))."""
+    """logits (n, V), labels (n,) -> (per-row loss (n,) fp32, d sum(loss) / d logits (n, V)); rows labelled
+    IGNORE_INDEX (-100) have loss 0 and gradient 0."""
     z = logits.float()
     if softcap is not None:
         t = torch.tanh(z / softcap)
         z = softcap * t
+    trained = labels != IGNORE_INDEX
+    target = torch.where(trained, labels, 0)
     lse = torch.logsumexp(z, dim=-1)
-    loss = lse - z.gather(1, labels[:, None]).squeeze(1)
+    loss = torch.where(trained, lse - z.gather(1, target[:, None]).squeeze(1), 0.0)
     grad = torch.softmax(z, dim=-1)
-    grad[torch.arange(len(labels)), labels] -= 1.0
+    grad[torch.arange(len(labels)), target] -= 1.0
     if softcap is not None:
         grad = grad * (1.0 - t * t)
-    return loss, grad.to(logits.dtype)
+    return loss, (grad * trained[:, None]).to(logits.dtype)
 
 
 @triton.jit
@@ -36,7 +41,7 @@ def _tanh(z):
 
 
 @triton.jit
-def _cross_entropy_chunk(LOGITS, stride_row, LABELS, LOSS, V, softcap,
+def _cross_entropy_chunk(LOGITS, stride_row, LABELS, LOSS, V, softcap, IGNORE: tl.constexpr,
                          HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     ptr = LOGITS + row * stride_row
@@ -54,10 +59,11 @@ def _cross_entropy_chunk(LOGITS, stride_row, LABELS, LOSS, V, softcap,
         d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
         m = m_new
     lse = m + tl.log(d)
-    z_y = tl.load(ptr + y).to(tl.float32)
+    trained = y != IGNORE
+    z_y = tl.load(ptr + tl.where(trained, y, 0)).to(tl.float32)
     if HAS_SOFTCAP:
         z_y = softcap * _tanh(z_y / softcap)
-    tl.store(LOSS + row, lse - z_y)
+    tl.store(LOSS + row, tl.where(trained, lse - z_y, 0.0))
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V
@@ -69,13 +75,14 @@ def _cross_entropy_chunk(LOGITS, stride_row, LABELS, LOSS, V, softcap,
         g = tl.where(cols == y, g - 1.0, g)
         if HAS_SOFTCAP:
             g = g * (1.0 - t * t)
+        g = tl.where(trained, g, 0.0)  # an untrained row: no gradient
         tl.store(ptr + cols, g.to(LOGITS.dtype.element_ty), mask=mask)
 
 
 def cross_entropy_chunk_(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
     """In place: logits (n, V) become d sum(loss) / d logits; returns the per-row losses (n,) in fp32.
 
-    Every label must be a class index (no -100: the caller drops untrained rows first).
+    Rows labelled IGNORE_INDEX (-100) get loss 0 and a zero gradient: the caller needs no boolean gather.
     """
     check_device(logits)
     if logits.stride(-1) != 1:
@@ -83,6 +90,6 @@ def cross_entropy_chunk_(logits: torch.Tensor, labels: torch.Tensor, softcap: fl
     n, V = logits.shape
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     block = min(triton.next_power_of_2(V), 4096)
-    _cross_entropy_chunk[(n,)](logits, logits.stride(0), labels, loss, V, softcap or 1.0,
+    _cross_entropy_chunk[(n,)](logits, logits.stride(0), labels, loss, V, softcap or 1.0, IGNORE=IGNORE_INDEX,
                                HAS_SOFTCAP=softcap is not None, BLOCK_V=block, num_warps=8 if block >= 2048 else 4)
     return loss

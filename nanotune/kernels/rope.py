@@ -10,6 +10,7 @@ q (B, Hq, T, D) and k (B, Hkv, T, D) may be strided views (e.g. a transposed pro
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import triton
 import triton.language as tl
 
@@ -104,3 +105,10 @@ class _Rope(torch.autograd.Function):
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """q (B, Hq, T, D), k (B, Hkv, T, D), cos / sin (B, T, D) -> rotated (q, k); `rope_reference` on both."""
     return _Rope.apply(q, k, cos, sin)
+
+
+class TritonRope(nn.Module):
+    """Stands in for a model's `Rope` module (no parameters): q and k rotated by one kernel launch."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        return apply_rope(q, k, cos, sin)
