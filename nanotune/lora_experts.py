@@ -8,9 +8,9 @@ changes only the product `project(name, x, counts)`:
   (out, r), stacked as `lora_A.<name>` (E, r, in) and `lora_B.<name>` (E, out, r). The update runs inside the grouped
   GEMM path: two more grouped GEMMs over the same sorted rows, x -> x A_eᵀ (M, r) -> s (x A_eᵀ) B_eᵀ (M, out), no
   loop over experts. Initialised as LoRA (A Kaiming-uniform, B zero); merged exactly as W_e + s B_e A_e.
-- NF4 (`quantize_experts`, QLoRA for MoE): the frozen stacked weights are stored as 4-bit NormalFloat codes with one
-  fp32 absmax per 64 values (bitsandbytes, as nanotune/qlora.py; blocks never straddle two experts, so every expert
-  has its own scales), 4.5 bits a value instead of 16. They are quantised as the checkpoint streams in, one expert's
+- NF4 (`quantize_experts`, QLoRA for MoE): the frozen stacked weights are stored as nanotune/qlora.py stores a
+  linear weight, with its functions: 4-bit NormalFloat codes and one bf16 absmax per 64 values of a row, the rows
+  being the E*out output features of the stack (so every expert has its own scales), 4.25 bits a value instead of 16. They are quantised as the checkpoint streams in, one expert's
   tensor at a time, and dequantised inside the MoE layer, one layer's stack at a time; the backward dequantises again
   rather than keeping the bf16 stack alive between forward and backward.
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from models.qwen_moe import Experts, grouped_matmul
-from nanotune.qlora import NF4_BLOCKSIZE, _bnb
+from nanotune.qlora import NF4_BLOCKSIZE, _bnb, dequantize_nf4, padded_in_features, quantize_nf4_rows
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # in registration order, which sets PEFT's nesting
 
@@ -71,14 +71,10 @@ class FrozenExperts(Experts):
             if not nf4:
                 self.register_parameter(name, nn.Parameter(weight.data, requires_grad=False))
                 continue
-            numel = math.prod(self.shapes[name])
-            if numel % NF4_BLOCKSIZE or (numel // E) % NF4_BLOCKSIZE:
-                raise ValueError(f"lora.quantize_experts: an expert of {name} holds {numel // E} values, not a "
-                                 f"multiple of the NF4 block size {NF4_BLOCKSIZE}")
-            codes = torch.empty(numel // 2, 1, dtype=torch.uint8, device="meta")  # two 4-bit codes a byte
+            codes, absmax = self._nf4_storage(name, "meta")
             self.register_parameter(name, nn.Parameter(codes, requires_grad=False))
             getattr(self, name).hf_shape = self.shapes[name]  # what the checkpoint holds, for the loader's key check
-            self.register_buffer(f"{name}_absmax", torch.empty(numel // NF4_BLOCKSIZE, device="meta"), persistent=False)
+            self.register_buffer(f"{name}_absmax", absmax, persistent=False)
             if not weight.is_meta:  # a loaded model: quantise now, expert by expert
                 for e in range(E):
                     self.load_hf_weight(name, weight[e], (e, slice(None)))
@@ -93,6 +89,14 @@ class FrozenExperts(Experts):
         E, D, I = self.shapes["down_proj"]
         return (D, I, self.rank) if self.rank else (D, I)
 
+    def _nf4_storage(self, name: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empty NF4 storage of a stack as nanotune/qlora.py lays out a weight, one row per expert's output feature:
+        codes (E*out, in_padded / 2) uint8, two a byte, and absmax (E*out, in_padded / 64) bf16, one per block."""
+        E, out, inner = self.shapes[name]
+        padded = padded_in_features(inner)
+        return (torch.empty(E * out, padded // 2, dtype=torch.uint8, device=device),
+                torch.empty(E * out, padded // NF4_BLOCKSIZE, dtype=torch.bfloat16, device=device))
+
     def load_hf_weight(self, name: str, tensor: torch.Tensor, index) -> None:
         """One checkpoint tensor: rows `index[1]` of expert `index[0]` of the stacked weight `name`."""
         expert, rows = index
@@ -101,10 +105,10 @@ class FrozenExperts(Experts):
         if param.is_meta:  # the first tensor of this weight: allocate the stack (codes, or values)
             device = self.load_device or tensor.device
             if self.nf4:
-                param = nn.Parameter(torch.empty(param.shape, dtype=torch.uint8, device=device), requires_grad=False)
+                codes, absmax = self._nf4_storage(name, device)
+                param = nn.Parameter(codes, requires_grad=False)
                 param.hf_shape = self.shapes[name]
-                self.register_buffer(f"{name}_absmax", torch.empty(E * out * inner // NF4_BLOCKSIZE, device=device),
-                                     persistent=False)
+                self.register_buffer(f"{name}_absmax", absmax, persistent=False)
             else:
                 param = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device), requires_grad=False)
             setattr(self, name, param)
@@ -113,29 +117,19 @@ class FrozenExperts(Experts):
                 param[expert, rows].copy_(tensor)
                 return
             first, last, _ = rows.indices(out)
-            start = (expert * out + first) * inner  # where these rows begin in the flattened (E, out, in) stack
-            n = (last - first) * inner
-            if start % NF4_BLOCKSIZE or n % NF4_BLOCKSIZE:
-                raise ValueError(f"lora.quantize_experts: rows of {name} of {n} values do not fill whole NF4 blocks "
-                                 f"of {NF4_BLOCKSIZE}")
-            values = tensor.to(device=param.device, dtype=self.nf4_dtype).reshape(-1)
-            codes, state = _bnb().functional.quantize_4bit(values, blocksize=NF4_BLOCKSIZE, compress_statistics=False,
-                                                           quant_type="nf4", quant_storage=torch.uint8)
-            param[start // 2:(start + n) // 2] = codes.view(-1, 1)
-            getattr(self, f"{name}_absmax")[start // NF4_BLOCKSIZE:(start + n) // NF4_BLOCKSIZE] = state.absmax
-            self._nf4_code = state.code  # the 16 NF4 levels (the same for every tensor)
+            w = tensor.to(device=param.device, dtype=self.nf4_dtype).reshape(last - first, inner)  # as the stack runs
+            codes, absmax = quantize_nf4_rows(w)  # blocks of 64 along each row
+            start = expert * out + first  # these rows' place among the stack's E*out rows
+            param[start:start + last - first] = codes
+            getattr(self, f"{name}_absmax")[start:start + last - first] = absmax
 
     def weight(self, name: str) -> torch.Tensor:
         """The frozen stacked weight (E, out, in), dequantised in the compute dtype when stored in NF4."""
         if not self.nf4:
             return getattr(self, name)
-        F = _bnb().functional
-        shape = self.shapes[name]
-        # dequantised flat, then viewed: bitsandbytes' CPU kernel mis-reads shapes whose last dimension is under a block
-        state = F.QuantState(absmax=getattr(self, f"{name}_absmax"), shape=torch.Size([math.prod(shape)]),
-                             code=self._nf4_code.to(self.down_proj.device), blocksize=NF4_BLOCKSIZE,
-                             quant_type="nf4", dtype=self.nf4_dtype)
-        return F.dequantize_4bit(getattr(self, name).data, state).view(shape)
+        E, out, inner = self.shapes[name]
+        w = dequantize_nf4(getattr(self, name).data, getattr(self, f"{name}_absmax"), inner, self.nf4_dtype)
+        return w.view(E, out, inner)
 
     def storage_bytes(self) -> int:
         """Bytes that hold the frozen expert weights (codes and scales for NF4)."""
