@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from models import safetensors_io
+from models import gemma, llama, mistral, qwen_moe, safetensors_io
+from models.hf_config import apply_overrides
 from models.safetensors_io import CheckpointError
 from models.llama import LlamaConfig, LlamaForCausalLM
 from models.mistral import MistralConfig, MistralForCausalLM
@@ -63,13 +64,25 @@ SIZES: dict[str, dict] = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def config_from_hf(hf: dict):
+# model_type -> the config.json keys its family reads, with transformers' defaults (what `overrides` may set)
+HF_KEYS: dict[str, dict] = {**llama.HF_DEFAULTS, **mistral.HF_DEFAULTS, **gemma.HF_DEFAULTS, **qwen_moe.HF_DEFAULTS}
+
+
+def config_from_hf(hf: dict, overrides: dict | None = None):
+    """The family's config for an HF config.json dict, with `overrides` (config.json fields) merged in first."""
     model_type = hf.get("model_type")
     if model_type not in FAMILIES:
         raise CheckpointError(
             f"config.json: model_type {model_type!r} is not supported; nanotune supports {sorted(FAMILIES)}"
         )
     config_cls, _ = FAMILIES[model_type]
+    try:
+        if overrides and model_type == "gemma3":  # image-text: the overrides are about its text model
+            hf = {**hf, "text_config": apply_overrides(hf.get("text_config") or {}, overrides, HF_KEYS["gemma3_text"])}
+        elif overrides:
+            hf = apply_overrides(hf, overrides, HF_KEYS[model_type])
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     try:
         return config_cls.from_hf(hf)
     except (TypeError, ValueError, KeyError) as e:
@@ -86,11 +99,11 @@ def build_model(config, device: torch.device | str = "meta", dtype: torch.dtype 
 
 
 def from_size(name: str, vocab_size: int, dtype=torch.float32, device="cpu", attn_implementation="auto",
-              seed: int = 0) -> nn.Module:
+              seed: int = 0, overrides: dict | None = None) -> nn.Module:
     """A randomly initialised model of a named size (see SIZES)."""
     if name not in SIZES:
         raise CheckpointError(f"model.size {name!r} is unknown; choose one of {sorted(SIZES)}")
-    config = config_from_hf({**SIZES[name], "vocab_size": vocab_size})
+    config = config_from_hf({**SIZES[name], "vocab_size": vocab_size}, overrides)
     config.attn_implementation = attn_implementation
     config.hf_config = {}  # not read from a file: save_pretrained writes a complete config.json (hf_config_from)
     model = build_model(config, "meta", dtype)
@@ -121,10 +134,12 @@ def from_pretrained(
     device: torch.device | str = "cpu",
     attn_implementation: str = "auto",
     prepare=None,
+    overrides: dict | None = None,
 ) -> nn.Module:
-    """Load an HF-format folder (config.json + model.safetensors, or shards + model.safetensors.index.json)."""
+    """Load an HF-format folder (config.json + model.safetensors, or shards + model.safetensors.index.json).
+    `overrides`: config.json fields to change (e.g. rope_scaling for a longer context); saving writes them."""
     path = Path(path)
-    config = config_from_hf(read_config(path))
+    config = config_from_hf(read_config(path), overrides)
     config.attn_implementation = attn_implementation
     files = safetensors_io.checkpoint_files(path)  # raises when there are none
     headers = {f: safetensors_io.read_header(f) for f in files}  # cheap: only the JSON headers

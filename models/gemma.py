@@ -30,8 +30,9 @@ import torch.nn.functional as F
 
 from models import attention, checkpointing
 from models.hf_config import check_rope_scaling, read_keys, rope_from_hf, rope_scaling_of
+from models.rope_scaling import ROPE_TYPES, rope_frequencies
 
-SUPPORTED_ROPE_TYPES = ("default", "linear")
+SUPPORTED_ROPE_TYPES = ROPE_TYPES  # for the global layers (models/rope_scaling.py)
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh")  # both spell tanh-approximated GELU
 
 
@@ -106,7 +107,7 @@ class GemmaConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        check_rope_scaling(self.rope_scaling, SUPPORTED_ROPE_TYPES, self.model_type)
+        check_rope_scaling(self.rope_scaling, SUPPORTED_ROPE_TYPES, self.model_type, self.head_dim)
 
     @classmethod
     def from_hf(cls, hf: dict) -> "GemmaConfig":
@@ -176,7 +177,8 @@ def gemma3_ropes_from_hf(hf: dict, theta: float, local_theta: float) -> dict:
         full, local = dict(hf.get("rope_scaling") or params), {}
     if rope_scaling_of(local) is not None:
         raise ValueError(f"config.json: rope scaling on sliding_attention layers ({local}) is not supported")
-    return dict(rope_theta=float(full.get("rope_theta", theta)), rope_scaling=rope_scaling_of(full),
+    scaling = rope_scaling_of(full, hf.get("original_max_position_embeddings"))
+    return dict(rope_theta=float(full.get("rope_theta", theta)), rope_scaling=scaling,
                 rope_local_theta=float(local.get("rope_theta", local_theta)))
 
 
@@ -198,23 +200,23 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, theta: float, scaling: dict | None):
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None, max_position_embeddings: int | None = None):
         super().__init__()
         self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+        self.max_position_embeddings = max_position_embeddings
         self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
+        self.rope = rope_frequencies(head_dim, theta, scaling, max_position_embeddings)  # on the construction device
 
     def materialize_after_load(self, device) -> None:
         """The frequencies are derived, not stored in checkpoints: compute them on the final device."""
-        dim = self.head_dim
-        inv_freq = 1.0 / self.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
-        if self.scaling is not None:  # "linear": positions divided by `factor`
-            inv_freq = inv_freq / self.scaling["factor"]
-        self.inv_freq = inv_freq.to(device)
+        self.rope = rope_frequencies(self.head_dim, self.theta, self.scaling, self.max_position_embeddings).to(device)
+        self.inv_freq = self.rope.inv_freq
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, head_dim / 2), fp32 for long contexts
+        inv_freq, scale = self.rope.inv_freq_for(self.inv_freq, position_ids), self.rope.attention_factor
+        freqs = position_ids[..., None].float() * inv_freq  # (B, T, head_dim / 2), fp32 for long contexts
         emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, head_dim)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -306,7 +308,8 @@ class GemmaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)  # global layers
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling,
+                                          config.max_position_embeddings)  # global layers
         if config.rope_local_theta is not None:  # Gemma 3: sliding layers have their own base, never scaled
             self.rotary_emb_local = RotaryEmbedding(config.head_dim, config.rope_local_theta, None)
 

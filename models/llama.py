@@ -12,7 +12,6 @@ References: Llama 2 (Touvron et al., 2023), RoFormer (Su et al., 2021) for rotar
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -21,8 +20,9 @@ import torch.nn.functional as F
 
 from models import attention, checkpointing
 from models.hf_config import check_rope_scaling, read_keys, rope_from_hf
+from models.rope_scaling import ROPE_TYPES, rope_frequencies
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ROPE_TYPES  # default, linear, llama3, yarn, longrope (models/rope_scaling.py)
 
 # config.json key -> the value transformers' LlamaConfig takes when the key is left out. None: derived in __post_init__
 # as transformers derives it (num_key_value_heads = num_attention_heads, head_dim = hidden_size // num_attention_heads),
@@ -49,7 +49,7 @@ class LlamaConfig:
     head_dim: int | None = None  # None: hidden_size // num_attention_heads
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", "factor": ..., ...}
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear" | "yarn" | "longrope", "factor": ..., ...}
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False
@@ -75,7 +75,7 @@ class LlamaConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        check_rope_scaling(self.rope_scaling, SUPPORTED_ROPE_TYPES, self.model_type)
+        check_rope_scaling(self.rope_scaling, SUPPORTED_ROPE_TYPES, self.model_type, self.head_dim)
 
     @classmethod
     def from_hf(cls, hf: dict) -> "LlamaConfig":
@@ -89,40 +89,25 @@ class LlamaConfig:
         return cls(**values, hf_config=dict(hf))
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
-    """(head_dim // 2,) rotary frequencies, with Llama 3's frequency-dependent or linear scaling applied."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
-    if scaling is None:
-        return inv_freq
-    factor = scaling["factor"]
-    if scaling["rope_type"] == "linear":
-        return inv_freq / factor
-    # llama3: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between
-    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old_context = scaling["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
-    smooth = (old_context / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    is_medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
-    return torch.where(is_medium, smoothed, scaled)
-
-
 class RotaryEmbedding(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
         self.register_buffer("inv_freq", torch.empty(config.head_dim // 2), persistent=False)
+        self.rope = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling,
+                                     config.max_position_embeddings)  # on the device of construction (meta, often)
 
     def materialize_after_load(self, device) -> None:
         """The frequencies are derived, not stored in checkpoints: compute them on the final device."""
-        inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling)
-        self.inv_freq = inv_freq.to(device)
+        c = self.config
+        self.rope = rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings).to(device)
+        self.inv_freq = self.rope.inv_freq
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, head_dim / 2), fp32 for long contexts
+        inv_freq, scale = self.rope.inv_freq_for(self.inv_freq, position_ids), self.rope.attention_factor
+        freqs = position_ids[..., None].float() * inv_freq  # (B, T, head_dim / 2), fp32 for long contexts
         emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, head_dim)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

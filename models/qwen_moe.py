@@ -43,8 +43,9 @@ import torch.nn.functional as F
 
 from models import attention, checkpointing
 from models.hf_config import check_rope_scaling, read_keys, rope_from_hf
+from models.rope_scaling import ROPE_TYPES, rope_frequencies
 
-SUPPORTED_ROPE_TYPES = ("default", "linear")
+SUPPORTED_ROPE_TYPES = ROPE_TYPES  # default, linear, llama3, yarn, longrope (models/rope_scaling.py)
 
 # checkpoint name under `model.layers.{i}.mlp.experts.{e}.` -> (stacked parameter, which rows of expert e's slice)
 # "first half" / "second half" split gate_up_proj's 2I rows into gate (first I) and up (last I), as transformers 5 does.
@@ -127,7 +128,7 @@ class QwenMoeConfig:
             raise ValueError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts ({self.num_experts})"
             )
-        check_rope_scaling(self.rope_scaling, SUPPORTED_ROPE_TYPES, self.model_type)
+        check_rope_scaling(self.rope_scaling, SUPPORTED_ROPE_TYPES, self.model_type, self.head_dim)
 
     def is_sparse(self, layer: int) -> bool:
         """Whether layer `layer` has the mixture of experts (else a dense MLP), by transformers' rule."""
@@ -184,19 +185,20 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.config = config
         self.register_buffer("inv_freq", torch.empty(config.head_dim // 2), persistent=False)
+        self.rope = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling,
+                                     config.max_position_embeddings)  # on the device of construction (meta, often)
 
     def materialize_after_load(self, device) -> None:
         """The frequencies are derived, not stored in checkpoints: compute them on the final device."""
-        dim, scaling = self.config.head_dim, self.config.rope_scaling
-        inv_freq = 1.0 / self.config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
-        if scaling is not None:  # "linear": positions divided by `factor`
-            inv_freq = inv_freq / scaling["factor"]
-        self.inv_freq = inv_freq.to(device)
+        c = self.config
+        self.rope = rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings).to(device)
+        self.inv_freq = self.rope.inv_freq
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, head_dim / 2), fp32 for long contexts
+        inv_freq, scale = self.rope.inv_freq_for(self.inv_freq, position_ids), self.rope.attention_factor
+        freqs = position_ids[..., None].float() * inv_freq  # (B, T, head_dim / 2), fp32 for long contexts
         emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, head_dim)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

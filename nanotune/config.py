@@ -40,6 +40,9 @@ class ModelConfig:
     tokenizer: str = ""  # folder or tokenizer.json; default: the model folder
     router_aux_loss_coef: float = -1.0  # MoE: weight of the load-balancing loss (< 0: config.json's value)
     router_z_loss_coef: float = 0.0  # MoE: weight of the router z-loss, mean logsumexp(router logits)^2 (0: off)
+    # config.json fields to change, e.g. {max_position_embeddings = 32768, rope_scaling = {rope_type = "yarn",
+    # factor = 4.0, original_max_position_embeddings = 8192}}; saved in final/config.json (docs/long-context.md)
+    overrides: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -102,7 +105,12 @@ class TrainConfig:
     # (recompute each decoder layer in the backward) | every_k (full recompute of every k-th layer)
     activation_checkpointing: str = "none"
     activation_checkpointing_k: int = 2  # every_k: layers 0, k, 2k, ... are recomputed fully
-    activation_offload: bool = False  # keep saved activations in host memory between forward and backward
+    # keep saved activations in host memory between forward and backward: overlap (copies on a side CUDA stream, back
+    # a layer ahead of the backward; true means this) | sync (torch's save_on_cpu: every copy waits) | false
+    activation_offload: bool | str = False
+    tiled_mlp: bool = False  # each decoder layer's MLP over tiles of tiled_mlp_tile tokens, recomputed in the backward
+    tiled_mlp_tile: int = 4096  # tokens per MLP tile (of the micro-batch's rows flattened): its activation memory
+    layer_offload: bool = False  # LoRA / QLoRA: frozen layer weights in host memory, on the device a layer ahead
     # none | blocks (torch.compile each decoder block) | model (the whole forward and loss of one process, one graph);
     # the old true / false still mean blocks / none
     compile: str | bool = "none"

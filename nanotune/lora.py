@@ -645,19 +645,20 @@ def checkpoint_dtype(base: str | Path) -> torch.dtype:
 
 
 def merge_adapter_into_base(base: str | Path, adapter: str | Path, out: str | Path, dtype: torch.dtype | None = None,
-                            device: str = "cpu") -> None:
+                            device: str = "cpu", overrides: dict | None = None) -> None:
     """Fold an adapter folder into the full-precision base folder and write an HF-format folder to `out`.
 
     The base is read in its checkpoint dtype unless `dtype` says otherwise; each merged weight is computed in fp32
     and stored in that dtype. Tokenizer and generation files of the base are copied alongside. An adapter trained
-    with QLoRA is merged into the original weights, not into dequantised NF4 ones (the usual practice).
+    with QLoRA is merged into the original weights, not into dequantised NF4 ones (the usual practice). `overrides`:
+    the config.json fields the run changed (model.overrides), written into the merged config.json.
     """
     base, adapter, out = Path(base), Path(adapter), Path(out)
     read_adapter_config(adapter)  # a malformed or unsupported adapter stops here, before the base is read
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; choose a new output folder for the merged model.")
     dtype = dtype or checkpoint_dtype(base)
-    model = models.from_pretrained(base, dtype=dtype, device=device)
+    model = models.from_pretrained(base, dtype=dtype, device=device, overrides=overrides)
     load_adapter(model, adapter)
     merge_lora(model)
     models.save_pretrained(model, out, dtype=dtype)

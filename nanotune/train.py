@@ -38,7 +38,7 @@ import torch
 
 import models
 from models import attention
-from nanotune import checkpoint, context_parallel, fp8, lora, metrics, parallel, qat, rundir
+from nanotune import checkpoint, context_parallel, fp8, lora, memory, metrics, parallel, qat, rundir
 from nanotune.config import Config, ConfigError, check_paths, load_config, parse_toml, to_dict, to_toml
 from nanotune.data import DataError, RowError, SourceError, TemplateError, TokenizerError, load_tokenizer, prepare_data
 from nanotune.data.pipeline import describe_rows
@@ -103,9 +103,10 @@ def build_model(cfg: Config, vocab_size: int, device: torch.device, layout: dict
             raise ConfigError(str(e)) from None
     if cfg.model.path:
         model = models.from_pretrained(cfg.model.path, dtype=dtype, device=device, attn_implementation=attn,
-                                       prepare=prepare)
+                                       prepare=prepare, overrides=cfg.model.overrides)
     elif cfg.model.size:
-        model = models.from_size(cfg.model.size, vocab_size, dtype, device, attn, seed=cfg.seed)
+        model = models.from_size(cfg.model.size, vocab_size, dtype, device, attn, seed=cfg.seed,
+                                 overrides=cfg.model.overrides)
         prepare(model)
     else:
         raise ConfigError("set model.path (an HF model folder) or model.size (one of " + ", ".join(models.SIZES) + ")")
@@ -167,6 +168,19 @@ def check_config(cfg: Config) -> None:
         if getattr(cfg, section).enabled and cfg.parallel.tp > 1:
             raise ConfigError(f"{section}.enabled with parallel.tp = {cfg.parallel.tp} is not supported yet; use "
                               "parallel.tp = 1 (FSDP2 / HSDP over dp_shard and dp_replicate work with it)")
+    try:
+        memory.offload_mode(cfg.train.activation_offload)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.train.tiled_mlp_tile < 1:
+        raise ConfigError(f"train.tiled_mlp_tile must be at least 1 (tokens per tile), got {cfg.train.tiled_mlp_tile}")
+    if cfg.train.layer_offload and not cfg.lora.enabled:
+        raise ConfigError("train.layer_offload = true moves frozen weights to host memory between uses, but full "
+                          "fine-tuning trains every weight; set lora.enabled = true (LoRA / QLoRA), or "
+                          "parallel.cpu_offload = true with several processes to keep FSDP2's shards in host memory")
+    if cfg.train.layer_offload and cfg.train.compile != "none":
+        raise ConfigError("train.layer_offload = true frees and refills weights between layers, which torch.compile's "
+                          "graphs do not expect; set train.compile = false")
     betas = cfg.optim.betas
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {betas}")
@@ -326,6 +340,10 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
     check_compile_layout(cfg.train.compile, dist)
     # refuse GPUs without FP8 matrix cores, and an FP8 all-gather without FSDP2 sharding, before any work
     fp8.check_config(cfg.fp8, device, cfg.lora.quantize, dist.layout["dp_shard"], cfg.lora.enabled and cfg.lora.dora)
+    if cfg.train.layer_offload and dist.world_size > 1:
+        raise ConfigError(f"train.layer_offload = true runs in one process (this run has {dist.world_size}): under "
+                          "FSDP2 each process holds a shard of the weights already; use parallel.cpu_offload = true "
+                          "to keep the shards in host memory")
     qat.check_config(cfg.qat, cfg.lora.enabled, cfg.fp8.enabled)
     output_dir = Path(cfg.output_dir)
     if args.dry_run:
@@ -374,6 +392,10 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
     sharded_load = parallel.loads_sharded(cfg, dist)
     on_meta = args.dry_run or sharded_load
     model = build_model(cfg, tokenizer.vocab_size, torch.device("meta") if on_meta else device, dist.layout)
+    if cfg.parallel.cp > 1 and (getattr(model.config, "rope_scaling", None) or {}).get("rope_type") == "longrope":
+        raise ConfigError("longrope picks its frequencies by the longest position of the whole batch, which a "
+                          "context-parallel process does not see; use parallel.cp = 1, or another rope_type "
+                          "(e.g. model.overrides.rope_scaling = {rope_type = \"yarn\", ...})")
     # FP8 / QAT swaps after the LoRA ones, before compile and sharding; the Parameters stay the same
     for name, swapped in [("FP8", fp8.apply_from_config(model, cfg.fp8)),
                           ("QAT", qat.apply_from_config(model, cfg.qat))]:
@@ -404,6 +426,9 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
             raise ConfigError(f"train.kernels = true: {e}") from None
     if cfg.fp8.fsdp_float8_all_gather:  # before fully_shard: FSDP2 then gathers these weights in e4m3 (docs/fp8.md)
         log.info(f"FP8 all-gather: FSDP2 gathers {fp8.gather_weights_in_float8(model)} weights in e4m3")
+    if cfg.train.tiled_mlp:  # after the swaps that replace whole MLPs (kernels), before compile and sharding
+        log.info(f"tiled MLP: {memory.apply_tiled_mlp(model, cfg.train.tiled_mlp_tile)} MLPs run over tiles of "
+                 f"{cfg.train.tiled_mlp_tile} tokens")
     # tensor parallel -> (activation checkpointing) -> compile each block -> FSDP2 / HSDP; see docs/parallel.md
     model = parallel.parallelize(model, dist, cfg.parallel, cfg.train.precision,
                                  compile=cfg.train.compile == "blocks")
@@ -411,9 +436,18 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
         parallel.load_sharded(model, cfg.model.path, device, offload=cfg.parallel.cpu_offload)
     use_autocast = cfg.train.precision == "amp-bf16" and dist.fsdp_size == 1  # else FSDP2 gathers bf16 parameters
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_autocast else contextlib.nullcontext
-    # activations saved for the backward go to (pinned) host memory and come back when needed
-    offload = (lambda: torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")) \
-        if cfg.train.activation_offload else contextlib.nullcontext
+    # activations saved for the backward go to (pinned) host memory and come back when needed; see nanotune/memory.py
+    offload_mode = memory.offload_mode(cfg.train.activation_offload)
+    if offload_mode == "overlap":  # copies on a side stream, back a layer ahead of the backward
+        offload = memory.ActivationOffload(model, device).saving
+    elif offload_mode == "sync":  # every copy waits
+        offload = lambda: torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")  # noqa: E731
+    else:
+        offload = contextlib.nullcontext
+    layer_offload = memory.LayerOffload(model, device) if cfg.train.layer_offload else None
+    if layer_offload is not None:
+        log.info(f"layer offload: {layer_offload.bytes_offloaded() / 2**20:.1f} MiB of frozen layer weights in host "
+                 "memory, on the device a layer ahead of their use")
     # context parallel: every micro-batch becomes this process's part of each row (see nanotune/context_parallel.py)
     cp = context_parallel.ContextParallel.build(model, dist)
     if cp is not None:
@@ -597,6 +631,8 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
 
     # ---- the end: last eval, final model in HF format
     check_finite()
+    if layer_offload is not None:  # every weight back on the device, for the merge and the save
+        layer_offload.close()
     if eval_loader is not None and not finished_before and not (cfg.train.eval_every and step % cfg.train.eval_every == 0):
         run_eval()  # the end of the run, unless the loop just evaluated this step
     if cfg.checkpoint.save_final:
@@ -641,7 +677,7 @@ def save_final(model, cfg: Config, output_dir: Path, dist) -> None:
             return
         if (cfg.lora.quantize or cfg.lora.quantize_experts) and cfg.model.path:
             # merge into the original full-precision weights, not into dequantised NF4 ones
-            lora.merge_adapter_into_base(Path(cfg.model.path), adapter, tmp)
+            lora.merge_adapter_into_base(Path(cfg.model.path), adapter, tmp, overrides=cfg.model.overrides)
             finish_final(output_dir, tokenizer_source)
             parallel.barrier(dist)
             return

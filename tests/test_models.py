@@ -212,9 +212,9 @@ def test_unknown_rope_scaling_is_an_error(hf_checkpoint):
     folder, _ = hf_checkpoint("llama")
     config = json.loads((folder / "config.json").read_text())
     config.pop("rope_parameters", None)
-    config["rope_scaling"] = {"type": "yarn", "factor": 4.0}
+    config["rope_scaling"] = {"type": "su", "factor": 4.0}
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="rope scaling type 'yarn' is not supported"):
+    with pytest.raises(CheckpointError, match="rope scaling type 'su' is not supported"):
         models.from_pretrained(folder)
 
 
