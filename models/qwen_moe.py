@@ -8,15 +8,23 @@ The two differ in:
   `decoder_sparse_step` / `mlp_only_layers` choose which layers are sparse (the others have a dense MLP).
 - Qwen3-MoE: RMSNorm on each query and key head before RoPE (as Qwen3), no shared expert, no q/k/v bias.
 
-Experts are stored stacked, `gate_up_proj` (E, 2I, D) and `down_proj` (E, D, I), and run as two grouped GEMMs over
-the tokens sorted by expert (`torch._grouped_mm` where this torch has it for the device and dtype; otherwise batched
-matmuls over tokens padded to the busiest expert's count). Checkpoints keep one tensor per expert; `EXPERT_KEYS` is the
-one table between the two layouts, used on load (`param_for_hf_key`) and on save (`hf_state_dict`).
+Experts are stored stacked, `gate_up_proj` (E, 2I, D) and `down_proj` (E, D, I), as transformers 5 stores them, and
+run dropless: every token's K (token, expert) slots are sorted by expert, the sorted rows go through two grouped GEMMs
+(`torch._grouped_mm`), and the results are scaled by the routing weights and summed back into token order. Nothing in
+a MoE layer's forward or backward reads a value back to the host, so a decoder block compiles into one graph. Where
+torch._grouped_mm cannot run (device, dtype, unaligned sizes) a padded batched matmul takes over, chosen once when the
+model is built; it reads the busiest expert's token count back to the host. Checkpoints keep one tensor per expert;
+`EXPERT_KEYS` is the one table between the two layouts, used on load (`param_for_hf_key`) and on save
+(`hf_state_dict`).
 
-Load balancing (Switch Transformer, Fedus et al., 2021, eqs. 4-6, as transformers computes it): over all routed tokens
-of all sparse layers, f_e = share of top-k slots that went to expert e, P_e = mean router probability of e, and
-loss = E * sum_e f_e * P_e. After each forward `model.aux_loss` holds `router_aux_loss_coef * loss`, a scalar to add
-to the training loss (see `QwenMoeForCausalLM.forward`).
+Router losses, each over all routed tokens of all sparse layers, added up in `model.aux_loss` after each forward:
+- load balancing (Switch Transformer, Fedus et al., 2021, eqs. 4-6, as transformers computes it): f_e = share of
+  top-k slots that went to expert e, P_e = mean router probability of e, loss = E * sum_e f_e * P_e, weighted by
+  `router_aux_loss_coef`;
+- router z-loss (ST-MoE, Zoph et al., 2022, eq. 5, as transformers' Switch Transformers computes it): the mean of
+  logsumexp(router logits)^2, which keeps the logits small; weighted by `router_z_loss_coef` (0: off, as in
+  transformers' Qwen MoE).
+`model.tokens_per_expert` keeps the routed slots per layer and expert, so that a collapsing router shows in the logs.
 
 References: Qwen1.5-MoE / Qwen2 technical report (Yang et al., 2024), Qwen3 technical report (Yang et al., 2025),
 Switch Transformers (Fedus et al., 2021), GShard (Lepikhin et al., 2020).
@@ -27,6 +35,7 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -99,6 +108,7 @@ class QwenMoeConfig:
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
     router_aux_loss_coef: float = 0.001
+    router_z_loss_coef: float = 0.0  # not a transformers Qwen option: set by training (`model.router_z_loss_coef`)
     initializer_range: float = 0.02
     attn_implementation: str = "auto"
     model_type: str = "qwen2_moe"
@@ -253,7 +263,10 @@ class MLP(nn.Module):
 
 @functools.cache
 def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether this torch has torch._grouped_mm for this device and dtype, forward and backward (probed once)."""
+    """Whether this torch has torch._grouped_mm for this device and dtype, forward and backward (probed once).
+
+    On "meta": whether torch.compile can trace it (compile runs the meta kernel, which in torch 2.13 takes bf16 only,
+    while the CPU kernel also runs fp32)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
@@ -279,7 +292,8 @@ def grouped_matmul(x_MK: torch.Tensor, w_ENK: torch.Tensor, counts_E: torch.Tens
         offs = torch.cumsum(counts_E, 0).to(torch.int32)  # (E,) end row of each group, no host sync
         return torch._grouped_mm(x_MK, w_ENK.transpose(-2, -1), offs=offs)
     # fallback: scatter rows into an (E, C, K) buffer padded to the busiest group's C rows, one batched matmul.
-    # Costs a host sync (C) and E*C rows of compute; used where torch._grouped_mm is missing or refuses the dtype.
+    # Reading C costs a host sync (and a graph break under torch.compile) and E*C rows of compute; it is chosen once,
+    # when the model is built, where torch._grouped_mm is missing, refuses the dtype or the sizes are not aligned.
     E, M = w_ENK.shape[0], x_MK.shape[0]
     starts = torch.cumsum(counts_E, 0) - counts_E  # (E,) first row of each group
     group = torch.repeat_interleave(torch.arange(E, device=x_MK.device), counts_E, output_size=M)  # (M,)
@@ -291,57 +305,107 @@ def grouped_matmul(x_MK: torch.Tensor, w_ENK: torch.Tensor, counts_E: torch.Tens
     return out[group, slot]  # (M, N)
 
 
+def sort_by_expert(expert_NK: torch.Tensor, num_experts: int):
+    """Dropless dispatch order: each token's K (token, expert) slots grouped by expert, all on the device.
+
+    -> order (N*K,) slot indices n*K + k sorted by expert (stable: tokens keep their order within an expert),
+       token (N*K,) the token each sorted slot reads, counts (E,) slots per expert.
+    """
+    K = expert_NK.shape[1]
+    flat_expert = expert_NK.flatten()  # (N*K,) slot n*K + k
+    order = torch.argsort(flat_expert, stable=True)  # (N*K,)
+    # (E,) slots per expert on the device (not bincount: its output size depends on the data)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=expert_NK.device).index_add_(
+        0, flat_expert, torch.ones_like(flat_expert)
+    )
+    return order, order // K, counts
+
+
+def combine(h_MD: torch.Tensor, order: torch.Tensor, weight_NK: torch.Tensor) -> torch.Tensor:
+    """Un-permute: rows in expert order (N*K, D) -> each token's sum of its K rows times their routing weights, (N, D).
+
+    The rows go back to slot order n*K + k (a copy to distinct places, whose backward is a gather) and one batched
+    (1, K) x (K, D) product per token weights and sums them: no atomic adds, so the result and its gradient are the same
+    in every run on a GPU, unlike a scatter-add into the tokens.
+    """
+    N, K = weight_NK.shape
+    h_slots = h_MD.new_empty(h_MD.shape).index_copy(0, order, h_MD)  # (N*K, D): row n*K + k is token n's k-th expert
+    return torch.bmm(weight_NK.to(h_MD.dtype)[:, None, :], h_slots.view(N, K, -1)).squeeze(1)  # (N, D)
+
+
 class Experts(nn.Module):
-    """`num_experts` SwiGLU MLPs stacked into two tensors, computed as grouped GEMMs over tokens sorted by expert."""
+    """`num_experts` SwiGLU MLPs stacked into two tensors, computed as grouped GEMMs over tokens sorted by expert.
 
-    # None: torch._grouped_mm wherever it works for the device, dtype and sizes; False: always the padded-bmm path
-    use_grouped_mm: bool | None = None
+    `project` is the one product of the sorted rows with a stacked weight; LoRA on the experts and NF4 experts
+    (nanotune/lora_experts.py) are subclasses swapped in from outside that change only it.
+    """
 
-    def __init__(self, config: QwenMoeConfig):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
-        E, D, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        E, D, I = num_experts, hidden_size, intermediate_size
+        self.num_experts = E
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))  # per expert: [gate_proj; up_proj] weights
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
+        # torch._grouped_mm or the padded-bmm fallback: decided once, by `choose_kernel`, when the weights are
+        # materialised (never per forward: the probe would sync, and break a compiled graph)
+        self.use_grouped_mm: bool | None = None
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.down_proj.dtype
+
+    def matmul_sizes(self) -> tuple[int, ...]:
+        """The inner dimensions of the products: torch._grouped_mm needs each to be a multiple of 16 bytes."""
+        return tuple(self.down_proj.shape[1:])  # (D, I)
+
+    def choose_kernel(self, device: torch.device | str) -> None:
+        """torch._grouped_mm where it works for the device and dtype, eagerly and under torch.compile, and the sizes
+        are aligned; else the fallback (so fp32 on CPU takes the fallback: torch 2.13 compiles bf16 only)."""
+        dtype = self.compute_dtype
+        aligned = all(n * dtype.itemsize % 16 == 0 for n in self.matmul_sizes())
+        works = grouped_mm_works(torch.device(device).type, dtype) and grouped_mm_works("meta", dtype)
+        self.use_grouped_mm = aligned and works
+
+    def materialize_after_load(self, device) -> None:
+        self.choose_kernel(device)
+
+    def project(self, name: str, x_MK: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by expert (M, in) times their expert's stacked weight `name` (E, out, in) -> (M, out)."""
+        return grouped_matmul(x_MK, getattr(self, name), counts_E, self.use_grouped_mm)
 
     def forward(self, x_ND: torch.Tensor, expert_NK: torch.Tensor, weight_NK: torch.Tensor) -> torch.Tensor:
         """x (N, D); each token's K chosen experts and their weights (N, K) -> sum_k weight * expert_k(x), (N, D)."""
-        K = expert_NK.shape[1]
-        E = self.gate_up_proj.shape[0]
-        flat_expert = expert_NK.flatten()  # (N*K,) slot n*K + k
-        order = torch.argsort(flat_expert, stable=True)  # (N*K,) slots grouped by expert
-        token = order // K  # (N*K,) the token each sorted slot reads
-        counts = torch.zeros(E, dtype=torch.int64, device=x_ND.device).index_add_(
-            0, flat_expert, torch.ones_like(flat_expert)
-        )  # (E,) slots per expert, without a host sync
-        use_grouped = self._grouped_mm_ok(x_ND)
-        h = grouped_matmul(x_ND[token], self.gate_up_proj, counts, use_grouped)  # (N*K, 2I)
+        if self.use_grouped_mm is None:  # a module built by hand, not by the loader: decide now, once
+            self.choose_kernel(x_ND.device)
+        order, token, counts = sort_by_expert(expert_NK, self.num_experts)  # (N*K,), (N*K,), (E,)
+        h = self.project("gate_up_proj", x_ND[token], counts)  # (N*K, 2I): rows permuted into expert order
         gate, up = h.chunk(2, dim=-1)
-        h = grouped_matmul(F.silu(gate) * up, self.down_proj, counts, use_grouped)  # (N*K, D)
-        h = h * weight_NK.flatten()[order, None]  # (N*K, D) scaled by its router weight
-        return torch.zeros_like(x_ND).index_add_(0, token, h)  # (N, D) summed over each token's K experts
+        h = self.project("down_proj", F.silu(gate) * up, counts)  # (N*K, D)
+        return combine(h, order, weight_NK).to(x_ND.dtype)  # (N, D)
 
-    def _grouped_mm_ok(self, x: torch.Tensor) -> bool:
-        if self.use_grouped_mm is False:
-            return False
-        # torch._grouped_mm needs 16-byte aligned rows: hidden and intermediate sizes a multiple of 16 bytes
-        aligned = all(n * x.element_size() % 16 == 0 for n in self.down_proj.shape[1:])
-        return aligned and grouped_mm_works(x.device.type, x.dtype)
+
+class RouterStats(NamedTuple):
+    """One sparse layer's routing statistics for one forward, all on the device (fp32; padding tokens left out)."""
+
+    tokens_per_expert: torch.Tensor  # (E,) top-k slots routed to each expert
+    prob_sum: torch.Tensor  # (E,) router probabilities summed over the tokens
+    z_sum: torch.Tensor  # () sum over the tokens of logsumexp(router logits) ** 2
 
 
 class SparseMoeBlock(nn.Module):
-    """Router + experts (+ Qwen2-MoE's gated shared expert). Returns the output and the load-balancing statistics."""
+    """Router + experts (+ Qwen2-MoE's gated shared expert). Returns the output and the routing statistics."""
 
     def __init__(self, config: QwenMoeConfig):
         super().__init__()
         self.config = config
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
-        self.experts = Experts(config)
+        self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
         if config.shared_expert_intermediate_size:
             self.shared_expert = MLP(config.hidden_size, config.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
-    def forward(self, x: torch.Tensor, token_weight_N: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, D) -> (B, T, D), and (2, E) fp32: [weighted top-k slot counts, summed router probabilities]."""
+    def forward(self, x: torch.Tensor, token_weight_N: torch.Tensor | None) -> tuple[torch.Tensor, RouterStats]:
+        """x (B, T, D) -> (B, T, D), and this layer's RouterStats."""
         B, T, D = x.shape
         x_ND = x.reshape(B * T, D)
         logits = self.gate(x_ND)  # (N, E)
@@ -353,25 +417,41 @@ class SparseMoeBlock(nn.Module):
         if hasattr(self, "shared_expert"):
             out = out + torch.sigmoid(self.shared_expert_gate(x_ND)) * self.shared_expert(x_ND)
 
-        # statistics for the load-balancing loss; a token's weight is 0 for padding, else 1
+        # statistics for the router losses and the logs; a token's weight is 0 for padding, else 1
         E = probs.shape[1]
-        slot_weight = torch.ones_like(top_p) if token_weight_N is None else token_weight_N[:, None].expand_as(top_p)
-        counts = torch.zeros(E, dtype=torch.float32, device=x.device).index_add_(
-            0, top_e.flatten(), slot_weight.reshape(-1)
+        w_N = torch.ones_like(probs[:, 0]) if token_weight_N is None else token_weight_N  # (N,)
+        tokens = torch.zeros(E, dtype=torch.float32, device=x.device).index_add_(
+            0, top_e.flatten(), w_N.repeat_interleave(top_e.shape[1])
         )  # (E,)
-        prob_sum = probs.sum(0) if token_weight_N is None else (probs * token_weight_N[:, None]).sum(0)  # (E,)
-        return out.view(B, T, D), torch.stack([counts, prob_sum])
+        z_N = torch.logsumexp(logits.float(), dim=-1).square()  # (N,)
+        return out.view(B, T, D), RouterStats(tokens, (probs * w_N[:, None]).sum(0), (z_N * w_N).sum())
 
 
-def load_balancing_loss(stats: list[torch.Tensor], num_tokens: torch.Tensor | float, num_experts: int) -> torch.Tensor:
+def _sum_over_group(stats: list[RouterStats], num_tokens, group, device):
+    """Routing statistics summed over a process group, differentiably (the backward sums the gradients back)."""
+    from torch.distributed.nn.functional import all_reduce
+
+    summed = [RouterStats(*(all_reduce(t, group=group) for t in s)) for s in stats]
+    count = all_reduce(torch.as_tensor(num_tokens, dtype=torch.float32, device=device).detach(), group=group)
+    return summed, count
+
+
+def load_balancing_loss(stats: list[RouterStats], num_tokens: torch.Tensor | float, num_experts: int) -> torch.Tensor:
     """E * sum_e f_e * P_e over all sparse layers together (transformers' `load_balancing_loss_func`).
 
-    stats: per sparse layer (2, E) [slot counts, probability sums]; num_tokens: counted tokens per layer.
-    f_e = slots routed to e / routed rows, P_e = probability mass of e / routed rows, rows summed over layers.
+    num_tokens: counted tokens per layer. f_e = slots routed to e / routed rows, P_e = probability mass of e / routed
+    rows, both summed over the layers.
     """
-    total = torch.stack(stats).sum(0)  # (2, E)
     rows = num_tokens * len(stats)
-    return num_experts * torch.sum((total[0] / rows) * (total[1] / rows))
+    f = torch.stack([s.tokens_per_expert for s in stats]).sum(0) / rows  # (E,)
+    P = torch.stack([s.prob_sum for s in stats]).sum(0) / rows  # (E,)
+    return num_experts * torch.sum(f * P)
+
+
+def router_z_loss(stats: list[RouterStats], num_tokens: torch.Tensor | float) -> torch.Tensor:
+    """ST-MoE's router z-loss (Zoph et al., 2022, eq. 5): the mean over tokens (and sparse layers) of
+    logsumexp(router logits)^2, as transformers' `router_z_loss_func` computes it over all layers' logits."""
+    return torch.stack([s.z_sum for s in stats]).sum() / (num_tokens * len(stats))
 
 
 # --------------------------------------------------------------------------------------------------------- model
@@ -433,6 +513,9 @@ class QwenMoeForCausalLM(nn.Module):
         self.model = QwenMoeModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.aux_loss: torch.Tensor | None = None  # set by every forward, see there
+        self.tokens_per_expert: torch.Tensor | None = None  # likewise
+        # expert parallelism (nanotune/expert_parallel.py): the process group whose tokens the router losses cover
+        self.router_group = None
         self.tie_weights()
         # none | selective | full | every_k (see models/checkpointing.py); True / False still mean full / none
         self.activation_checkpointing: str | bool = "none"
@@ -456,9 +539,13 @@ class QwenMoeForCausalLM(nn.Module):
         """input_ids (B, T) -> logits (B, T, vocab), or the final hidden states (B, T, D) with return_hidden.
 
         Packed rows are given as cu_seqlens or by position_ids restarting at 0 (`packed`: the loader's True / False, no
-        look at the data; None finds out, see models/attention.py); attention never crosses documents. Also sets `self.aux_loss`: router_aux_loss_coef * the load-balancing loss over every token of the
-        batch (the router sees one token at a time, so packing does not change it); tokens where the optional
-        `aux_loss_mask` (B, T) is False or 0 (padding) are left out, like transformers' `attention_mask`.
+        look at the data; None finds out, see models/attention.py); attention never crosses documents. Also sets, on
+        the device and without a host sync:
+        - `self.aux_loss`: router_aux_loss_coef * the load-balancing loss + router_z_loss_coef * the router z-loss,
+          over every token of the batch (the router sees one token at a time, so packing does not change them);
+          tokens where the optional `aux_loss_mask` (B, T) is False or 0 (padding) are left out, like transformers'
+          `attention_mask`;
+        - `self.tokens_per_expert`: (sparse layers, E) top-k slots routed to each expert (detached), for the logs.
         """
         B, T = input_ids.shape
         if position_ids is None:
@@ -472,8 +559,10 @@ class QwenMoeForCausalLM(nn.Module):
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)  # (B, T, head_dim) each
         stats = []
         mode = self.activation_checkpointing if self.training else "none"  # no backward follows in eval
-        if mode != "none":  # probe torch._grouped_mm (once) outside a checkpointed layer: the probe runs a backward
-            grouped_mm_works(x.device.type, x.dtype)
+        for layer in self.model.layers:  # a model built by hand: probe torch._grouped_mm here, not in a checkpoint
+            experts = getattr(layer.mlp, "experts", None)
+            if experts is not None and experts.use_grouped_mm is None:
+                experts.choose_kernel(x.device)
         for i, layer in enumerate(self.model.layers):
             run = checkpointing.checkpointed(layer, i, mode, self.activation_checkpointing_k)
             x, layer_stats = run(x, cos, sin, ctx, token_weight_N)
@@ -481,10 +570,16 @@ class QwenMoeForCausalLM(nn.Module):
                 stats.append(layer_stats)
         if stats:
             num_tokens = B * T if token_weight_N is None else token_weight_N.sum()
+            if self.router_group is not None:  # the statistics of every process's tokens, as one process sees them
+                stats, num_tokens = _sum_over_group(stats, num_tokens, self.router_group, input_ids.device)
             balance = load_balancing_loss(stats, num_tokens, self.config.num_experts)
             self.aux_loss = self.config.router_aux_loss_coef * balance
+            if self.config.router_z_loss_coef:
+                self.aux_loss = self.aux_loss + self.config.router_z_loss_coef * router_z_loss(stats, num_tokens)
+            self.tokens_per_expert = torch.stack([s.tokens_per_expert for s in stats]).detach()  # (layers, E)
         else:  # every layer dense
             self.aux_loss = torch.zeros((), device=input_ids.device)
+            self.tokens_per_expert = None
         x = self.model.norm(x)  # (B, T, D)
         return x if return_hidden else self.lm_head(x)
 
@@ -505,10 +600,12 @@ class QwenMoeForCausalLM(nn.Module):
         for name, param in self.named_parameters(remove_duplicate=True):
             prefix, _, local = name.rpartition(".")
             if isinstance(self.get_submodule(prefix), Experts):
-                for expert in range(param.shape[0]):
+                E, out, inner = getattr(param, "hf_shape", param.shape)  # hf_shape: what a quantised tensor stands for
+                for expert in range(E):
                     for hf_local, (stacked, rows) in EXPERT_KEYS.items():
                         if stacked == local:
-                            shapes[f"{prefix}.{expert}.{hf_local}"] = tuple(param[expert, self._rows(rows)].shape)
+                            num_rows = len(range(out)[self._rows(rows)])
+                            shapes[f"{prefix}.{expert}.{hf_local}"] = (num_rows, inner)
             elif ".lora_" not in name:  # adapters are not in base checkpoints
                 shapes[name] = tuple(param.shape)
         if self.config.tie_word_embeddings:
@@ -547,6 +644,7 @@ class QwenMoeForCausalLM(nn.Module):
             elif isinstance(module, Experts):
                 module.gate_up_proj.normal_(0.0, std, generator=generator)
                 module.down_proj.normal_(0.0, std, generator=generator)
+                module.choose_kernel(module.down_proj.device)
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
             elif isinstance(module, RotaryEmbedding):

@@ -38,6 +38,8 @@ class ModelConfig:
     path: str = ""  # HF-format model folder (config.json + *.safetensors); empty: build `size` with random init
     size: str = ""  # a named size for random init (see models.SIZES), used when `path` is empty
     tokenizer: str = ""  # folder or tokenizer.json; default: the model folder
+    router_aux_loss_coef: float = -1.0  # MoE: weight of the load-balancing loss (< 0: config.json's value)
+    router_z_loss_coef: float = 0.0  # MoE: weight of the router z-loss, mean logsumexp(router logits)^2 (0: off)
     # config.json fields to change, e.g. {max_position_embeddings = 32768, rope_scaling = {rope_type = "yarn",
     # factor = 4.0, original_max_position_embeddings = 8192}}; saved in final/config.json (docs/long-context.md)
     overrides: dict = field(default_factory=dict)
@@ -144,6 +146,9 @@ class LoraConfig:
     dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output feature (Liu et al. 2024)
     modules_to_save: list = field(default_factory=list)  # e.g. ["embed_tokens", "lm_head"], trained in full
     quantize: str = ""  # "" | nf4 (QLoRA through bitsandbytes)
+    # MoE: stacked expert weights given per-expert adapters (PEFT's target_parameters): ["gate_up_proj", "down_proj"]
+    target_experts: list = field(default_factory=list)
+    quantize_experts: bool = False  # MoE: store the frozen stacked expert weights in NF4 (bitsandbytes)
     merge: bool = True  # write the merged model to <output_dir>/final
 
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import models
+from nanotune import lora_experts
 from nanotune.qlora import NF4Linear
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -363,15 +364,31 @@ def prepare_from_config(cfg, device=None):
         return None
     if cfg.quantize not in ("", "nf4"):
         raise ValueError(f"lora.quantize = {cfg.quantize!r} is not supported; use \"nf4\" (QLoRA) or \"\" (none).")
+    check_expert_options(cfg.target_experts, cfg.dropout, cfg.dora)
 
     def prepare(model: nn.Module) -> None:
         if cfg.quantize == "nf4":
             from nanotune.qlora import quantize_nf4
 
             quantize_nf4(model, skip=("lm_head", *cfg.modules_to_save), device=device)
+        if cfg.quantize_experts:
+            lora_experts.quantize_experts(model, device=device)
         apply_lora(model, cfg.targets, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, cfg.dora, cfg.modules_to_save)
+        if cfg.target_experts:
+            lora_experts.apply_expert_lora(model, cfg.target_experts, cfg.rank, cfg.alpha, cfg.rslora, device=device)
 
     return prepare
+
+
+def check_expert_options(target_experts, dropout: float, dora: bool) -> None:
+    """What PEFT's adapters on fused expert weights (ParamWrapper) cannot express, refused before any work."""
+    if target_experts and dropout:
+        raise ValueError(f"lora.dropout = {dropout} with lora.target_experts: PEFT's adapters on stacked expert "
+                         "weights have no dropout (it cannot be factored out of the grouped product); "
+                         "set lora.dropout = 0")
+    if target_experts and dora:
+        raise ValueError("lora.dora = true with lora.target_experts is not supported (PEFT has no DoRA for stacked "
+                         "expert weights); set one of them off")
 
 
 def _match_targets(model, targets, linear_names, modules_to_save) -> list[str]:
@@ -425,6 +442,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
                 continue  # the block scales of the NF4 weight, counted with it
             nf4 = isinstance(module, NF4Linear) and name == "weight"
             n = module.out_features * module.in_features if nf4 else p.numel()
+            if isinstance(module, lora_experts.FrozenExperts) and module.nf4 and name in lora_experts.EXPERT_PARAMS:
+                n = math.prod(module.shapes[name])  # NF4 expert codes: the values they stand for
             total += n
             trainable += n if p.requires_grad else 0
     return trainable, total
@@ -459,6 +478,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
         if module.bias is not None:
             linear.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
         model.set_submodule(name, linear)
+    lora_experts.merge_experts(model)  # stacked MoE experts: adapters folded in, NF4 stacks dequantised
     return model
 
 
@@ -467,7 +487,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter (LoRA tensors and modules trained in full) under PEFT's key names."""
-    return {PEFT_PREFIX + n: p.detach() for n, p in model.named_parameters() if p.requires_grad or _is_lora(n)}
+    out = {PEFT_PREFIX + n: p.detach() for n, p in model.named_parameters()
+           if (p.requires_grad or _is_lora(n)) and not lora_experts.is_expert_adapter(n)}
+    out.update({PEFT_PREFIX + k: v for k, v in lora_experts.peft_state_dict(model).items()})  # PEFT's expert layout
+    return out
 
 
 def _is_lora(name: str) -> bool:
@@ -477,9 +500,11 @@ def _is_lora(name: str) -> bool:
 def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
     """PEFT's adapter_config.json for the LoRA layers of `model` (all of them share rank, alpha and options)."""
     adapted = {n: m for n, m in model.named_modules() if isinstance(m, ADAPTED)}
-    if not adapted:
+    experts = [m for m in model.modules() if isinstance(m, lora_experts.FrozenExperts) and m.rank]
+    if not adapted and not experts:
         raise ValueError("the model has no LoRA layers to save; call apply_lora (or load_adapter) first.")
     settings = {(m.rank, m.alpha, m.rslora, m.dora, _dropout_p(m)) for m in adapted.values()}
+    settings |= {(m.rank, m.alpha, m.rslora, False, 0.0) for m in experts}
     if len(settings) > 1:
         raise ValueError(f"LoRA layers differ in (rank, alpha, rslora, dora, dropout): {sorted(settings)}; "
                          "PEFT's format here needs one setting for all of them.")
@@ -489,7 +514,7 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
     linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear, *ADAPTED))]
     exact = {n for n in linears if _ends_with(n, leaves)} == set(adapted)
     trained_in_full = sorted({n.rpartition(".")[0] for n, p in model.named_parameters()
-                              if p.requires_grad and not _is_lora(n)})
+                              if p.requires_grad and not _is_lora(n) and not lora_experts.is_expert_adapter(n)})
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -507,6 +532,7 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
         "inference_mode": True,
         "rank_pattern": {},
         "alpha_pattern": {},
+        "target_parameters": lora_experts.peft_target_parameters(model) or None,  # stacked MoE expert weights
     }
 
 
@@ -528,7 +554,7 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
 # PEFT options that change what an adapter computes and that nanotune does not implement: (key, the harmless value)
 _UNSUPPORTED = [("fan_in_fan_out", False), ("bias", "none"), ("lora_bias", False), ("rank_pattern", {}),
                 ("alpha_pattern", {}), ("layers_to_transform", None), ("layer_replication", None),
-                ("use_qalora", False), ("target_parameters", None), ("trainable_token_indices", None),
+                ("use_qalora", False), ("trainable_token_indices", None),
                 ("exclude_modules", None)]
 
 
@@ -544,6 +570,11 @@ def read_adapter_config(path: str | Path) -> dict:
     for key, default in _UNSUPPORTED:
         if config.get(key, default) not in (default, None, {}, False):
             raise ValueError(f"{file}: {key} = {config[key]!r} is not supported by nanotune (only {default!r}).")
+    others = [t for t in config.get("target_parameters") or []
+              if t.rpartition(".")[2] not in lora_experts.EXPERT_PARAMS]
+    if others:
+        raise ValueError(f"{file}: target_parameters {others} are not supported by nanotune (only stacked MoE "
+                         f"expert weights: {list(lora_experts.EXPERT_PARAMS)}).")
     return config
 
 
@@ -560,9 +591,13 @@ def load_adapter(model: nn.Module, path: str | Path, dtype: torch.dtype = torch.
     rank, alpha = config["r"], config["lora_alpha"]
     rslora, dora = config.get("use_rslora", False), config.get("use_dora", False)
     adapted = [m for m in model.modules() if isinstance(m, ADAPTED)]
+    expert_targets = sorted({t.rpartition(".")[2] for t in config.get("target_parameters") or []})
     if not adapted:
-        apply_lora(model, config["target_modules"], rank, alpha, dropout=config.get("lora_dropout", 0.0),
-                   rslora=rslora, dora=dora, modules_to_save=config.get("modules_to_save") or [], dtype=dtype)
+        if config["target_modules"]:
+            apply_lora(model, config["target_modules"], rank, alpha, dropout=config.get("lora_dropout", 0.0),
+                       rslora=rslora, dora=dora, modules_to_save=config.get("modules_to_save") or [], dtype=dtype)
+        if expert_targets:
+            lora_experts.apply_expert_lora(model, expert_targets, rank, alpha, rslora, dtype)
     elif any((m.rank, m.alpha, m.rslora, m.dora) != (rank, alpha, rslora, dora) for m in adapted):
         raise ValueError(f"{path}: the adapter has r={rank}, lora_alpha={alpha}, use_rslora={rslora}, "
                          f"use_dora={dora}, but the model's LoRA layers differ; load it into a model without LoRA.")
@@ -583,6 +618,8 @@ def load_adapter(model: nn.Module, path: str | Path, dtype: torch.dtype = torch.
         raise ValueError(f"{file} does not match the model's LoRA layers: missing {missing[:6]}, "
                          f"unexpected {unexpected[:6]}. Was it made for this base model and config?")
     params = dict(model.named_parameters())
+    expert_keys = set(lora_experts.peft_state_dict(model))
+    lora_experts.load_peft_state_dict(model, {k: tensors.pop(k) for k in expert_keys})
     with torch.no_grad():
         for name, tensor in tensors.items():
             if tuple(tensor.shape) != tuple(params[name].shape):

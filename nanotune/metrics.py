@@ -136,6 +136,19 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+def expert_load(tokens_LE: torch.Tensor) -> dict:
+    """Tokens routed to each expert (sparse layers, E) -> metrics.jsonl's view of it: per layer the min / max / mean
+    over the experts, and `expert_load_max`, the largest max / mean of any layer (1: balanced; E / K: one expert per
+    slot took everything). Computed on the device; one read-back."""
+    t = tokens_LE.detach().float()
+    per_layer = torch.stack([t.min(1).values, t.max(1).values, t.mean(1)])  # (3, layers)
+    worst = (per_layer[1] / per_layer[2].clamp_min(1e-12)).max()
+    values = torch.cat([per_layer.flatten(), worst[None]]).tolist()
+    L = t.shape[0]
+    return {"tokens_per_expert": {"min": values[:L], "max": values[L:2 * L], "mean": values[2 * L:3 * L]},
+            "expert_load_max": values[-1]}
+
+
 def format_progress(r: dict, total_steps: int) -> str:
     parts = [
         f"step {r['step']}/{total_steps}",
@@ -150,6 +163,8 @@ def format_progress(r: dict, total_steps: int) -> str:
         parts.append(f"peak mem {r['peak_mem_gib']:.1f} GiB")
     if r.get("aux_loss") is not None:
         parts.append(f"aux {r['aux_loss']:.4f}")
+    if r.get("expert_load_max") is not None:
+        parts.append(f"expert load max/mean {r['expert_load_max']:.2f}")
     parts.append(f"ETA {format_seconds(r['eta_s'])}")
     return " | ".join(parts)
 

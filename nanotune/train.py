@@ -89,6 +89,10 @@ def build_model(cfg: Config, vocab_size: int, device: torch.device, layout: dict
         raise ConfigError(str(e)) from None
 
     def prepare(model):  # LoRA's complaints (e.g. targets that match no module) are about the [lora] config
+        set_router_losses(model, cfg)
+        if (cfg.lora.target_experts or cfg.lora.quantize_experts) and layout and math.prod(layout.values()) > 1:
+            raise ConfigError("lora.target_experts / lora.quantize_experts run in one process for now; train with "
+                              "one process or leave them out")
         if layout is not None:
             parallel.check_model_layout(layout, model.config, cfg.lora)
         if lora_prepare is None:
@@ -112,6 +116,19 @@ def build_model(cfg: Config, vocab_size: int, device: torch.device, layout: dict
             "use the model's own tokenizer (model.tokenizer)"
         )
     return model
+
+
+def set_router_losses(model, cfg: Config) -> None:
+    """The [model] router loss weights of a mixture-of-experts model (refused for a model without a router)."""
+    aux, z = cfg.model.router_aux_loss_coef, cfg.model.router_z_loss_coef
+    if not hasattr(model.config, "router_aux_loss_coef"):
+        if aux >= 0 or z:
+            raise ConfigError(f"model.router_aux_loss_coef / model.router_z_loss_coef apply to mixture-of-experts "
+                              f"models; {model.config.model_type} has no router: leave them out")
+        return
+    if aux >= 0:
+        model.config.router_aux_loss_coef = aux
+    model.config.router_z_loss_coef = z
 
 
 def check_config(cfg: Config) -> None:
@@ -143,6 +160,7 @@ def check_config(cfg: Config) -> None:
         ("train.max_skipped_steps", t.max_skipped_steps, 1),
         ("train.activation_checkpointing_k", t.activation_checkpointing_k, 1),
         ("optim.lr", o.lr, 0), ("optim.warmup_steps", o.warmup_steps, 0), ("optim.weight_decay", o.weight_decay, 0),
+        ("model.router_z_loss_coef", cfg.model.router_z_loss_coef, 0),
     ]:
         if value < least:
             raise ConfigError(f"{key} must be at least {least}, got {value}")
@@ -506,6 +524,7 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
     window_loss, window_steps, window_tokens = torch.zeros((), dtype=torch.float64, device=device), 0, 0
     # train.nonfinite = "error": (step, loss, gradient norm) of the first non-finite step, step 0 while there is none
     first_nonfinite = torch.zeros(3, dtype=torch.float64, device=device)
+    expert_tokens = None  # MoE: tokens routed to each expert in the log window, summed on the device
     num_skipped = 0  # consecutive steps skipped for a non-finite loss or gradient norm
 
     def check_finite():
@@ -540,6 +559,9 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
                 if aux is not None:
                     objective = objective + aux / accum  # a mean over the step's micro-batches (and ranks, by FSDP)
                     aux_sum = aux_sum + aux.detach() / accum
+                routed = getattr(model, "tokens_per_expert", None)  # MoE: (sparse layers, E), read back when logged
+                if routed is not None:
+                    expert_tokens = routed if expert_tokens is None else expert_tokens + routed
             objective.backward()
             loss_sum = loss_sum + loss_i.detach()
         step_loss = parallel.all_reduce_sum_on_device(loss_sum, dist) / step_tokens.clamp(min=1.0)  # () fp64
@@ -579,6 +601,10 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
                       "tokens_per_s": tokens_per_s, "epoch": epoch}
             if getattr(model, "aux_loss", None) is not None:
                 record["aux_loss"] = parallel.all_reduce_sum(aux_sum.item(), dist) / dist.world_size
+            if expert_tokens is not None:  # per optimizer step, over all processes (tensor-parallel ones count once)
+                summed = parallel.all_reduce_sum_on_device(expert_tokens, dist)
+                record.update(metrics.expert_load(summed * dist.fsdp_size / dist.world_size / window_steps))
+                expert_tokens = None
             if peak:
                 record["mfu"] = flops_per_token * tokens_per_s / dist.world_size / peak
             if device.type == "cuda":
@@ -649,7 +675,7 @@ def save_final(model, cfg: Config, output_dir: Path, dist) -> None:
         if not cfg.lora.merge:
             parallel.barrier(dist)
             return
-        if cfg.lora.quantize and cfg.model.path:
+        if (cfg.lora.quantize or cfg.lora.quantize_experts) and cfg.model.path:
             # merge into the original full-precision weights, not into dequantised NF4 ones
             lora.merge_adapter_into_base(Path(cfg.model.path), adapter, tmp, overrides=cfg.model.overrides)
             finish_final(output_dir, tokenizer_source)

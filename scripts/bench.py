@@ -46,6 +46,9 @@ from nanotune.packing import BatchLoader  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H100 / H200 SXM dense bf16, the denominator of MFU in docs/BENCHMARKS.md
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# W6-LoRA: a Qwen3-MoE has no dense MLP; its LoRA is on attention and on the stacked experts (PEFT's target_parameters)
+MOE_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+EXPERT_TARGETS = ["gate_up_proj", "down_proj"]
 
 # ------------------------------------------------------------------------------------------------- workloads
 
@@ -85,6 +88,7 @@ class Workload:
     doc_sigma: float = 0.8
     doc_range: tuple[int, int] = (16, 4096)
     notes: list[str] = field(default_factory=list)
+    lora_experts: bool = False  # LoRA also on the stacked MoE expert weights (W6-LoRA)
 
     @property
     def target(self) -> str:
@@ -107,6 +111,7 @@ WORKLOADS = {
     "W5": Workload("W5", GEMMA3_1B, "full", 4, 2048, liger=True, memory_budget_gib=0.35 * 52.7,
                    speed_target=("hf", 2.0), memory_target=("hf", 0.35)),
     "W6": Workload("W6", QWEN3_MOE, "full", 4, 2048, liger=True, speed_target=("hf", 3.0)),
+    "W6-LoRA": Workload("W6-LoRA", QWEN3_MOE, "lora", 4, 2048, speed_target=("hf", 3.0), lora_experts=True),
     "W7": Workload("W7", LLAMA_1B, "full", 4, 8192, packed=True, speed_target=("hf", 10.0)),
 }
 
@@ -126,7 +131,7 @@ def tiny(w: Workload) -> Workload:
     hf = {**w.hf, **TINY_SHAPE, **TINY_OVERRIDES.get(w.hf["model_type"], {})}
     return Workload(w.name, hf, w.mode, batch=2, seq_len=128 if w.packed else 32, packed=w.packed,
                     memory_budget_gib=w.memory_budget_gib, liger=w.liger, speed_target=w.speed_target,
-                    memory_target=w.memory_target, doc_median=20.0, doc_range=(4, 64))
+                    memory_target=w.memory_target, doc_median=20.0, doc_range=(4, 64), lora_experts=w.lora_experts)
 
 
 # --------------------------------------------------------------------------------------------------- batches
@@ -385,10 +390,15 @@ def hf_quantize_nf4(model: nn.Module, dtype) -> None:
         setattr(model.get_submodule(parent), child, q)
 
 
-def hf_lora(model: nn.Module) -> nn.Module:
+def hf_lora(model: nn.Module, w: Workload) -> nn.Module:
     import peft
 
-    config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    if w.lora_experts:
+        config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=MOE_LORA_TARGETS,
+                                 target_parameters=[f"mlp.experts.{t}" for t in EXPERT_TARGETS], task_type="CAUSAL_LM")
+    else:
+        config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                                 task_type="CAUSAL_LM")
     return peft.get_peft_model(model, config)
 
 
@@ -405,7 +415,7 @@ def run_hf(w: Workload, batches: list[Batch], args, device, dtype, liger: bool =
     if w.mode == "qlora":
         hf_quantize_nf4(model, dtype)
     if w.mode in ("lora", "qlora"):
-        model = hf_lora(model)
+        model = hf_lora(model, w)
     model.train()
     with memory_scope(device) as mem:
         optimizer = make_optimizer(model)
@@ -441,7 +451,11 @@ def build_nanotune(w: Workload, device, dtype, args) -> tuple[nn.Module, list[st
     if w.mode in ("lora", "qlora"):
         from nanotune.lora import apply_lora
 
-        apply_lora(model, LORA_TARGETS, rank=16, alpha=32, dropout=0.0)
+        apply_lora(model, MOE_LORA_TARGETS if w.lora_experts else LORA_TARGETS, rank=16, alpha=32, dropout=0.0)
+        if w.lora_experts:  # per-expert adapters inside the grouped GEMMs
+            from nanotune.lora_experts import apply_expert_lora
+
+            apply_expert_lora(model, EXPERT_TARGETS, rank=16, alpha=32)
     checkpointing, why = args.checkpointing, "asked"
     if checkpointing == "auto":
         checkpointing, why = auto_checkpointing(w, model, dtype, args.chunk_size)

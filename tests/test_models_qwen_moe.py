@@ -195,11 +195,43 @@ def test_grouped_matmul_equals_per_expert_loop_with_gradients(use_grouped_mm):
     torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_the_kernel_is_chosen_once_when_the_model_is_built(tmp_path):
+    write_checkpoint(tmp_path / "m", "qwen3_moe")
+    write_checkpoint(tmp_path / "narrow", "qwen3_moe", moe_intermediate_size=4)
+    chosen = {}
+    for name, folder, dtype in [("bf16", "m", torch.bfloat16), ("fp32", "m", torch.float32),
+                                ("bf16-narrow", "narrow", torch.bfloat16)]:
+        model = models.from_pretrained(tmp_path / folder, dtype=dtype)
+        chosen[name] = {layer.mlp.experts.use_grouped_mm for layer in model.model.layers}
+    compiles_bf16 = grouped_mm_works("cpu", torch.bfloat16) and grouped_mm_works("meta", torch.bfloat16)
+    compiles_fp32 = grouped_mm_works("cpu", torch.float32) and grouped_mm_works("meta", torch.float32)
+    # an expert width of 4 bf16 values (8 bytes) is refused by torch._grouped_mm: the padded path takes over
+    assert chosen == {"bf16": {compiles_bf16}, "fp32": {compiles_fp32}, "bf16-narrow": {False}}
+
+
+def test_combine_equals_the_scatter_add_of_weighted_rows_with_gradients():
+    from models.qwen_moe import combine, sort_by_expert
+
+    gen = torch.Generator().manual_seed(0)
+    expert_NK = torch.stack([torch.randperm(6, generator=gen)[:3] for _ in range(7)])  # (7, 3): K distinct experts
+    order, token, _ = sort_by_expert(expert_NK, 6)
+    h = torch.randn(21, 16, generator=gen, requires_grad=True)
+    w = torch.rand(7, 3, generator=gen, requires_grad=True)
+    ours = combine(h, order, w)  # (7, 16)
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    theirs = torch.zeros(7, 16).index_add_(0, token, h2 * w2.flatten()[order, None])
+    torch.testing.assert_close(ours, theirs)
+    g = torch.randn(7, 16, generator=gen)
+    ours.backward(g)
+    theirs.backward(g)
+    torch.testing.assert_close(h.grad, h2.grad)
+    torch.testing.assert_close(w.grad, w2.grad)
+
+
 def test_model_runs_the_fallback_for_unaligned_expert_width(tmp_path):
-    # an expert width of 6 fp32 values (24 bytes) is refused by torch._grouped_mm: the padded path must take over
     reference = write_checkpoint(tmp_path / "m", "qwen3_moe", moe_intermediate_size=6)
     model = models.from_pretrained(tmp_path / "m")
-    assert not model.model.layers[0].mlp.experts._grouped_mm_ok(torch.zeros(1))
+    assert model.model.layers[0].mlp.experts.use_grouped_mm is False
     assert max_logit_diff(model, reference, torch.randint(0, VOCAB, (2, 16))) <= 1e-4
 
 
@@ -234,10 +266,9 @@ def test_grouped_mm_path_equals_the_padded_path_in_the_model(tmp_path):
     write_checkpoint(tmp_path / "m", "qwen2_moe")
     model = models.from_pretrained(tmp_path / "m")
     experts = [layer.mlp.experts for layer in model.model.layers]
-    assert all(e._grouped_mm_ok(torch.zeros(1)) for e in experts)  # the default takes torch._grouped_mm here
     ids = torch.randint(0, VOCAB, (2, 16))
     results = []
-    for use_grouped_mm in (None, False):
+    for use_grouped_mm in (True, False):
         for e in experts:
             e.use_grouped_mm = use_grouped_mm
         model.zero_grad()
