@@ -270,19 +270,25 @@ class ContextParallel:
 
     def _record_routing(self, module, args, output):
         if self._routing is not None:  # not in the backward's recomputation of a checkpointed layer
-            self._routing.append(output[1])  # (2, E): slot counts and probability sums of this process's tokens
+            self._routing.append(output[1])  # RouterStats: slot counts, probability and z sums of this process's tokens
 
     def _whole_row_aux_loss(self, model, args, output):
         """Replace the model's aux_loss (its own tokens only) by the one over the whole rows: the statistics summed
-        over the cp group, divided by the real tokens of the whole micro-batch (qwen_moe.load_balancing_loss). The
-        statistics are those of real tokens because the trainer passes `aux_loss_mask` (padding left out)."""
-        from models.qwen_moe import load_balancing_loss
+        over the cp group, divided by the real tokens of the whole micro-batch (qwen_moe.load_balancing_loss and
+        router_z_loss). The statistics are those of real tokens because the trainer passes `aux_loss_mask` (padding
+        left out)."""
+        from models.qwen_moe import RouterStats, load_balancing_loss, router_z_loss
 
         routing, self._routing = self._routing, None
         if routing:
-            total = _AllReduceSum.apply(torch.stack(routing), self.group)  # (layers, 2, E), summed over the rows
-            balance = load_balancing_loss(list(total), self.rows.num_real_tokens, model.config.num_experts)
-            model.aux_loss = model.config.router_aux_loss_coef * balance
+            E = model.config.num_experts
+            local = torch.stack([torch.cat([s.tokens_per_expert, s.prob_sum, s.z_sum.reshape(1)]) for s in routing])
+            total = _AllReduceSum.apply(local, self.group)  # (layers, 2 E + 1), summed over the rows
+            stats = [RouterStats(t[:E], t[E:2 * E], t[2 * E]) for t in total]
+            num_tokens = self.rows.num_real_tokens
+            model.aux_loss = model.config.router_aux_loss_coef * load_balancing_loss(stats, num_tokens, E)
+            if model.config.router_z_loss_coef:
+                model.aux_loss = model.aux_loss + model.config.router_z_loss_coef * router_z_loss(stats, num_tokens)
 
     def attend(self, q, k, v, *, sliding_window=None, softcap=None, scale=None) -> torch.Tensor:
         """q (B, Hq, T/cp, D), k and v (B, Hkv, T/cp, D) of this process -> (B, Hq, T/cp, D) over the whole rows."""

@@ -2,9 +2,9 @@
 
 The multi-process tests start one torchrun job of 2 gloo processes; inside it this file runs as a script (`worker`)
 that first compares the model alone (every case below, in each process against the same model run whole in that
-process), then trains through train.main with cp = 2 (FSDP2 over dp_shard x cp). Two processes suffice: with load
-balancing each holds two chunks of the row, so a document that covers the whole row is split over both processes
-and non-contiguously within each, which is what a larger cp adds too (the mask is built from row positions alone).
+process), then trains through train.main with cp = 2 (FSDP2 over dp_shard x cp). A second, smaller job of 4 processes
+runs the packed model cases with cp = 4, where a document spans more than two processes (chunks of 8 tokens: the
+40-token example of the packed batch lies on all four).
 
 Tolerance: in fp32 cp = 2 adds the same numbers in another order (the softmax over keys gathered in another order,
 the gradients of the gathered keys summed over the processes), so losses agree to ~1e-7 relative and gradients to
@@ -265,7 +265,8 @@ def worker(spec_file: str) -> None:
     """Inside torchrun: the model cases (rank 0 writes their results), then the training runs of the spec."""
     dist.init_process_group("gloo")
     spec = json.loads(Path(spec_file).read_text())
-    results = {"-".join(case): compare_with_one_process(*case) for case in MODEL_CASES}
+    cases = [tuple(c) for c in spec.get("cases", MODEL_CASES)]
+    results = {"-".join(case): compare_with_one_process(*case) for case in cases}
     if dist.get_rank() == 0:
         Path(spec["results"]).write_text(json.dumps(results))
     for argv in spec["runs"]:
@@ -310,6 +311,35 @@ def test_cp2_forward_and_backward_equal_one_process(cp_job, case):
     if "aux" in result:  # Qwen3-MoE: the load-balancing loss of the whole rows (also with a rank of padding only)
         assert result["aux"] == pytest.approx(result["whole_aux"], rel=1e-5)
     if "loss_across_documents" in result:  # the comparison can fail: attention across documents shows
+        assert abs(result["loss_across_documents"] - result["whole_loss"]) > 1e-3 * result["whole_loss"]
+
+
+# cp = 4: the 2 x 4 = 8 chunks of 8 tokens of a 64-token row; each process holds chunks r and 7 - r
+CP4_CASES = [("llama", "packed", "sdpa"), ("gemma3", "packed", "sdpa"), ("qwen3_moe", "packed", "sdpa"),
+             ("llama", "unpacked", "sdpa")]
+
+
+@pytest.fixture(scope="module")
+def cp4_job(tmp_path_factory):
+    """One torchrun job of 4 processes running the CP4_CASES (the model alone, no training runs)."""
+    tmp = tmp_path_factory.mktemp("cp4")
+    spec = tmp / "spec.json"
+    spec.write_text(json.dumps({"results": str(tmp / "results.json"), "runs": [], "cases": CP4_CASES}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", __file__, str(spec)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads((tmp / "results.json").read_text())
+
+
+@pytest.mark.parametrize("case", CP4_CASES, ids=["-".join(c) for c in CP4_CASES])
+def test_cp4_forward_and_backward_equal_one_process(cp4_job, case):
+    result = cp4_job["-".join(case)]
+    assert result["loss"] == pytest.approx(result["whole_loss"], rel=1e-5)
+    assert result["grad_rel_error"] < 1e-5
+    if "aux" in result:
+        assert result["aux"] == pytest.approx(result["whole_aux"], rel=1e-5)
+    if "loss_across_documents" in result:
         assert abs(result["loss_across_documents"] - result["whole_loss"]) > 1e-3 * result["whole_loss"]
 
 
