@@ -92,7 +92,8 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 def resolve_layout(cfg: ParallelConfig, world_size: int) -> dict[str, int]:
     """Mesh sizes from the [parallel] keys, dp_shard = -1 filled in; refuses layouts that cannot cover the processes."""
     if cfg.ep != 1:
-        raise ConfigError(f"parallel.ep = {cfg.ep}: expert parallelism is not built yet; set parallel.ep = 1")
+        raise ConfigError(f"parallel.ep = {cfg.ep}: the trainer does not build expert parallelism yet "
+                          "(nanotune/expert_parallel.py has the dispatch, see docs/moe.md); set parallel.ep = 1")
     for key in ("dp_replicate", "cp", "tp"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"parallel.{key} must be at least 1, got {getattr(cfg, key)}")
