@@ -423,8 +423,11 @@ class SparseMoeBlock(nn.Module):
         tokens = torch.zeros(E, dtype=torch.float32, device=x.device).index_add_(
             0, top_e.flatten(), w_N.repeat_interleave(top_e.shape[1])
         )  # (E,)
-        z_N = torch.logsumexp(logits.float(), dim=-1).square()  # (N,)
-        return out.view(B, T, D), RouterStats(tokens, (probs * w_N[:, None]).sum(0), (z_N * w_N).sum())
+        # the z-loss statistic only when the z-loss is on: else its graph would hang beside the loss, never used
+        z_sum = probs.new_zeros(())
+        if self.config.router_z_loss_coef:
+            z_sum = (torch.logsumexp(logits.float(), dim=-1).square() * w_N).sum()  # ()
+        return out.view(B, T, D), RouterStats(tokens, (probs * w_N[:, None]).sum(0), z_sum)
 
 
 def _sum_over_group(stats: list[RouterStats], num_tokens, group, device):

@@ -112,10 +112,22 @@ class TiledMLP:
         if B * T <= self.tiled_mlp_tile:
             return super().forward(x, *per_token)
         params = [p for p in self.parameters() if p.requires_grad]
-        out = _TiledMLPFunction.apply(super().forward, self.tiled_mlp_tile, len(per_token), x.reshape(1, B * T, D),
+        untiled, stats_type = super().forward, None
+
+        def run(x_tile, *per_token_tile):  # an MoE block's (out, RouterStats) as a flat tuple of tensors
+            nonlocal stats_type
+            out = untiled(x_tile, *per_token_tile)
+            if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], tuple):
+                stats_type = type(out[1])
+                return (out[0], *out[1])
+            return out
+
+        out = _TiledMLPFunction.apply(run, self.tiled_mlp_tile, len(per_token), x.reshape(1, B * T, D),
                                       *per_token, *params)
         out = _as_tuple(out)
         first = out[0].view(B, T, D)
+        if stats_type is not None:
+            return first, stats_type(*out[1:])
         return first if len(out) == 1 else (first, *out[1:])
 
 
