@@ -18,6 +18,19 @@ SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
 
+def run_torchrun(script, *args: str, nproc: int = 2, timeout: int = 600):
+    """`script` (a test file run as a worker, or nanotune/train.py) under torchrun with `nproc` gloo processes of one
+    thread each, nanotune imported from this checkout; fails the test with the end of the output unless it exits 0."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
+           *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `cuda` skip, with the reason, on a machine without a GPU."""
     if torch.cuda.is_available():

@@ -15,8 +15,6 @@ these batches by 1e-3 to 1e-2 (checked below), two orders of magnitude above tha
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,7 +31,7 @@ from nanotune.config import ConfigError, ParallelConfig, load_config
 from nanotune.context_parallel import ContextParallel, rank_positions, split_batch
 from nanotune.loss import cross_entropy_sum
 from nanotune.packing import IGNORE_INDEX, BatchLoader
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_torchrun
 from tests.test_parallel import base_argv, write_family_checkpoint
 from tests.test_train import losses, metrics
 
@@ -296,10 +294,7 @@ def cp_job(tmp_path_factory):
         outs[family] = (tmp / f"{family}-single", tmp / f"{family}-cp")
     spec = tmp / "spec.json"
     spec.write_text(json.dumps({"results": str(tmp / "results.json"), "runs": runs}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(spec)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_torchrun(__file__, str(spec), nproc=2)
     return json.loads((tmp / "results.json").read_text()), outs
 
 
@@ -325,10 +320,7 @@ def cp4_job(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cp4")
     spec = tmp / "spec.json"
     spec.write_text(json.dumps({"results": str(tmp / "results.json"), "runs": [], "cases": CP4_CASES}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", __file__, str(spec)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_torchrun(__file__, str(spec), nproc=4)
     return json.loads((tmp / "results.json").read_text())
 
 

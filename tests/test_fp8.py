@@ -4,8 +4,6 @@ filter, unchanged state dicts, LoRA with an FP8 base, torch.compile without grap
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from nanotune import fp8
 from nanotune.config import ConfigError, Fp8Config
 from nanotune.fp8 import E4M3, E5M2, Float8Linear, Float8LoRALinear, apply_fp8, fp8_linear
 from nanotune.lora import LoRALinear, apply_lora, merge_lora
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_torchrun
 
 RECIPES = ["tensorwise", "rowwise"]
 GRADS = {"e5m2": E5M2, "e4m3": E4M3}
@@ -524,10 +522,7 @@ def float8_all_gather_runs(tmp_path_factory):
             [f"--checkpoint.resume={outs['fp8_gather'] / 'step-1'}"]]
     spec = tmp / "spec.json"
     spec.write_text(json.dumps({"model": str(tmp / "llama"), "gathers": str(tmp / "gathers.json"), "runs": runs}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(spec)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_torchrun(__file__, str(spec), nproc=2)
     return json.loads((tmp / "gathers.json").read_text()), outs
 
 

@@ -9,9 +9,6 @@ rows of the batch."""
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -84,10 +81,9 @@ def worker() -> None:
 
 
 def test_two_gloo_processes_equal_one_process():
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    from tests.conftest import run_torchrun
+
+    run_torchrun(__file__, nproc=2)
 
 
 if __name__ == "__main__":

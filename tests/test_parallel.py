@@ -16,9 +16,7 @@ shifts a whole row or column, so up to 2% of a merged weight may.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from safetensors.torch import load_file
 import models
 from nanotune import parallel, train
 from nanotune.config import ConfigError, LoraConfig, ParallelConfig, load_config
-from tests.conftest import ROOT, write_hf_checkpoint
+from tests.conftest import ROOT, run_torchrun, write_hf_checkpoint
 from tests.test_train import assert_same_params, losses, metrics
 
 QUICKSTART = ROOT / "data" / "quickstart"
@@ -290,11 +288,7 @@ def worker(spec_file: str) -> None:
 def torchrun(nproc: int, runs: list[list[str]], tmp: Path) -> None:
     spec = tmp / f"runs-{nproc}.json"
     spec.write_text(json.dumps(runs))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__,
-           str(spec)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_torchrun(__file__, str(spec), nproc=nproc)
 
 
 @pytest.fixture(scope="module")

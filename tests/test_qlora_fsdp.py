@@ -17,8 +17,6 @@ loss tolerance covers.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,7 +29,7 @@ pytest.importorskip("bitsandbytes")
 import models  # noqa: E402
 from nanotune import parallel, qlora, train  # noqa: E402
 from nanotune.config import load_config  # noqa: E402
-from tests.conftest import ROOT  # noqa: E402
+from tests.conftest import ROOT, run_torchrun  # noqa: E402
 from tests.test_parallel import assert_continues_like, base_argv, reshard_data  # noqa: E402
 from tests.test_train import assert_same_params, losses  # noqa: E402
 
@@ -204,11 +202,7 @@ def worker(spec_file: str) -> None:
 def torchrun(nproc: int, tasks: list, tmp: Path) -> None:
     spec = tmp / f"qlora-{nproc}.json"
     spec.write_text(json.dumps(tasks))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__,
-           str(spec)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_torchrun(__file__, str(spec), nproc=nproc)
 
 
 def qlora_argv(tmp: Path, out: str, *extra: str) -> list[str]:

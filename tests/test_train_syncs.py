@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanotune import train
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_torchrun
 from tests.test_train import QUICKSTART, run  # noqa: F401  (run is the trainer fixture)
 
 TORCH_DIR = str(Path(torch.__file__).parent)
@@ -111,10 +110,7 @@ def test_two_processes_agree_on_the_clock_and_signals_only_at_logging_steps(run,
             f"--output_dir={tmp_path / 'dist'}"]
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"argv": argv, "out": str(tmp_path / "reads.json")}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(spec)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_torchrun(__file__, str(spec), nproc=2, timeout=300)
     reads = json.loads((tmp_path / "reads.json").read_text())
     per_step = loop_reads(reads)
     assert per_step[0] == per_step[2] == 0, reads
