@@ -216,7 +216,7 @@ class ParallelConfig:
     dp_shard: int = -1  # FSDP2: processes that share one copy of the model, each holding 1/dp_shard (-1: the rest)
     tp: int = 1  # tensor parallel: processes that split every attention / MLP matmul (keep it within one node)
     cp: int = 1  # context parallel: processes that split each row's tokens; data.seq_len a multiple of 2 cp
-    ep: int = 1  # expert parallel (not built yet: must be 1)
+    ep: int = 1  # expert parallel: processes of dp_shard that split the experts of every MoE layer (a divisor of it)
     param_dtype: str = "auto"  # FSDP2 compute dtype of gathered parameters: auto (bf16 for amp-bf16) | fp32 | bf16
     reduce_dtype: str = "auto"  # FSDP2 gradient reduction dtype: auto (fp32 for amp-bf16, else the parameters') | fp32 | bf16
     reshard_after_forward: bool = True  # free gathered parameters after each layer's forward (False: keep until backward)

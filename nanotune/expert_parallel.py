@@ -2,7 +2,13 @@
 tokens travel to the process that holds their expert and back (GShard, Lepikhin et al. 2020; dropless, as in
 MegaBlocks, Gale et al. 2022: no capacity factor, no token dropped).
 
-    apply_expert_parallel(model, group)     # on a loaded model; every process of `group` built the same one
+    apply_expert_parallel(model, mesh)      # a 1-D DeviceMesh of the ep processes; on the meta device or loaded
+
+Each stacked expert tensor becomes a DTensor of its whole shape (E, ...), sharded by experts over the ep processes
+(`Shard(0)`: process p holds experts [p * E / ep, (p + 1) * E / ep), contiguous). Whoever shards the model further sees
+whole-shape tensors: the sharded loader reads each process's experts from the checkpoint, DCP saves and reshards them,
+the streamed `final/` gathers them, and FSDP2 shards each process's experts over the data-parallel processes that hold
+the same ones (nanotune/parallel.py).
 
 Per MoE layer and forward, on every process (its own tokens, its own router decisions, replicated router):
 1. the K slots of each token are sorted by global expert (`sort_by_expert`): the rows for process p's experts are one
@@ -15,10 +21,12 @@ Per MoE layer and forward, on every process (its own tokens, its own router deci
    weights as on one process.
 The all-to-alls are autograd-aware (torch.distributed.nn), so the backward sends gradients the same way back.
 
-The router losses must see every process's tokens (as one process would): the model sums its routing statistics over
-`group` before computing them (`QwenMoeForCausalLM.router_group`), so every process gets the same, global auxiliary
-loss. Gradients of the replicated parameters (attention, router, norms) are per process and are summed over the group
-by whoever trains (FSDP / DDP / a plain all-reduce); the experts' gradients are complete on their process.
+The router losses: by default each process computes them over its own tokens, as a micro-batch of one process would
+(the trainer's convention: a data-parallel process is one micro-batch of the step). With `global_router_losses` the
+model sums its routing statistics over the group first (`QwenMoeForCausalLM.router_group`), so that every process
+gets the loss of all the group's tokens together. Gradients of the replicated parameters (attention, router, norms)
+are per process and are summed over the group by whoever trains (FSDP / DDP / a plain all-reduce); an expert's
+gradient is complete for the group's tokens on the process that holds it (the reverse all-to-all brings it there).
 """
 
 from __future__ import annotations
@@ -26,27 +34,36 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.nn.functional import all_to_all_single
+import torch.distributed._functional_collectives as funcol
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from models.qwen_moe import Experts, combine, sort_by_expert
+from models.qwen_moe import Experts, combine, grouped_matmul, sort_by_expert
 
 
 class ExpertParallelExperts(Experts):
     """One process's share of a layer's stacked experts: global experts [first, first + E_local)."""
 
-    def __init__(self, base: Experts, group):
+    def __init__(self, base: Experts, mesh):
         nn.Module.__init__(self)
-        self.group = group
-        self.ep, rank = dist.get_world_size(group), dist.get_rank(group)
+        self.mesh, self.group = mesh, mesh.get_group()
+        self.ep, rank = mesh.size(), mesh.get_local_rank()
         E = base.num_experts
         if E % self.ep:
             raise ValueError(f"parallel.ep = {self.ep} does not divide the {E} experts of each layer")
         self.num_experts, self.num_local = E, E // self.ep
         self.first = rank * self.num_local
-        local = slice(self.first, self.first + self.num_local)
-        self.gate_up_proj = nn.Parameter(base.gate_up_proj.data[local].clone(), base.gate_up_proj.requires_grad)
-        self.down_proj = nn.Parameter(base.down_proj.data[local].clone(), base.down_proj.requires_grad)
+        for name in ("gate_up_proj", "down_proj"):  # whole-shape DTensors, each process holding its experts
+            param = getattr(base, name)
+            sharded = distribute_tensor(param.data, mesh, [Shard(0)])
+            self.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
         self.use_grouped_mm = base.use_grouped_mm
+
+    def project(self, name: str, x_MK: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by local expert times this process's experts of `name` (E_local, out, in)."""
+        weight = getattr(self, name)
+        if isinstance(weight, DTensor):  # under FSDP2 too: gathered, it is the ep-sharded DTensor again
+            weight = weight.to_local()
+        return grouped_matmul(x_MK, weight, counts_E, self.use_grouped_mm)
 
     def forward(self, x_ND: torch.Tensor, expert_NK: torch.Tensor, weight_NK: torch.Tensor) -> torch.Tensor:
         if self.use_grouped_mm is None:
@@ -59,8 +76,7 @@ class ExpertParallelExperts(Experts):
         send_sizes, recv_sizes = splits
 
         x_sent = x_ND[token]  # (N*K, D) sorted by global expert: process p's rows are one run
-        x_recv = all_to_all_single(x_sent.new_empty(sum(recv_sizes), x_ND.shape[1]), x_sent, recv_sizes, send_sizes,
-                                   group=self.group)  # (M, D): by source process, then by local expert
+        x_recv = exchange(x_sent, recv_sizes, send_sizes, self.group)  # (M, D): by source process, then by expert
         local_expert = torch.repeat_interleave(
             torch.arange(self.num_local, device=x_ND.device).repeat(self.ep), recv_EL.flatten(), output_size=len(x_recv)
         )  # (M,)
@@ -70,19 +86,29 @@ class ExpertParallelExperts(Experts):
         gate, up = h.chunk(2, dim=-1)
         h = self.project("down_proj", torch.nn.functional.silu(gate) * up, local_counts)  # (M, D)
         h_recv = torch.empty_like(h).index_copy(0, regroup, h)  # back to the order the rows arrived in
-        h_sent = all_to_all_single(h.new_empty(x_sent.shape), h_recv, send_sizes, recv_sizes, group=self.group)
-        return combine(h_sent, order, weight_NK).to(x_ND.dtype)  # (N, D), as on one process
+        h_sent = exchange(h_recv, send_sizes, recv_sizes, self.group)  # (N*K, D): in the order the rows left
+        # (N, D), as on one process; a copy, not the view combine returns: FSDP2 hooks this output, and warns of views
+        return combine(h_sent, order, weight_NK).to(x_ND.dtype).clone()
 
 
-def apply_expert_parallel(model: nn.Module, group) -> list[str]:
-    """Shard every stacked `Experts` of `model` over `group` (each process keeps its slice) and make the router
-    losses global over the group. Returns the swapped module names."""
+def exchange(x: torch.Tensor, recv_sizes: list[int], send_sizes: list[int], group) -> torch.Tensor:
+    """All-to-all of rows: send_sizes[p] rows of x (in order) to process p, recv_sizes[p] rows from it, concatenated
+    by source process. Its backward is the reverse exchange of the gradients."""
+    out = funcol.all_to_all_single_autograd(x, recv_sizes, send_sizes, group)
+    return funcol.wait_tensor(out)
+
+
+def apply_expert_parallel(model: nn.Module, mesh, global_router_losses: bool = False) -> list[str]:
+    """Shard every stacked `Experts` of `model` by experts over the 1-D DeviceMesh `mesh` (see the module docstring).
+    With `global_router_losses`, the router losses are computed over the tokens of all the group's processes.
+    Returns the swapped module names."""
     swapped = []
     for name, module in list(model.named_modules()):
         if type(module) is Experts:
-            model.set_submodule(name, ExpertParallelExperts(module, group))
+            model.set_submodule(name, ExpertParallelExperts(module, mesh))
             swapped.append(name)
     if not swapped:
         raise ValueError("parallel.ep > 1, but the model has no stacked MoE experts")
-    model.router_group = group
+    if global_router_losses:
+        model.router_group = mesh.get_group()
     return swapped

@@ -47,6 +47,8 @@ class DistInfo:
     layout: dict = field(default_factory=lambda: dict.fromkeys(MESH_DIMS, 1))  # mesh dimension -> size
     mesh: object = None  # the DeviceMesh over all processes (None in one process)
     owns_process_group: bool = False  # set up here (and so torn down by cleanup), not by the caller
+    ep: int = 1  # expert parallel: processes of dp_shard that split the experts of every MoE layer (a part of dp_shard)
+    expert_mesh: object = None  # with ep > 1: (dp_replicate, dp_shard_mod_ep, ep), the same processes as dp_replicate x dp_shard
 
     @property
     def is_main(self) -> bool:
@@ -91,10 +93,7 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 
 def resolve_layout(cfg: ParallelConfig, world_size: int) -> dict[str, int]:
     """Mesh sizes from the [parallel] keys, dp_shard = -1 filled in; refuses layouts that cannot cover the processes."""
-    if cfg.ep != 1:
-        raise ConfigError(f"parallel.ep = {cfg.ep}: the trainer does not build expert parallelism yet "
-                          "(nanotune/expert_parallel.py has the dispatch, see docs/moe.md); set parallel.ep = 1")
-    for key in ("dp_replicate", "cp", "tp"):
+    for key in ("dp_replicate", "cp", "tp", "ep"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"parallel.{key} must be at least 1, got {getattr(cfg, key)}")
     if cfg.dp_shard == 0 or cfg.dp_shard < -1:
@@ -122,6 +121,16 @@ def resolve_layout(cfg: ParallelConfig, world_size: int) -> dict[str, int]:
             if getattr(cfg, key) > 1:
                 raise ConfigError(f"parallel.cp = {cfg.cp} with parallel.{key} = {getattr(cfg, key)} is not supported "
                                   f"yet; set parallel.{key} = 1 (context parallelism composes with dp_shard)")
+    if cfg.ep > 1:  # the experts are split over processes that hold different data: a part of dp_shard
+        if dp_shard % cfg.ep:
+            raise ConfigError(f"parallel.ep = {cfg.ep} does not divide parallel.dp_shard = {dp_shard}: expert "
+                              "parallelism splits the experts over data-parallel processes of one FSDP2 group; make "
+                              "ep a divisor of dp_shard")
+        for key in ("cp", "tp"):
+            if getattr(cfg, key) > 1:
+                raise ConfigError(f"parallel.ep = {cfg.ep} with parallel.{key} = {getattr(cfg, key)} is not supported "
+                                  f"yet; set parallel.{key} = 1 (expert parallelism composes with dp_shard and "
+                                  "dp_replicate)")
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if cfg.tp > local:
         warnings.warn(f"parallel.tp = {cfg.tp} is larger than the {local} processes of one node: every layer's "
@@ -130,10 +139,19 @@ def resolve_layout(cfg: ParallelConfig, world_size: int) -> dict[str, int]:
     return layout
 
 
-def check_model_layout(layout: dict[str, int], config, lora_cfg=None) -> None:
+def check_model_layout(layout: dict[str, int], config, lora_cfg=None, ep: int = 1) -> None:
     """Refuse a tensor-parallel size that does not split the model's heads and MLP evenly, and LoRA variants the
     layout cannot run (before any weight is read)."""
     tp = layout["tp"]
+    if ep > 1:
+        experts = getattr(config, "num_experts", 0)
+        if not experts:
+            raise ConfigError(f"parallel.ep = {ep}: expert parallelism splits the experts of a mixture-of-experts "
+                              f"model, and {config.model_type} has none; set parallel.ep = 1")
+        if experts % ep:
+            fits = [d for d in range(1, ep) if experts % d == 0]
+            raise ConfigError(f"parallel.ep = {ep} does not divide the model's {experts} experts per layer; set "
+                              f"parallel.ep to {fits[-1]} or another divisor of {experts}")
     sizes = {key: getattr(config, key) for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size")
              if getattr(config, key, None)}
     for key, value in sizes.items():
@@ -179,7 +197,11 @@ def init_distributed(device_name: str = "auto", cfg: ParallelConfig | None = Non
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, tuple(layout[d] for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
-    return DistInfo(dist.get_rank(), world_size, local_rank, device, layout, mesh, owns)
+    expert_mesh = None
+    if cfg.ep > 1:  # dp_shard seen as (groups holding the same experts) x ep, ep innermost: neighbouring ranks
+        expert_mesh = mesh["dp_replicate", "dp_shard"]._unflatten(
+            1, (layout["dp_shard"] // cfg.ep, cfg.ep), ("dp_shard_mod_ep", "ep"))
+    return DistInfo(dist.get_rank(), world_size, local_rank, device, layout, mesh, owns, cfg.ep, expert_mesh)
 
 
 # ----------------------------------------------------------------------------------------------- applying it
@@ -187,14 +209,19 @@ def init_distributed(device_name: str = "auto", cfg: ParallelConfig | None = Non
 
 def parallelize(model: nn.Module, info: DistInfo, cfg: ParallelConfig, precision: str = "fp32",
                 compile: bool = False) -> nn.Module:
-    """TP plan -> (activation checkpointing: a flag already set on the model) -> compile each block -> FSDP2/HSDP."""
+    """TP plan / expert parallel -> (activation checkpointing: a flag already set on the model) -> compile each block
+    -> FSDP2/HSDP."""
     if info.layout["tp"] > 1:
         apply_tp_plan(model, info.mesh["tp"], model.tp_plan)
+    if info.ep > 1:  # each process keeps its experts (whole-shape DTensors over `ep`), see nanotune/expert_parallel.py
+        from nanotune.expert_parallel import apply_expert_parallel
+
+        apply_expert_parallel(model, info.expert_mesh["ep"])
     if compile:  # each decoder block compiled on its own: parameter names and the loop stay as they are
         for layer in model.model.layers:
             layer.compile()
     if info.fsdp_size > 1:
-        apply_fsdp(model, data_parallel_mesh(info), cfg, precision)
+        apply_fsdp(model, data_parallel_mesh(info), cfg, precision, experts=expert_data_parallel(info))
     return model
 
 
@@ -209,8 +236,22 @@ def data_parallel_mesh(info: DistInfo):
     return info.mesh["dp_shard"]
 
 
-def apply_fsdp(model: nn.Module, mesh, cfg: ParallelConfig, precision: str) -> None:
-    """FSDP2: every decoder layer is one unit (gathered just before its forward, resharded after), then the root."""
+def expert_data_parallel(info: DistInfo) -> tuple | None:
+    """With expert parallelism: (the mesh FSDP2 shards the experts over, the divide factor of their gradients).
+    A process's experts are held by one process of every ep group: dp_shard / ep of them (times dp_replicate for
+    HSDP). Their gradients arrive summed over the ep group's tokens (the reverse all-to-all), so the reduction over
+    those processes divides by all the data-parallel processes, as every other gradient's does."""
+    if info.ep == 1:
+        return None
+    if info.layout["dp_replicate"] > 1:
+        return info.expert_mesh["dp_replicate", "dp_shard_mod_ep"], info.fsdp_size
+    return info.expert_mesh["dp_shard_mod_ep"], info.fsdp_size
+
+
+def apply_fsdp(model: nn.Module, mesh, cfg: ParallelConfig, precision: str, experts: tuple | None = None) -> None:
+    """FSDP2: every decoder layer is one unit (gathered just before its forward, resharded after), then the root.
+    With expert parallelism (`experts` = (mesh, gradient divide factor)), each layer's experts are a unit of their own
+    first, sharded over the processes that hold the same experts."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     amp = precision == "amp-bf16"  # fp32 master weights, bf16 compute: gather in bf16, reduce in fp32
@@ -219,6 +260,19 @@ def apply_fsdp(model: nn.Module, mesh, cfg: ParallelConfig, precision: str) -> N
     options = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
                    offload_policy=CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy())
     for layer in model.model.layers:
+        if experts is not None:
+            from nanotune.expert_parallel import ExpertParallelExperts
+
+            expert_mesh, divide_factor = experts
+            for module in layer.modules():
+                if isinstance(module, ExpertParallelExperts):
+                    fully_shard(module, reshard_after_forward=cfg.reshard_after_forward,
+                                **{**options, "mesh": expert_mesh})
+                    module.set_gradient_divide_factor(float(divide_factor))
+                    if expert_mesh.device_type != "cuda" and expert_mesh.size(expert_mesh.ndim - 1) > 1:
+                        # gloo has no pre-multiplied sum: sum, then divide (FSDP2 divides by itself when the shard
+                        # group is one process, and would divide twice if forced)
+                        module.set_force_sum_reduction_for_comms(True)
         fully_shard(layer, reshard_after_forward=cfg.reshard_after_forward, **options)
     fully_shard(model, **options)  # the root: embeddings, final norm, LM head; kept gathered for the backward
 
@@ -301,9 +355,10 @@ def shard_lora_linear(module: nn.Module, mesh, style: str) -> None:
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float, info: DistInfo) -> torch.Tensor:
     """Scale the gradients so that their global 2-norm is at most max_norm; returns the norm before clipping as a ()
     tensor on the device, not read back (the caller reads it when it logs: no host-device sync here).
-    Under tensor parallelism the parameters are plain tensors and DTensors on different meshes (split weights beside
-    replicated norms), which torch's clip_grad_norm_ cannot mix: each gradient's norm is reduced over its own mesh."""
-    if info.layout["tp"] == 1:
+    Under tensor or expert parallelism the parameters are plain tensors and DTensors on different meshes (split
+    weights beside replicated norms, experts beside the rest), which torch's clip_grad_norm_ cannot mix: each
+    gradient's norm is reduced over its own mesh."""
+    if info.layout["tp"] == 1 and info.ep == 1:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     grads = [p.grad for p in params if p.grad is not None]

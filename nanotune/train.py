@@ -94,7 +94,7 @@ def build_model(cfg: Config, vocab_size: int, device: torch.device, layout: dict
             raise ConfigError("lora.target_experts / lora.quantize_experts run in one process for now; train with "
                               "one process or leave them out")
         if layout is not None:
-            parallel.check_model_layout(layout, model.config, cfg.lora)
+            parallel.check_model_layout(layout, model.config, cfg.lora, ep=cfg.parallel.ep)
         if lora_prepare is None:
             return
         try:
@@ -195,6 +195,10 @@ def check_compile_layout(compile_mode: str, dist) -> None:
         raise ConfigError(f"train.compile = 'model' compiles the forward and loss of one process; with "
                           f"{dist.world_size} processes use train.compile = 'blocks' (each decoder block compiled, "
                           "inside tensor parallelism and FSDP2)")
+    if compile_mode != "none" and dist.ep > 1:
+        raise ConfigError(f"train.compile = {compile_mode!r} with parallel.ep = {dist.ep} is not supported: the token "
+                          "dispatch of expert parallelism reads its all-to-all sizes on the host in every MoE layer; "
+                          "set train.compile = 'none'")
 
 
 # What a resumed run must keep as it was: the model, the adapters, the data and its order (the rows per optimizer step

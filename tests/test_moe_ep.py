@@ -1,4 +1,4 @@
-"""Expert parallelism on CPU with 2 gloo processes equals one process, for Qwen2-MoE (with its shared expert) and
+"""Expert parallelism on CPU with 2 and 4 gloo processes equals one process, for Qwen2-MoE (with its shared expert) and
 Qwen3-MoE: the loss, the router auxiliary loss (load balancing + z-loss), tokens per expert, and every gradient (each
 process's experts against their slice of the one-process gradient; the replicated parameters summed over processes).
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -38,11 +39,13 @@ def tiny_model(family: str):
 
 def worker() -> None:
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
 
     from nanotune.expert_parallel import ExpertParallelExperts, apply_expert_parallel
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
     for family in FAMILIES:
         model = tiny_model(family)
         gen = torch.Generator().manual_seed(1)
@@ -53,7 +56,7 @@ def worker() -> None:
         loss = F.cross_entropy(reference(ids).flatten(0, 1), labels.flatten())
         (loss + reference.aux_loss).backward()
 
-        apply_expert_parallel(model, dist.group.WORLD)
+        apply_expert_parallel(model, mesh, global_router_losses=True)
         rows = slice(rank * ROWS_PER_PROCESS, (rank + 1) * ROWS_PER_PROCESS)
         logits = model(ids[rows])
         loss_sum = F.cross_entropy(logits.flatten(0, 1), labels[rows].flatten(), reduction="sum")
@@ -71,7 +74,8 @@ def worker() -> None:
             owner = model.get_submodule(name.rpartition(".")[0])
             if isinstance(owner, ExpertParallelExperts):  # this process's experts: complete here
                 expected = expected[owner.first:owner.first + owner.num_local]
-                grad = p.grad
+                assert p.shape == ref_params[name].shape, "an expert tensor keeps its whole shape (E, ...)"
+                grad = p.grad.to_local()
             else:  # replicated: each process has its tokens' share
                 grad = p.grad.clone()
                 dist.all_reduce(grad)
@@ -80,10 +84,11 @@ def worker() -> None:
     dist.destroy_process_group()
 
 
-def test_two_gloo_processes_equal_one_process():
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_gloo_processes_equal_one_process(nproc):
     from tests.conftest import run_torchrun
 
-    run_torchrun(__file__, nproc=2)
+    run_torchrun(__file__, nproc=nproc)
 
 
 if __name__ == "__main__":

@@ -496,10 +496,14 @@ def test_compiled_model_trains_like_eager(run, monkeypatch):
 
 def test_compile_model_refuses_several_processes():
     cfg_error = pytest.raises(ConfigError, match="train.compile = 'model'.*'blocks'")
-    dist = type("Dist", (), {"world_size": 2})()
+    dist = type("Dist", (), {"world_size": 2, "ep": 1})()
     with cfg_error:
         train.check_compile_layout("model", dist)
     train.check_compile_layout("blocks", dist)
+    dist.ep = 2  # expert parallelism reads the all-to-all sizes on the host in every MoE layer
+    with pytest.raises(ConfigError, match="train.compile = 'blocks' with parallel.ep = 2.*train.compile = 'none'"):
+        train.check_compile_layout("blocks", dist)
+    train.check_compile_layout("none", dist)
 
 
 @pytest.mark.slow
