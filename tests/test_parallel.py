@@ -54,7 +54,7 @@ def test_dp_shard_takes_the_processes_left_over():
     (6, dict(tp=4), r"parallel.dp_replicate x cp x tp = 4 does not divide the 6 processes"),
     (1, dict(tp=2), r"parallel.dp_replicate x cp x tp = 2 does not divide the 1 processes"),
     (2, dict(dp_shard=2, tp=2), r"layout \(dp_shard 2 x tp 2 = 4\) does not match the 2 processes launched"),
-    (2, dict(ep=2), r"parallel.ep = 2: the trainer does not build expert parallelism yet .*; set parallel.ep = 1"),
+    (2, dict(dp_shard=1, dp_replicate=2, ep=2), r"parallel.ep = 2 does not divide parallel.dp_shard = 1"),
     (2, dict(dp_shard=0), r"parallel.dp_shard must be -1 \(the processes left over\) or at least 1"),
     (2, dict(reduce_dtype="fp16"), r"parallel.reduce_dtype = 'fp16' is not one of"),
 ])
