@@ -83,6 +83,14 @@ class DataConfig:
     packing: bool = True  # multipack rows into seq_len; False pads one example per row
     cache_dir: str = ".cache/nanotune"  # tokenized data is cached here, keyed by content and options
     num_workers: int = 0  # processes for tokenizing (0: in-process)
+    # micro-batches collated ahead of the training step on a background thread, in pinned memory on CUDA so that
+    # their copies do not wait (0: collated when the step asks for them)
+    prefetch: int = 2
+
+    def __post_init__(self):
+        if self.prefetch < 0:
+            raise ConfigError(f"data.prefetch must be at least 0 (micro-batches collated ahead; 0: off), got "
+                              f"{self.prefetch}")
 
 
 @dataclass
@@ -400,6 +408,7 @@ ALIASES: dict[str, tuple[str, str]] = {
     "dataset_prepared_path": ("data.cache_dir", ""),
     "dataset_processes": ("data.num_workers", ""),
     "dataloader_num_workers": ("data.num_workers", ""),
+    "dataloader_prefetch_factor": ("data.prefetch", "micro-batches collated ahead on a thread"),
     "output_dir": ("output_dir", ""),
 }
 

@@ -24,6 +24,13 @@ that token is trained, else -100. The last token of every document has label -10
 to predict the first token of the next document packed behind it; padding is -100 too. The loss is then plain
 `cross_entropy(logits.view(-1, V), labels.view(-1), ignore_index=-100)` with no shift.
 
+Prefetch (`prefetch=N`): a background thread collates the next N micro-batches of the epoch while the training step
+runs, and pins them (page-locked host memory, `pin_device`) so that the copies to the GPU can be queued with
+`non_blocking=True`. The batches and their order are the same as without it; the thread only collates, so
+`position` (and the state a checkpoint saves) counts the micro-batches handed to the caller, not those prepared
+ahead. An error while collating (a malformed example) is raised in the caller's thread, at the micro-batch it
+belongs to. `close()` stops the thread (a pass that ends, or is abandoned, stops its own).
+
 Unpacked mode (`packing=False`, for comparison): one example per row, padded to the longest example of the
 micro-batch (not to seq_len), in shuffled order.
 
@@ -44,11 +51,14 @@ Batch (B rows, T columns; T = seq_len when packing):
 from __future__ import annotations
 
 import bisect
+import queue
+import threading
 
 import numpy as np
 import torch
 
 IGNORE_INDEX = -100
+PREFETCH_THREAD = "nanotune-prefetch"  # the name of the loader's background thread
 
 
 def pack_group(lengths: np.ndarray, capacity: int) -> list[list[int]]:
@@ -87,9 +97,12 @@ def packing_efficiency(lengths: np.ndarray, seq_len: int, seed: int = 0, group_s
 class BatchLoader:
     def __init__(self, dataset, seq_len: int, micro_batch_size: int, packing: bool = True, seed: int = 0,
                  rank: int = 0, world_size: int = 1, pad_id: int = 0, shuffle: bool = True, group_size: int = 4096,
-                 fill: str = "repeat", grad_accum_steps: int = 1):
+                 fill: str = "repeat", grad_accum_steps: int = 1, prefetch: int = 0,
+                 pin_device: torch.device | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if prefetch < 0:
+            raise ValueError(f"prefetch = {prefetch}; use 0 (collate when asked) or more micro-batches ahead")
         if fill not in ("repeat", "empty"):
             raise ValueError(f"fill = {fill!r}; choose repeat or empty")
         self.dataset = dataset  # needs .lengths (N,) and dataset[i] -> (input_ids, mask) arrays
@@ -109,6 +122,11 @@ class BatchLoader:
         self._plan_epoch = None
         self._rows: list[list[int]] = []
         self.efficiency = 0.0  # real tokens / slots of this epoch's rows (before filling)
+        self.prefetch = prefetch  # micro-batches collated ahead on a background thread (0: when the caller asks)
+        if pin_device is not None and pin_device.index is None:  # the thread must pin for this process's GPU
+            pin_device = torch.device(pin_device.type, torch.cuda.current_device())
+        self.pin_device = pin_device  # a CUDA device: batches come in pinned memory, for non-blocking copies to it
+        self._prefetchers: set[Prefetcher] = set()  # running ones, for close()
 
     # ---------------------------------------------------------------------------------------------- the plan
 
@@ -179,12 +197,40 @@ class BatchLoader:
         rows = self._plan()
         B, W = self.micro_batch_size, self.world_size
         num_steps = len(rows) // (B * W)
-        while self.position < num_steps:
-            k = self.position
+
+        def micro_batch(k: int) -> dict:  # micro-batch k of this rank (run on the prefetch thread when there is one)
             first = (k * W + self.rank) * B
-            self.position += 1  # counted before yielding: a checkpoint taken after this step resumes at the next
-            yield self.collate(rows[first : first + B])
+            return pin(self.collate(rows[first : first + B]), self.pin_device)
+
+        ahead = None
+        try:
+            while self.position < num_steps:
+                k = self.position
+                if not self.prefetch:
+                    batch = micro_batch(k)
+                else:
+                    if ahead is None or ahead.closed or ahead.next_position != k:  # the first, or moved / closed
+                        if ahead is not None:
+                            self._stop(ahead)
+                        ahead = Prefetcher(micro_batch, k, num_steps, self.prefetch, self.pin_device)
+                        self._prefetchers.add(ahead)
+                    batch = ahead.get()
+                self.position += 1  # counted before yielding: a checkpoint taken after this step resumes at the next
+                yield batch
+        finally:  # the epoch is done, or the pass was abandoned (closed, collected) or failed
+            if ahead is not None:
+                self._stop(ahead)
         self.position = 0  # a finished epoch: iterating again replays it unless set_epoch moves on
+
+    def _stop(self, prefetcher: Prefetcher) -> None:
+        prefetcher.close()
+        self._prefetchers.discard(prefetcher)
+
+    def close(self) -> None:
+        """Stop the prefetch thread of any pass in progress (the position stays; a pass resumed later starts a new
+        one). For the end of a run, however it ends: a pass left suspended keeps its thread until it is collected."""
+        for prefetcher in list(self._prefetchers):
+            self._stop(prefetcher)
 
     # ---------------------------------------------------------------------------------------------- tensors
 
@@ -227,3 +273,57 @@ class BatchLoader:
             "attention_mask": torch.from_numpy(real),
             "packed": self.packing,
         }
+
+
+def pin(batch: dict, device: torch.device | None) -> dict:
+    """The batch's tensors in pinned (page-locked) host memory when `device` is a CUDA device: a copy from there can
+    be queued without waiting (from pageable memory the copy waits for the device's queued work first)."""
+    if device is None:
+        return batch
+    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class Prefetcher:
+    """Micro-batches start, start + 1, ..., stop - 1 of one pass, made by `make(k)` on a background thread and
+    handed out in order by `get()`, at most `size` of them waiting. An exception in `make` is raised by `get()` in
+    the caller's thread, after the batches before it."""
+
+    def __init__(self, make, start: int, stop: int, size: int, pin_device: torch.device | None):
+        self.next_position, self.closed = start, False  # the micro-batch that get() returns next
+        self._queue: queue.Queue = queue.Queue(maxsize=size)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._work, args=(make, start, stop, pin_device), name=PREFETCH_THREAD,
+                                        daemon=True)  # never holds up the interpreter's exit
+        self._thread.start()
+
+    def _work(self, make, start: int, stop: int, pin_device: torch.device | None) -> None:
+        try:
+            if pin_device is not None:  # else pinning from this thread would open a CUDA context on GPU 0
+                torch.cuda.set_device(pin_device)
+            for k in range(start, stop):
+                if self._stopping.is_set():
+                    return
+                self._queue.put((make(k), None))
+        except BaseException as e:  # noqa: BLE001 (raised again by get(), in the caller's thread)
+            self._queue.put((None, e))
+
+    def get(self) -> dict:
+        batch, error = self._queue.get()
+        if error is not None:
+            self.close()
+            raise error
+        self.next_position += 1
+        return batch
+
+    def close(self) -> None:
+        """Stop the thread and wait for it (it finishes the micro-batch it is making)."""
+        if self.closed:
+            return
+        self.closed = True
+        self._stopping.set()
+        while True:  # empty the queue: a thread blocked on a full one gets its place, then sees the stop
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join()

@@ -204,7 +204,7 @@ def check_compile_layout(compile_mode: str, dist) -> None:
 # What a resumed run must keep as it was: the model, the adapters, the data and its order (the rows per optimizer step
 # too, checked by checkpoint.check_layout: micro_batch_size and grad_accum_steps may change with the layout).
 RESUME_INVARIANT = ("seed", "model", "lora", "data")
-RESUME_FREE = ("data.cache_dir", "data.num_workers")
+RESUME_FREE = ("data.cache_dir", "data.num_workers", "data.prefetch")
 
 
 def check_resumable(saved_toml: str, cfg: Config) -> None:
@@ -287,10 +287,13 @@ def choose_loss(model, setting: str, dist, cp=None, compile_model: bool = False)
 
 def to_device(batch: dict, device: torch.device) -> dict:
     """A micro-batch's tensors on the device. On CUDA they are copied from pinned host memory with non_blocking=True:
-    the host queues the copy and goes on, instead of waiting for the device to finish the work queued before it."""
-    pinned = device.type == "cuda"
-    return {k: (v.pin_memory() if pinned else v).to(device, non_blocking=pinned) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}
+    the host queues the copy and goes on, instead of waiting for the device to finish the work queued before it (a
+    copy from pageable memory would). The loader pins them, ahead on its thread with data.prefetch; a tensor made
+    after it (context parallelism's part of each row) is pinned here."""
+    if device.type != "cuda":
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {k: (v if v.is_pinned() else v.pin_memory()).to(device, non_blocking=True) if isinstance(v, torch.Tensor)
+            else v for k, v in batch.items()}
 
 
 EVAL_PROGRESS_SECONDS = 30.0  # a long evaluation says how far it is at most this often
@@ -376,12 +379,17 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
     data = prepare_data(cfg.data, tokenizer, seed=cfg.seed, quiet=not dist.is_main)
     if dist.is_main:
         parallel.barrier(dist)
+    # micro-batches collated data.prefetch ahead on a thread, in pinned memory on CUDA (see nanotune/packing.py)
     loader_args = dict(seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size,
-                       packing=cfg.data.packing, pad_id=tokenizer.pad_id, rank=dist.dp_rank, world_size=dist.dp_size)
+                       packing=cfg.data.packing, pad_id=tokenizer.pad_id, rank=dist.dp_rank, world_size=dist.dp_size,
+                       prefetch=cfg.data.prefetch, pin_device=device if device.type == "cuda" else None)
     train_loader = BatchLoader(data.train, seed=cfg.seed, grad_accum_steps=cfg.train.grad_accum_steps, **loader_args)
     # every eval example exactly once, in file order; empty (untrained) rows even out the ranks
     eval_loader = BatchLoader(data.eval, seed=cfg.seed, shuffle=False, fill="empty", **loader_args) \
         if data.eval is not None else None
+    for loader in (train_loader, eval_loader):  # their threads stop when the run ends, by an error or a signal too
+        if loader is not None:
+            on_exit.callback(loader.close)
     accum = cfg.train.grad_accum_steps
     steps_per_epoch = len(train_loader) // accum
     if steps_per_epoch == 0:
@@ -543,7 +551,7 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
         lr = lr_at(step, total_steps, cfg.optim)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # the step's micro-batches, collated now and their copies queued at once (pinned, non-blocking on CUDA)
+        # the step's micro-batches (collated ahead by the loader) and their copies queued at once (non-blocking on CUDA)
         batches = [to_device(next(stream), device) for _ in range(accum)]
         qat.update(model, cfg.qat, step)  # fake quantisation from step qat.start_step on
         # divide by trainable tokens in the whole step (all micro-batches, all ranks) so that the loss and gradients

@@ -203,3 +203,31 @@ def test_trainer_runs_the_quickstart_on_cuda(tmp_path):
     assert len(losses) >= 2 and losses[-1] < losses[0], losses
     assert any("eval_loss" in r for r in lines)
     assert (out / "final" / "config.json").exists()
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_loader_batches_arrive_pinned_and_copy_to_the_device_unchanged(prefetch):
+    """With a CUDA pin_device the loader hands out pinned tensors (made on its prefetch thread when prefetch > 0), so
+    the trainer's non-blocking copies never wait; the batches are those of a loader that does not pin."""
+    from nanotune.packing import BatchLoader
+    from nanotune.train import to_device
+    from tests.test_packing import ToyData, lengths
+
+    data = ToyData(lengths(100))
+    args = dict(seq_len=256, micro_batch_size=2, seed=1)
+    expected = list(BatchLoader(data, **args))
+    loader = BatchLoader(data, **args, prefetch=prefetch, pin_device=torch.device("cuda"))
+    device = torch.device("cuda", torch.cuda.current_device())
+    count = 0
+    for got, want in zip(loader, expected, strict=True):
+        tensors = [k for k, v in want.items() if isinstance(v, torch.Tensor)]
+        assert tensors and all(got[k].is_pinned() for k in tensors)
+        assert not want["input_ids"].is_pinned()
+        on_device = to_device(got, device)
+        torch.cuda.synchronize()
+        for k in tensors:
+            assert on_device[k].device == device and torch.equal(on_device[k].cpu(), want[k]), k
+        count += 1
+    assert count == len(expected) > 0
+    unpinned = to_device(expected[0], device)  # a tensor made after the loader (context parallelism) is pinned there
+    assert torch.equal(unpinned["labels"].cpu(), expected[0]["labels"])
