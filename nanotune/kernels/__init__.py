@@ -14,8 +14,9 @@ Parameters and submodules, so checkpoints, LoRA adapters and optimizer state do 
   class is swapped: LoRA / NF4 experts (nanotune/lora_experts.py) and expert-parallel experts keep their own forward.
 
 The module classes are named in tables below (names as data: of the kernels, only moe.py imports a model file, for
-the `Experts` its `TritonExperts` extends), and a test checks the tables against the model files. Kernels run on CUDA tensors; on CPU they run only under Triton's
-interpreter (TRITON_INTERPRET=1, set before triton is imported), which the tests use.
+the `Experts` its `TritonExperts` extends), and a test checks the tables against the model files. Kernels run on CUDA
+tensors; on CPU they run only under Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported), which the
+tests use.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def unpermute_reference(h_MD: torch.Tensor, pos_NK: torch.Tensor, weight_NK: tor
 @triton.jit
 def _scatter_rows(X, POS, W, OUT, H, DW, D, K, HAS_WEIGHT: tl.constexpr, WEIGHT_GRAD: tl.constexpr,
                   BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program n: OUT[pos[n, k]] = (w[n, k] *) X[n] for each k; with WEIGHT_GRAD also DW[n, k] = <X[n], H[pos[n, k]]>."""
+    """Program n: OUT[pos[n, k]] = (w[n, k] *) X[n] for each k; WEIGHT_GRAD: also DW[n, k] = <X[n], H[pos[n, k]]>."""
     n = tl.program_id(0).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
     k_mask = ks < K
