@@ -233,3 +233,14 @@ def test_decoder_block_with_the_swap_compiles_forward_and_backward_without_graph
     for eager, compiled in zip(*grads):
         assert eager.abs().max() > 0
         torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=1e-3)
+
+
+@needs_kernels
+def test_bench_moe_smoke():
+    """scripts/bench_moe.py on tiny shapes: both variants time, and the fused one agrees with the plain one."""
+    from scripts import bench_moe
+
+    records = bench_moe.main(["--device", DEVICE, "--dtype", "float32", "--tokens", "16", "--hidden", "32",
+                              "--experts", "4", "--top-k", "2", "--expert-width", "16", "--warmup", "1", "--iters", "1"])
+    assert [r["variant"] for r in records] == ["plain", "fused"] and all(r["ms"] > 0 for r in records)
+    assert all(diff < 1e-5 for diff in records[1]["max_abs_diff"].values()), records[1]["max_abs_diff"]
