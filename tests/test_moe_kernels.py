@@ -236,6 +236,24 @@ def test_decoder_block_with_the_swap_compiles_forward_and_backward_without_graph
 
 
 @needs_kernels
+@compiles_on_cpu
+def test_whole_model_with_the_swap_and_its_losses_is_one_graph():
+    model = tiny_model("qwen3_moe", torch.bfloat16)
+    apply_kernels(model, norms=False, mlps=False, ropes=False)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+
+    def loss_fn(ids):
+        logits = model(ids, packed=False)  # (B, T, V)
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        return ce + model.aux_loss
+
+    explained = torch._dynamo.explain(loss_fn)(ids)
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+    ops = [str(node.target) for g in explained.graphs for node in g.graph.nodes]
+    assert sum("nanotune.moe_" in op for op in ops) == 3 * len(model.model.layers), ops
+
+
+@needs_kernels
 def test_bench_moe_smoke():
     """scripts/bench_moe.py on tiny shapes: both variants time, and the fused one agrees with the plain one."""
     from scripts import bench_moe
