@@ -152,9 +152,11 @@ def tiny_model(family: str, dtype=torch.float32, top_k: int = 2) -> torch.nn.Mod
 
 
 @needs_kernels
-@pytest.mark.parametrize("family,top_k", [("qwen2_moe", 1), ("qwen2_moe", 2), ("qwen3_moe", 4)])
-def test_swapped_experts_give_the_plain_models_logits_and_gradients(family, top_k):
+@pytest.mark.parametrize("family,top_k,checkpointing", [("qwen2_moe", 1, "none"), ("qwen2_moe", 2, "selective"),
+                                                         ("qwen3_moe", 4, "full")])
+def test_swapped_experts_give_the_plain_models_logits_and_gradients(family, top_k, checkpointing):
     model = tiny_model(family, top_k=top_k)
+    model.activation_checkpointing = checkpointing  # the kernels run again in the recompute
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     names = [n for n, _ in model.named_parameters()]
     params = list(model.parameters())
