@@ -81,9 +81,10 @@ def forward_backward(fn, inputs, grad_out):
 
 
 @needs_kernels
+@pytest.mark.parametrize("D", [37, 2100])  # masked lanes; 2100: the loop over column blocks (3 of them for K = 4)
 @pytest.mark.parametrize("K", [1, 2, 4])
-def test_permute_forward_and_backward(K):
-    N, D, E = 7, 37, 6  # odd sizes: masked lanes; D over three blocks for K = 4 (BLOCK_D shrinks as K grows)
+def test_permute_forward_and_backward(K, D):
+    N, E = 7, 6
     _, order, token, pos = routing(N, K, E, seed=K)
     x = leaf(N, D)
     grad = torch.randn(N * K, D, generator=torch.Generator().manual_seed(1)).to(DEVICE)
@@ -95,9 +96,10 @@ def test_permute_forward_and_backward(K):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_swiglu_on_the_packed_rows(dtype):
-    h = leaf(9, 2 * 11, dtype=dtype, scale=3.0)  # I = 11; both tails of silu
-    grad = torch.randn(9, 11, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+@pytest.mark.parametrize("I", [11, 1100])  # masked lanes; 1100: two column blocks a row
+def test_swiglu_on_the_packed_rows(dtype, I):
+    h = leaf(9, 2 * I, dtype=dtype, scale=3.0)  # both tails of silu
+    grad = torch.randn(9, I, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
     out, (dh,) = forward_backward(swiglu, [h], grad)
     ref, (dh_ref,) = forward_backward(swiglu_reference, [h], grad)
     assert out.dtype == dtype and dh.dtype == dtype and dh.shape == h.shape
@@ -107,9 +109,10 @@ def test_swiglu_on_the_packed_rows(dtype):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [37, 2100])
 @pytest.mark.parametrize("K", [1, 2, 4])
-def test_unpermute_forward_and_gradients_for_rows_and_weights(K, dtype):
-    N, D, E = 7, 37, 6
+def test_unpermute_forward_and_gradients_for_rows_and_weights(K, D, dtype):
+    N, E = 7, 6
     _, order, _, pos = routing(N, K, E, seed=K)
     h = leaf(N * K, D, dtype=dtype, seed=2)
     w = torch.rand(N, K, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype).requires_grad_()

@@ -83,29 +83,31 @@ def _glu_backward(DH, G, U, DG, DU, n, ACTIVATION: tl.constexpr, BLOCK: tl.const
 
 
 # The packed layout of the MoE experts: gate and up side by side in one (M, 2I) row, as one GEMM against the stacked
-# [gate_proj; up_proj] weight writes them. Element (m, c) of h reads x[m, c] and x[m, I + c]; the backward writes the
-# two halves of dx in place of a concatenation.
+# [gate_proj; up_proj] weight writes them. Program (m, j) takes columns [j*BLOCK, (j+1)*BLOCK) of row m: h[m, c] reads
+# x[m, c] and x[m, I + c]; the backward writes the two halves of dx in place of a concatenation.
 @triton.jit
-def _glu_halves_forward(X, H, n, width, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # into h (M, I)
-    mask = offs < n
-    gate_offs = (offs // width) * (2 * width) + offs % width  # into x (M, 2I)
-    g = tl.load(X + gate_offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(X + gate_offs + width, mask=mask, other=0.0).to(tl.float32)
-    tl.store(H + offs, (_activation(g, ACTIVATION) * u).to(H.dtype.element_ty), mask=mask)
+def _glu_halves_forward(X, H, width, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < width
+    x_row = X + row * 2 * width  # x (M, 2I)
+    g = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_row + width + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(H + row * width + cols, (_activation(g, ACTIVATION) * u).to(H.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _glu_halves_backward(DH, X, DX, n, width, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    gate_offs = (offs // width) * (2 * width) + offs % width
-    dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(X + gate_offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(X + gate_offs + width, mask=mask, other=0.0).to(tl.float32)
+def _glu_halves_backward(DH, X, DX, width, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < width
+    x_row, dx_row = X + row * 2 * width, DX + row * 2 * width
+    dh = tl.load(DH + row * width + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_row + width + cols, mask=mask, other=0.0).to(tl.float32)
     act, dact = _activation_and_derivative(g, ACTIVATION)
-    tl.store(DX + gate_offs, (dh * u * dact).to(DX.dtype.element_ty), mask=mask)
-    tl.store(DX + gate_offs + width, (dh * act).to(DX.dtype.element_ty), mask=mask)
+    tl.store(dx_row + cols, (dh * u * dact).to(DX.dtype.element_ty), mask=mask)
+    tl.store(dx_row + width + cols, (dh * act).to(DX.dtype.element_ty), mask=mask)
 
 
 _BLOCK = 1024
@@ -142,9 +144,9 @@ def glu_halves_forward(x: torch.Tensor, activation: str) -> torch.Tensor:
     x = x.contiguous()
     M, width = x.shape[0], x.shape[1] // 2
     h = x.new_empty(M, width)
-    n = h.numel()
-    if n:
-        _glu_halves_forward[(triton.cdiv(n, _BLOCK),)](x, h, n, width, ACTIVATION=activation, BLOCK=_BLOCK)
+    if h.numel():
+        block = min(triton.next_power_of_2(width), _BLOCK)
+        _glu_halves_forward[(M, triton.cdiv(width, block))](x, h, width, ACTIVATION=activation, BLOCK=block)
     return h
 
 
@@ -152,10 +154,10 @@ def glu_halves_backward(dh: torch.Tensor, x: torch.Tensor, activation: str) -> t
     """The gradient of `glu_halves_forward` with respect to x (M, 2I), from dh (M, I) and x."""
     x, dh = x.contiguous(), dh.contiguous()
     dx = torch.empty_like(x)
-    n = dh.numel()
-    if n:
-        _glu_halves_backward[(triton.cdiv(n, _BLOCK),)](dh, x, dx, n, x.shape[1] // 2, ACTIVATION=activation,
-                                                        BLOCK=_BLOCK)
+    M, width = dh.shape
+    if dh.numel():
+        block = min(triton.next_power_of_2(width), _BLOCK)
+        _glu_halves_backward[(M, triton.cdiv(width, block))](dh, x, dx, width, ACTIVATION=activation, BLOCK=block)
     return dx
 
 
