@@ -123,7 +123,7 @@ class TrainConfig:
     # the old true / false still mean blocks / none
     compile: str | bool = "none"
     loss: str = "auto"  # auto (chunked where it applies) | plain | chunked: LM head + CE a chunk of tokens at a time
-    kernels: bool = False  # Triton RMSNorm and SwiGLU/GeGLU kernels (CUDA; needs triton)
+    kernels: bool = False  # Triton RMSNorm, SwiGLU/GeGLU, RoPE and MoE-glue kernels (CUDA; needs triton)
 
     def __post_init__(self):
         if isinstance(self.compile, bool):  # the switch was a boolean that compiled each decoder block

@@ -28,7 +28,9 @@ needs_kernels = pytest.mark.skipif(
 )
 
 import models  # noqa: E402
-from nanotune.kernels import GLU_MLP_CLASSES, RMSNORM_CLASSES, ROPE_CLASSES, apply_kernels  # noqa: E402
+from nanotune.kernels import (  # noqa: E402
+    EXPERTS_CLASSES, GLU_MLP_CLASSES, RMSNORM_CLASSES, ROPE_CLASSES, apply_kernels,
+)
 from nanotune.kernels.cross_entropy import cross_entropy_chunk_, cross_entropy_chunk_reference  # noqa: E402
 from nanotune.kernels.glu import glu, glu_reference  # noqa: E402
 from nanotune.kernels.rms_norm import rms_norm, rms_norm_reference  # noqa: E402
@@ -191,7 +193,7 @@ def test_apply_kernels_keeps_names_logits_and_gradients(family):
     swapped = apply_kernels(model)
     assert [n for n, _ in model.named_parameters()] == names_before
     kinds = {type(model.get_submodule(n)).__name__ for n in swapped}
-    assert kinds == {"TritonRMSNorm", "TritonGLUMLP", "TritonRope"}
+    assert kinds == {"TritonRMSNorm", "TritonGLUMLP", "TritonRope"} | ({"TritonExperts"} if "moe" in family else set())
     logits = model(input_ids)
     torch.testing.assert_close(logits, logits_ref, rtol=1e-4, atol=1e-5)
     logits.square().mean().backward()
@@ -208,7 +210,7 @@ def test_rope_swap_alone_equals_the_plain_rotation(family):
     position_ids = torch.tensor([[0, 1, 2, 0, 1, 2, 3]] * 2, device=DEVICE)
     with torch.no_grad():
         ref = model(input_ids, position_ids)
-        swapped = apply_kernels(model, norms=False, mlps=False)
+        swapped = apply_kernels(model, norms=False, mlps=False, moe=False)
         assert swapped == [f"model.layers.{i}.self_attn.rope" for i in range(len(model.model.layers))]
         torch.testing.assert_close(model(input_ids, position_ids), ref, rtol=1e-5, atol=1e-6)
 
@@ -216,7 +218,7 @@ def test_rope_swap_alone_equals_the_plain_rotation(family):
 def test_tables_name_the_model_classes():
     import importlib
 
-    for qualified in [*RMSNORM_CLASSES, *GLU_MLP_CLASSES, *ROPE_CLASSES]:
+    for qualified in [*RMSNORM_CLASSES, *GLU_MLP_CLASSES, *ROPE_CLASSES, *EXPERTS_CLASSES]:
         module_name, _, cls = qualified.rpartition(".")
         assert hasattr(importlib.import_module(module_name), cls), qualified
 

@@ -7,12 +7,16 @@
 Parameters and submodules, so checkpoints, LoRA adapters and optimizer state do not notice):
 - every RMSNorm of the model files -> `TritonRMSNorm` (rms_norm.py), with the family's rounding and Gemma's 1 + weight;
 - every dense gated MLP (SwiGLU, GeGLU) -> `TritonGLUMLP` (glu.py): same gate/up/down projections, one fused
-  activation kernel. The MoE experts keep their own forward (their grouped GEMMs are the cost there);
-- every attention's `Rope` module (q and k rotated by position) -> `TritonRope` (rope.py): both in one launch.
+  activation kernel;
+- every attention's `Rope` module (q and k rotated by position) -> `TritonRope` (rope.py): both in one launch;
+- every plain stacked MoE `Experts` -> `TritonExperts` (moe.py): the same Parameters and grouped GEMMs, with the
+  permute into expert order, the SwiGLU and the weighted un-permute between them in Triton kernels. Only the plain
+  class is swapped: LoRA / NF4 experts (nanotune/lora_experts.py) and expert-parallel experts keep their own forward.
 
-The module classes are named in two tables below (data, not imports: `nanotune` does not import `models`), and a
-test checks the tables against the model files. Kernels run on CUDA tensors; on CPU they run only under Triton's
-interpreter (TRITON_INTERPRET=1, set before triton is imported), which the tests use.
+The module classes are named in tables below (names as data: of the kernels, only moe.py imports a model file, for
+the `Experts` its `TritonExperts` extends), and a test checks the tables against the model files. Kernels run on CUDA
+tensors; on CPU they run only under Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported), which the
+tests use.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ GLU_MLP_CLASSES = {
 }
 # "module.Class" of an attention's RoPE module: forward(q, k, cos, sin) -> (q, k), HF's rotate-half layout
 ROPE_CLASSES = ("models.llama.Rope", "models.qwen_moe.Rope", "models.gemma.Rope")
+# "module.Class" of stacked MoE experts: forward(x (N, D), experts (N, K), weights (N, K)), SwiGLU experts. The class
+# itself only (a subclass changes the forward or the products: LoRA, NF4, expert parallelism)
+EXPERTS_CLASSES = ("models.qwen_moe.Experts",)
 
 
 def triton_available() -> bool:
@@ -49,9 +56,10 @@ def _qualified_name(module: nn.Module) -> str:
     return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
-def apply_kernels(model: nn.Module, norms: bool = True, mlps: bool = True, ropes: bool = True) -> list[str]:
-    """Swap the model's RMSNorms, gated MLPs and RoPE modules for Triton-backed ones in place; returns the swapped
-    names.
+def apply_kernels(model: nn.Module, norms: bool = True, mlps: bool = True, ropes: bool = True,
+                  moe: bool = True) -> list[str]:
+    """Swap the model's RMSNorms, gated MLPs, RoPE modules and plain MoE experts for Triton-backed ones in place;
+    returns the swapped names.
 
     Call it after the weights are loaded or initialised (the models' `init_weights` recognise only their own norm
     class) and after LoRA / QLoRA swaps, before torch.compile. Raises when triton is missing or the model is on a
@@ -70,6 +78,7 @@ def apply_kernels(model: nn.Module, norms: bool = True, mlps: bool = True, ropes
             "model to a GPU first, or leave the kernels off on CPU (TRITON_INTERPRET=1 runs them slowly, for tests)"
         )
     from nanotune.kernels.glu import TritonGLUMLP
+    from nanotune.kernels.moe import TritonExperts  # a subclass of models.qwen_moe.Experts
     from nanotune.kernels.rms_norm import TritonRMSNorm
     from nanotune.kernels.rope import TritonRope
 
@@ -82,6 +91,8 @@ def apply_kernels(model: nn.Module, norms: bool = True, mlps: bool = True, ropes
             new = TritonGLUMLP(module.gate_proj, module.up_proj, module.down_proj, GLU_MLP_CLASSES[kind])
         elif ropes and kind in ROPE_CLASSES:
             new = TritonRope()
+        elif moe and kind in EXPERTS_CLASSES:
+            new = TritonExperts(module)
         else:
             continue
         parent_name, _, child = name.rpartition(".")
@@ -90,4 +101,5 @@ def apply_kernels(model: nn.Module, norms: bool = True, mlps: bool = True, ropes
     return swapped
 
 
-__all__ = ["apply_kernels", "triton_available", "RMSNORM_CLASSES", "GLU_MLP_CLASSES", "ROPE_CLASSES"]
+__all__ = ["apply_kernels", "triton_available", "RMSNORM_CLASSES", "GLU_MLP_CLASSES", "ROPE_CLASSES",
+           "EXPERTS_CLASSES"]

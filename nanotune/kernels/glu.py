@@ -5,6 +5,8 @@
 
 Eager PyTorch runs two or three kernels and keeps gate, act(gate) and up for the backward; here one kernel reads gate
 and up and writes h, the backward recomputes act(gate) from gate, so only gate and up are kept. Math in fp32.
+`glu_halves_forward` / `_backward` do the same on the MoE experts' packed (M, 2I) rows, gate and up side by side as
+one grouped GEMM writes them, without splitting them into two tensors first (nanotune/kernels/moe.py).
 """
 
 from __future__ import annotations
@@ -35,25 +37,18 @@ def _tanh(z):
 
 
 @triton.jit
-def _glu_forward(G, U, H, n, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+def _activation(g, ACTIVATION: tl.constexpr):
+    """act(g) in fp32."""
     if ACTIVATION == "silu":
         act = g * tl.sigmoid(g)
     else:
         act = 0.5 * g * (1.0 + _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
-    tl.store(H + offs, (act * u).to(H.dtype.element_ty), mask=mask)
+    return act
 
 
 @triton.jit
-def _glu_backward(DH, G, U, DG, DU, n, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+def _activation_and_derivative(g, ACTIVATION: tl.constexpr):
+    """(act(g), act'(g)) in fp32."""
     if ACTIVATION == "silu":
         s = tl.sigmoid(g)
         act = g * s
@@ -63,8 +58,56 @@ def _glu_backward(DH, G, U, DG, DU, n, ACTIVATION: tl.constexpr, BLOCK: tl.const
         t = _tanh(inner)
         act = 0.5 * g * (1.0 + t)
         dact = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3 * 0.044715 * g * g)
+    return act, dact
+
+
+@triton.jit
+def _glu_forward(G, U, H, n, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(H + offs, (_activation(g, ACTIVATION) * u).to(H.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _glu_backward(DH, G, U, DG, DU, n, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    act, dact = _activation_and_derivative(g, ACTIVATION)
     tl.store(DG + offs, (dh * u * dact).to(DG.dtype.element_ty), mask=mask)
     tl.store(DU + offs, (dh * act).to(DU.dtype.element_ty), mask=mask)
+
+
+# The packed layout of the MoE experts: gate and up side by side in one (M, 2I) row, as one GEMM against the stacked
+# [gate_proj; up_proj] weight writes them. Program (m, j) takes columns [j*BLOCK, (j+1)*BLOCK) of row m: h[m, c] reads
+# x[m, c] and x[m, I + c]; the backward writes the two halves of dx in place of a concatenation.
+@triton.jit
+def _glu_halves_forward(X, H, width, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < width
+    x_row = X + row * 2 * width  # x (M, 2I)
+    g = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_row + width + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(H + row * width + cols, (_activation(g, ACTIVATION) * u).to(H.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _glu_halves_backward(DH, X, DX, width, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < width
+    x_row, dx_row = X + row * 2 * width, DX + row * 2 * width
+    dh = tl.load(DH + row * width + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_row + width + cols, mask=mask, other=0.0).to(tl.float32)
+    act, dact = _activation_and_derivative(g, ACTIVATION)
+    tl.store(dx_row + cols, (dh * u * dact).to(DX.dtype.element_ty), mask=mask)
+    tl.store(dx_row + width + cols, (dh * act).to(DX.dtype.element_ty), mask=mask)
 
 
 _BLOCK = 1024
@@ -92,6 +135,30 @@ class _GLU(torch.autograd.Function):
         n = gate.numel()
         _glu_backward[(triton.cdiv(n, _BLOCK),)](dh, gate, up, d_gate, d_up, n, ACTIVATION=ctx.activation, BLOCK=_BLOCK)
         return d_gate, d_up, None
+
+
+def glu_halves_forward(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """x (M, 2I), gate in the first I columns and up in the last I -> act(gate) * up (M, I). No autograd: the MoE
+    path (moe.py) wraps it, with `glu_halves_backward`, in an operator torch.compile sees as one node."""
+    check_device(x)
+    x = x.contiguous()
+    M, width = x.shape[0], x.shape[1] // 2
+    h = x.new_empty(M, width)
+    if h.numel():
+        block = min(triton.next_power_of_2(width), _BLOCK)
+        _glu_halves_forward[(M, triton.cdiv(width, block))](x, h, width, ACTIVATION=activation, BLOCK=block)
+    return h
+
+
+def glu_halves_backward(dh: torch.Tensor, x: torch.Tensor, activation: str) -> torch.Tensor:
+    """The gradient of `glu_halves_forward` with respect to x (M, 2I), from dh (M, I) and x."""
+    x, dh = x.contiguous(), dh.contiguous()
+    dx = torch.empty_like(x)
+    M, width = dh.shape
+    if dh.numel():
+        block = min(triton.next_power_of_2(width), _BLOCK)
+        _glu_halves_backward[(M, triton.cdiv(width, block))](dh, x, dx, width, ACTIVATION=activation, BLOCK=block)
+    return dx
 
 
 def glu(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
