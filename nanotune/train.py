@@ -433,7 +433,8 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
         from nanotune.kernels import apply_kernels
 
         try:
-            log.info(f"Triton kernels: {len(apply_kernels(model))} modules swapped")
+            # expert-parallel experts keep their own dispatch (all-to-all between the permute and the un-permute)
+            log.info(f"Triton kernels: {len(apply_kernels(model, moe=cfg.parallel.ep == 1))} modules swapped")
         except (ImportError, RuntimeError) as e:
             raise ConfigError(f"train.kernels = true: {e}") from None
     if cfg.fp8.fsdp_float8_all_gather:  # before fully_shard: FSDP2 then gathers these weights in e4m3 (docs/fp8.md)
