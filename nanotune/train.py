@@ -434,7 +434,9 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
 
         try:
             # expert-parallel experts keep their own dispatch (all-to-all between the permute and the un-permute)
-            log.info(f"Triton kernels: {len(apply_kernels(model, moe=cfg.parallel.ep == 1))} modules swapped")
+            # on the meta device when each process loads its shards next (by name: the swaps keep the Parameters)
+            swapped = apply_kernels(model, moe=cfg.parallel.ep == 1, device=device if sharded_load else None)
+            log.info(f"Triton kernels: {len(swapped)} modules swapped")
         except (ImportError, RuntimeError) as e:
             raise ConfigError(f"train.kernels = true: {e}") from None
     if cfg.fp8.fsdp_float8_all_gather:  # before fully_shard: FSDP2 then gathers these weights in e4m3 (docs/fp8.md)

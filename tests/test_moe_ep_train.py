@@ -30,6 +30,9 @@ LAYOUTS = {
     # experts split over 2 and sharded by FSDP2 over the 2 processes that hold the same ones
     "fsdp2-ep2": (4, ["--parallel.dp_shard=4", "--parallel.ep=2", "--train.grad_accum_steps=1"]),
     "ep4": (4, ["--parallel.dp_shard=4", "--parallel.ep=4", "--train.grad_accum_steps=1"]),
+    # and with the Triton kernels (norms, SwiGLU, RoPE; the experts keep their all-to-all dispatch)
+    "ep2-kernels": (2, ["--parallel.dp_shard=2", "--parallel.ep=2", "--train.grad_accum_steps=2",
+                        "--train.kernels=true"]),
     "hsdp-ep2": (4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2", "--parallel.ep=2",
                      "--train.grad_accum_steps=1"]),
 }

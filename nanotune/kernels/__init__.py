@@ -21,6 +21,7 @@ tests use.
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from nanotune.kernels.launch import interpreting
@@ -57,21 +58,24 @@ def _qualified_name(module: nn.Module) -> str:
 
 
 def apply_kernels(model: nn.Module, norms: bool = True, mlps: bool = True, ropes: bool = True,
-                  moe: bool = True) -> list[str]:
+                  moe: bool = True, device: torch.device | None = None) -> list[str]:
     """Swap the model's RMSNorms, gated MLPs, RoPE modules and plain MoE experts for Triton-backed ones in place;
     returns the swapped names.
 
     Call it after the weights are loaded or initialised (the models' `init_weights` recognise only their own norm
-    class) and after LoRA / QLoRA swaps, before torch.compile. Raises when triton is missing or the model is on a
-    device the kernels cannot run on.
+    class) and after LoRA / QLoRA swaps, before torch.compile. A model on the meta device whose weights are filled in
+    by name afterwards (the sharded loader: the swapped modules keep the same Parameters) may be swapped too: pass the
+    `device` it will run on. Raises when triton is missing or the model is on a device the kernels cannot run on.
     """
     if not triton_available():
         raise ImportError("apply_kernels needs triton (`pip install triton`; CUDA builds of torch ship it), "
                           "or train without kernels")
     devices = {p.device.type for p in model.parameters()}
     if "meta" in devices:
-        raise RuntimeError("apply_kernels: the model is still on the meta device; apply the kernels after the "
-                           "weights are loaded or initialised")
+        if device is None:
+            raise RuntimeError("apply_kernels: the model is still on the meta device; apply the kernels after the "
+                               "weights are loaded or initialised, or pass the device they will be loaded on")
+        devices = (devices - {"meta"}) | {torch.device(device).type}
     if devices - {"cuda"} and not interpreting():
         raise RuntimeError(
             f"apply_kernels: the model is on {sorted(devices)}, but the Triton kernels run on CUDA tensors; move the "
