@@ -1,8 +1,8 @@
 """Expert parallelism through the trainer (`parallel.ep`): Qwen2-MoE (with its shared expert) and Qwen3-MoE trained
 with the experts split over 2 and 4 gloo processes equal one process: losses (the router auxiliary loss included)
 within 1e-5 and final weights within the tolerance of every other layout (see tests/test_parallel.py's docstring).
-A checkpoint written with the experts split resumes in one process like the uninterrupted run (DCP reshards the
-whole-shape expert DTensors), and the layouts expert parallelism cannot run are refused naming the key.
+A checkpoint written with the experts split resumes in one process like the uninterrupted run, and one written by one
+process resumes with the experts split (DCP reshards the whole-shape expert DTensors), and the layouts expert parallelism cannot run are refused naming the key.
 
 As in tests/test_parallel.py, one torchrun job per world size trains every configuration in turn."""
 
@@ -94,6 +94,11 @@ def trained(tmp_path_factory):
             argv += ["--checkpoint.every=1", "--checkpoint.keep=0"]
         runs[nproc].append(argv)
         outs[family, tuning, name] = out
+    # and the other way round: the one-process step-1 checkpoint resumed with the experts split over 2 processes
+    resumed = tmp / "qwen3_moe-full-single-then-ep2"
+    runs[2].append(base_argv(tmp, tmp / "qwen3_moe", resumed) + [*LAYOUTS["ep2"][1], *AUX,
+                   f"--checkpoint.resume={outs['qwen3_moe', 'full', 'single'] / 'step-1'}"])
+    outs["qwen3_moe", "full", "single-then-ep2"] = resumed
     for nproc, argvs in runs.items():
         spec = tmp / f"runs-{nproc}.json"
         spec.write_text(json.dumps(argvs))
@@ -137,6 +142,13 @@ def test_an_expert_parallel_checkpoint_resumes_in_one_process(trained, tmp_path)
                                                        f"--checkpoint.resume={ep_run / 'step-1'}"]
     assert train.main(argv) == 0
     assert_continues_like(out, single, 2)
+
+
+@pytest.mark.slow
+def test_a_one_process_checkpoint_resumes_with_the_experts_split(trained):
+    """The one-process step-1 checkpoint resumed with ep 2 (DCP reshards each whole expert tensor into the processes'
+    experts) trains step 2 like the uninterrupted run."""
+    assert_continues_like(trained["qwen3_moe", "full", "single-then-ep2"], trained["qwen3_moe", "full", "single"], 2)
 
 
 @pytest.mark.parametrize("keys,message", [
