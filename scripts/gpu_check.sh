@@ -8,8 +8,8 @@
 # Every step writes into OUT_DIR as it goes and has its own time limit, so a step that runs out of time leaves the
 # others' results (the benchmark writes its JSON lines as each run finishes). Small models run before the 8B ones.
 # OUT_DIR gets: env.txt, bench.log, bench_small.jsonl, bench_8b.jsonl, top_ops.txt (the profiles' top GPU ops per
-# workload), traces.tar.gz (Chrome traces), tests.log. QLoRA (W4) needs bitsandbytes and the HF + Liger rows need
-# liger-kernel; install them first where they are missing.
+# workload), traces.tar.gz (Chrome traces), tests.log, bench_moe.jsonl. QLoRA (W4) needs bitsandbytes and the HF +
+# Liger rows need liger-kernel; install them first where they are missing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash scripts/gpu_check.sh OUT_DIR [--cpu]}
@@ -76,5 +76,7 @@ else
     step "tests that need a GPU" 150 tests.log $PY -m pytest -m cuda tests/ -rs -q
     step "Triton kernels and losses compiled for the GPU" 50 tests.log \
         $PY -m pytest tests/test_kernels.py tests/test_loss.py -q
+    step "MoE glue: PyTorch against Triton, one W6 layer's experts" 60 bench.log \
+        $PY scripts/bench_moe.py --out "$OUT/bench_moe.jsonl"
 fi
 echo "=== done: results in $OUT"
