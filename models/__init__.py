@@ -234,9 +234,9 @@ def param_for_hf_key(model: nn.Module, key: str) -> tuple[str, object]:
     a fused model, q/k/v and gate/up land in rows of their fused parameter."""
     name, index = model.param_for_hf_key(key) if hasattr(model, "param_for_hf_key") else (key, None)
     if index is None and is_fused(model):
-        place = fusion.fused_place(model.config, name, lambda fused: model.get_parameter(fused).shape[0])
-        if place is not None:
-            return place
+        fused = fusion.fused_place(model.config, name, lambda fused_name: model.get_parameter(fused_name).shape[0])
+        if fused is not None:
+            return fused  # (e.g. "...qkv_proj.weight", the rows of k_proj in it)
     return name, index
 
 

@@ -122,6 +122,72 @@ def test_streamed_final_of_a_fused_model_is_the_unfused_one(tmp_path, family):
     assert all(torch.equal(streamed[k], reference[k]) for k in reference)
 
 
+def test_fused_text_model_of_a_gemma3_image_text_checkpoint_saves_text_only(tmp_path):
+    """Read under language_model.* (the vision side skipped), saved as a text-only Gemma 3 by both savers, with HF's
+    unfused keys; transformers loads it with the fused model's logits."""
+    torch.manual_seed(0)
+    base = test_models_gemma
+    text = {**base.BASE, "vocab_size": 300, "layer_types": base.GEMMA3_LAYERS, "rope_parameters": base.GEMMA3_ROPE}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    reference = transformers.Gemma3ForConditionalGeneration(config).eval()
+    base.randomise_norms(reference)
+    reference.save_pretrained(tmp_path / "m")
+    fused = models.from_pretrained(tmp_path / "m", fuse_projections=True)
+    ids = torch.randint(0, 290, (2, 20))
+    with torch.no_grad():
+        assert (fused(ids) - reference(input_ids=ids).logits).abs().max().item() <= 1e-4
+    models.save_pretrained(fused, tmp_path / "text")
+    parallel.save_final_streamed(fused, tmp_path / "streamed", parallel.DistInfo())
+    assert checkpoint_keys(tmp_path / "streamed") == checkpoint_keys(tmp_path / "text")
+    assert "model.layers.0.self_attn.k_proj.weight" in checkpoint_keys(tmp_path / "text")
+    for folder in ("text", "streamed"):
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / folder, attn_implementation="eager")
+        with torch.no_grad():
+            assert (fused(ids) - loaded.eval()(ids).logits).abs().max().item() <= 1e-4, folder
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_activation_checkpointing_of_a_fused_model_gives_the_unfused_gradients(tmp_path, mode):
+    write_checkpoint(tmp_path / "m", "gemma3")
+    plain = models.from_pretrained(tmp_path / "m")
+    fused = models.from_pretrained(tmp_path / "m", fuse_projections=True)
+    fused.activation_checkpointing = mode
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    for model in (plain, fused):
+        loss_of(model.train(), ids).backward()
+    grads_plain, grads_fused = hf_grads(plain), hf_grads(fused)
+    for key, grad in grads_plain.items():
+        assert (grads_fused[key] - grad).abs().max() <= 1e-5 * grad.abs().max(), key
+
+
+def test_qat_and_fp8_swap_the_fused_linears(tmp_path):
+    """QAT's int4 weight groups run along each row's inputs and its int8 activations per token, so the fused model
+    computes what the unfused one does; FP8 swaps the fused linears too (with one scale for q, k and v together under
+    tensorwise, so only a smoke test of that here)."""
+    from nanotune.fp8 import apply_fp8
+    from nanotune.qat import apply_qat
+
+    write_checkpoint(tmp_path / "m", "llama")
+    plain = models.from_pretrained(tmp_path / "m")
+    fused = models.from_pretrained(tmp_path / "m", fuse_projections=True)
+    swapped = [apply_qat(model, "int8-int4", 32, skip=["lm_head"]) for model in (plain, fused)]
+    assert "model.layers.0.self_attn.qkv_proj" in swapped[1] and "model.layers.0.mlp.gate_up_proj" in swapped[1]
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (fused(ids) - plain(ids)).abs().max().item() <= 1e-5
+        assert (plain(ids) - models.from_pretrained(tmp_path / "m")(ids)).abs().max().item() > 1e-3  # QAT is on
+
+    fp8 = models.from_pretrained(tmp_path / "m", fuse_projections=True)
+    swapped = apply_fp8(fp8, "tensorwise", skip=["lm_head"], min_dim=0)
+    assert "model.layers.0.self_attn.qkv_proj" in swapped and "model.layers.0.mlp.gate_up_proj" in swapped
+    loss = loss_of(fp8, ids)
+    loss.backward()
+    assert torch.isfinite(loss) and fp8.model.layers[0].self_attn.qkv_proj.weight.grad.abs().max() > 0
+
+
 def test_a_fused_model_reads_only_the_rows_of_a_part_it_holds():
     """k_proj lands in rows 16..20 of a (Hq + 2 Hkv) * hd = 24-row qkv_proj, up_proj in rows 32..64 of gate_up_proj;
     under FSDP2 the rank holding rows 32..64 reads all of up_proj, the other none of it."""
