@@ -1,9 +1,10 @@
 """model.fuse_projections (models/fusion.py): q/k/v and gate/up as one weight each, against the unfused model.
 
-Every family: the same logits, the same loss and updated weights after a training step, and a final/ with exactly the
-checkpoint's HF keys that transformers loads with the same logits. Then the trainer: two processes (FSDP2, sharded
-load and streamed save) equal one unfused process, resuming a fused run, and the refusals of features that address
-the unfused projections by name. Kernels and torch.compile run with the switch on.
+Every family: the same logits, the same loss, gradients and updated weights after a training step, and a final/ with
+exactly the checkpoint's HF keys that transformers loads with the same logits (both savers; a Gemma 3 image-text
+checkpoint's text model too). Then the trainer: two processes (FSDP2 with sharded load and streamed save; context
+parallelism) equal one unfused process, a fused run resumes exactly, and features that address the unfused
+projections by name are refused. Kernels, torch.compile, activation checkpointing, QAT and FP8 run with the switch on.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from nanotune import parallel, train
 from nanotune.config import ConfigError, load_config, to_toml
 from tests import test_compile, test_models_gemma, test_models_qwen_moe
 from tests.conftest import ROOT, run_torchrun, write_hf_checkpoint
+from tests.test_context_parallel import assert_same_final
 from tests.test_parallel import QUICKSTART, base_argv, write_family_checkpoint
 from tests.test_train import assert_same_params, losses
 
@@ -86,7 +88,7 @@ def test_fused_model_computes_trains_and_saves_like_the_unfused_one(tmp_path, fa
     assert abs(losses_[0].item() - losses_[1].item()) <= 1e-6
     grads_plain, grads_fused = hf_grads(plain), hf_grads(fused)
     assert grads_fused.keys() == grads_plain.keys()
-    for key, grad in grads_plain.items():  # the GEMMs add in another order: ~1e-7 of the tensor's largest gradient
+    for key, grad in grads_plain.items():  # the GEMMs add in another order (~1e-7 relative here)
         assert (grads_fused[key] - grad).abs().max() <= 1e-5 * grad.abs().max(), key
         if key.rpartition(".")[0].rpartition(".")[2] in UNFUSED:
             assert grad.abs().max() > 0, key
@@ -214,7 +216,7 @@ def test_a_fused_model_reads_only_the_rows_of_a_part_it_holds():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Llama and Qwen3-MoE trained 2 steps: unfused in one process, fused in one process (with a checkpoint each step)
-    and fused in two processes (FSDP2, dp_shard 2: sharded load, streamed final/)."""
+    and fused in two processes (FSDP2, dp_shard 2: sharded load, streamed final/); Llama also fused with cp = 2."""
     tmp = tmp_path_factory.mktemp("fusion")
     rows = (QUICKSTART / "train.jsonl").read_text().splitlines()[:24]
     (tmp / "train.jsonl").write_text("\n".join(rows) + "\n")
@@ -228,6 +230,9 @@ def runs(tmp_path_factory):
         out[family, "fsdp"] = tmp / f"{family}-fsdp"
         two_process.append(base_argv(tmp, tmp / family, out[family, "fsdp"])
                            + ["--parallel.dp_shard=2", "--train.grad_accum_steps=2", *fused])
+    out["llama", "cp"] = tmp / "llama-cp"  # context parallelism: each process holds half of every row
+    two_process.append(base_argv(tmp, tmp / "llama", out["llama", "cp"])
+                       + ["--parallel.cp=2", "--parallel.dp_shard=1", "--train.grad_accum_steps=4", *fused])
     spec = tmp / "runs.json"
     spec.write_text(json.dumps(two_process))
     run_torchrun(ROOT / "tests" / "test_parallel.py", str(spec), nproc=2)  # its worker trains each argv in turn
@@ -244,6 +249,11 @@ def test_fused_runs_in_one_and_two_processes_train_like_the_unfused_run(runs, fa
         assert losses(out) == pytest.approx(losses(plain), rel=1e-5)
         assert checkpoint_keys(out / "final") == checkpoint_keys(runs["tmp"] / family)
         assert_same_params(load_file(out / "final" / "model.safetensors"), reference)
+
+
+def test_fused_run_with_context_parallelism_trains_like_the_unfused_run(runs):
+    assert losses(runs["llama", "cp"]) == pytest.approx(losses(runs["llama", "plain"]), rel=1e-5)
+    assert_same_final(runs["llama", "cp"], runs["llama", "plain"])
 
 
 def test_resuming_a_fused_run_is_exact_and_a_changed_switch_is_refused(runs, tmp_path):
