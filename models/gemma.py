@@ -252,7 +252,8 @@ class Attention(nn.Module):
         self.scale = config.query_pre_attn_scalar**-0.5  # not head_dim ** -0.5
         D, bias = config.hidden_size, config.attention_bias
         # output features of q, k and v: the three projections, or their weights stacked in one (models/fusion.py)
-        self.qkv_sizes = [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim]
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.qkv_sizes = [q_size, kv_size, kv_size]
         if config.fuse_projections:
             self.qkv_proj = nn.Linear(D, sum(self.qkv_sizes), bias=bias)
         else:

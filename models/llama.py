@@ -153,7 +153,8 @@ class Attention(nn.Module):
         )
         bias = config.attention_bias
         # output features of q, k and v: the three projections, or their weights stacked in one (models/fusion.py)
-        self.qkv_sizes = [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim]
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.qkv_sizes = [q_size, kv_size, kv_size]
         if config.fuse_projections:
             self.qkv_proj = nn.Linear(config.hidden_size, sum(self.qkv_sizes), bias=bias)
         else:

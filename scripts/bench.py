@@ -762,8 +762,9 @@ def parse_args(argv=None):
         p.error(f"unknown workloads {unknown}; choose from {list(WORKLOADS)}")
     adapted = [n for n in args.workloads.split(",") if WORKLOADS[n].mode != "full"]
     if args.fuse_projections and adapted:
+        full = ", ".join(n for n, w in WORKLOADS.items() if w.mode == "full")
         p.error(f"--fuse-projections: {adapted} put LoRA adapters on q_proj ... up_proj, which a fused model does not "
-                f"have; choose full fine-tuning workloads ({', '.join(n for n, w in WORKLOADS.items() if w.mode == 'full')})")
+                f"have; choose full fine-tuning workloads ({full})")
     return args
 
 

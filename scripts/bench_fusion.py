@@ -11,8 +11,9 @@ weights, as a full fine-tune needs them):
 - cat:      one `F.linear` with the weights concatenated in every step: fusion that keeps the parameters as they are
             (names, LoRA, TP plans unchanged) and pays a weight copy forward and a split of its gradient backward.
 Reported: ms per step and fused / separate, cat / separate; and the share of a decoder layer's matmul FLOPs that these
-projections are, so that a speed-up of the projections can be read as a speed-up of the step. Whole training steps with the switch
-on and off: `scripts/bench.py --fuse-projections` against the same command without it (docs/BENCHMARKS.md).
+projections are, so that a speed-up of the projections can be read as a speed-up of the step. Whole training steps
+with the switch on and off: `scripts/bench.py --fuse-projections` against the same command without it
+(docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -151,12 +151,18 @@ def test_fused_text_model_of_a_gemma3_image_text_checkpoint_saves_text_only(tmp_
             assert (fused(ids) - loaded.eval()(ids).logits).abs().max().item() <= 1e-4, folder
 
 
-@pytest.mark.parametrize("mode", ["selective", "full"])
-def test_activation_checkpointing_of_a_fused_model_gives_the_unfused_gradients(tmp_path, mode):
+@pytest.mark.parametrize("saver", ["selective", "full", "tiled_mlp"])
+def test_memory_savers_on_a_fused_model_give_the_unfused_gradients(tmp_path, saver):
+    """Activation checkpointing (selective, full) and the tiled MLP (train.tiled_mlp) run the fused modules."""
+    from nanotune import memory
+
     write_checkpoint(tmp_path / "m", "gemma3")
     plain = models.from_pretrained(tmp_path / "m")
     fused = models.from_pretrained(tmp_path / "m", fuse_projections=True)
-    fused.activation_checkpointing = mode
+    if saver == "tiled_mlp":
+        assert memory.apply_tiled_mlp(fused, 8) == len(fused.model.layers)
+    else:
+        fused.activation_checkpointing = saver
     ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
     for model in (plain, fused):
         loss_of(model.train(), ids).backward()
