@@ -18,6 +18,8 @@ Module hooks used while loading:
   a parameter with `hf_shape = None` (NF4 block scales) is made by such a module and is not read from checkpoints;
 - `module.materialize_after_load(device)`: allocates and initialises tensors that checkpoints do not hold (RoPE
   frequencies, fresh LoRA adapters).
+With `fuse_projections` (models/fusion.py) the functions below also map q/k/v and gate/up checkpoint tensors to rows
+of the fused parameters on load, and cut those back into the checkpoint tensors on save, after the model's hooks.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from models import gemma, llama, mistral, qwen_moe, safetensors_io
+from models import fusion, gemma, llama, mistral, qwen_moe, safetensors_io
 from models.hf_config import apply_overrides
 from models.safetensors_io import CheckpointError
 from models.llama import LlamaConfig, LlamaForCausalLM
@@ -99,12 +101,14 @@ def build_model(config, device: torch.device | str = "meta", dtype: torch.dtype 
 
 
 def from_size(name: str, vocab_size: int, dtype=torch.float32, device="cpu", attn_implementation="auto",
-              seed: int = 0, overrides: dict | None = None) -> nn.Module:
-    """A randomly initialised model of a named size (see SIZES)."""
+              seed: int = 0, overrides: dict | None = None, fuse_projections: bool = False) -> nn.Module:
+    """A randomly initialised model of a named size (see SIZES). `fuse_projections`: see models/fusion.py (the random
+    numbers then fill the fused weights, so they differ from the unfused model's)."""
     if name not in SIZES:
         raise CheckpointError(f"model.size {name!r} is unknown; choose one of {sorted(SIZES)}")
     config = config_from_hf({**SIZES[name], "vocab_size": vocab_size}, overrides)
     config.attn_implementation = attn_implementation
+    config.fuse_projections = fuse_projections
     config.hf_config = {}  # not read from a file: save_pretrained writes a complete config.json (hf_config_from)
     model = build_model(config, "meta", dtype)
     if torch.device(device).type == "meta":
@@ -135,12 +139,15 @@ def from_pretrained(
     attn_implementation: str = "auto",
     prepare=None,
     overrides: dict | None = None,
+    fuse_projections: bool = False,
 ) -> nn.Module:
     """Load an HF-format folder (config.json + model.safetensors, or shards + model.safetensors.index.json).
-    `overrides`: config.json fields to change (e.g. rope_scaling for a longer context); saving writes them."""
+    `overrides`: config.json fields to change (e.g. rope_scaling for a longer context); saving writes them.
+    `fuse_projections`: q/k/v and gate/up as one fused weight each (models/fusion.py); checkpoints keep HF's keys."""
     path = Path(path)
     config = config_from_hf(read_config(path), overrides)
     config.attn_implementation = attn_implementation
+    config.fuse_projections = fuse_projections
     files = safetensors_io.checkpoint_files(path)  # raises when there are none
     headers = {f: safetensors_io.read_header(f) for f in files}  # cheap: only the JSON headers
 
@@ -172,8 +179,16 @@ def from_pretrained(
 
 def expected_checkpoint_keys(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """Checkpoint key -> expected shape, for every tensor the model reads from a checkpoint."""
-    if hasattr(model, "expected_hf_keys"):
-        return model.expected_hf_keys()
+    shapes = model.expected_hf_keys() if hasattr(model, "expected_hf_keys") else default_checkpoint_keys(model)
+    if not is_fused(model):
+        return shapes
+    # a fused parameter stands for its parts: qkv_proj.weight -> q_proj.weight, k_proj.weight, v_proj.weight
+    return {part: part_shape for key, shape in shapes.items()
+            for part, _, part_shape in fusion.hf_parts(model.config, key, shape)}
+
+
+def default_checkpoint_keys(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The parameters under their own names (adapters, tensors made while loading and a tied LM head left out)."""
     shapes = {}
     for name, param in model.named_parameters(remove_duplicate=True):
         if ".lora_" in name or getattr(param, "hf_shape", ()) is None:
@@ -209,9 +224,25 @@ def check_keys(path: Path, expected: dict, found: dict) -> None:
         )
 
 
+def is_fused(model: nn.Module) -> bool:
+    """Whether the model was built with fused q/k/v and gate/up projections (models/fusion.py)."""
+    return getattr(model.config, "fuse_projections", False)
+
+
+def param_for_hf_key(model: nn.Module, key: str) -> tuple[str, object]:
+    """Checkpoint key -> (parameter name, index into it | None): the model's own map (`param_for_hf_key`), then, in
+    a fused model, q/k/v and gate/up land in rows of their fused parameter."""
+    name, index = model.param_for_hf_key(key) if hasattr(model, "param_for_hf_key") else (key, None)
+    if index is None and is_fused(model):
+        fused = fusion.fused_place(model.config, name, lambda fused_name: model.get_parameter(fused_name).shape[0])
+        if fused is not None:
+            return fused  # (e.g. "...qkv_proj.weight", the rows of k_proj in it)
+    return name, index
+
+
 def place(model: nn.Module, key: str, tensor: torch.Tensor, dtype: torch.dtype, device) -> None:
     """Put one checkpoint tensor where it belongs: its parameter (or buffer), or one slice of a stacked parameter."""
-    name, index = model.param_for_hf_key(key) if hasattr(model, "param_for_hf_key") else (key, None)
+    name, index = param_for_hf_key(model, key)
     module_name, _, local = name.rpartition(".")
     module = model.get_submodule(module_name)
     if hasattr(module, "load_hf_weight"):
@@ -219,7 +250,8 @@ def place(model: nn.Module, key: str, tensor: torch.Tensor, dtype: torch.dtype, 
         return
     old = getattr(module, local)
     target_dtype = old.dtype if old.is_floating_point() else tensor.dtype
-    if index is not None:  # e.g. expert `index` of a (num_experts, ...) parameter: allocate it once, fill slices
+    if index is not None:  # e.g. expert `index` of a (num_experts, ...) parameter, or q_proj's rows of qkv_proj:
+        # allocate it once, fill slices
         if old.is_meta:
             old = nn.Parameter(torch.empty(old.shape, dtype=target_dtype, device=device), old.requires_grad)
             setattr(module, local, old)
@@ -236,11 +268,16 @@ def place(model: nn.Module, key: str, tensor: torch.Tensor, dtype: torch.dtype, 
 def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors under their checkpoint names (tied LM head left out, as HF does)."""
     if hasattr(model, "hf_state_dict"):
-        return model.hf_state_dict()
-    sd = {k: v for k, v in model.state_dict().items()}
-    if getattr(model.config, "tie_word_embeddings", False):
-        sd.pop("lm_head.weight", None)
-    return sd
+        sd = model.hf_state_dict()
+    else:
+        sd = {k: v for k, v in model.state_dict().items()}
+        if getattr(model.config, "tie_word_embeddings", False):
+            sd.pop("lm_head.weight", None)
+    if not is_fused(model):
+        return sd
+    # fused parameters cut into their parts, copied: safetensors refuses tensors that share storage
+    return {part: tensor if rows is None else tensor[rows].clone()
+            for key, tensor in sd.items() for part, rows, _ in fusion.hf_parts(model.config, key, tensor.shape)}
 
 
 def save_pretrained(model: nn.Module, path: str | Path, max_shard_size: int | str = "5GB",
@@ -280,7 +317,7 @@ def hf_config_from(config) -> dict:
     """An HF config.json dict for a model that was built from a named size rather than loaded."""
     from dataclasses import asdict
 
-    hf = {k: v for k, v in asdict(config).items() if k not in ("hf_config", "attn_implementation")}
+    hf = {k: v for k, v in asdict(config).items() if k not in ("hf_config", "attn_implementation", "fuse_projections")}
     # both spellings: transformers 5 reads rope_parameters, transformers 4 rope_theta / rope_scaling
     hf["rope_parameters"] = {"rope_theta": hf["rope_theta"], **(hf["rope_scaling"] or {"rope_type": "default"})}
     hf["architectures"] = [FAMILIES[config.model_type][1].__name__]
@@ -300,4 +337,5 @@ def parse_size(size: int | str) -> int:
 
 
 __all__ = ["from_pretrained", "save_pretrained", "make_readable", "from_size", "build_model", "config_from_hf",
+           "expected_checkpoint_keys", "param_for_hf_key", "is_fused",
            "FAMILIES", "SIZES", "DTYPES", "CheckpointError"]

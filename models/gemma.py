@@ -88,6 +88,7 @@ class GemmaConfig:
     rope_local_theta: float | None = None  # sliding layers' base (Gemma 3); None: the global rope for every layer
     initializer_range: float = 0.02
     attn_implementation: str = "auto"
+    fuse_projections: bool = False  # qkv_proj and gate_up_proj, one GEMM each (models/fusion.py); not in config.json
     model_type: str = "gemma2"
     hf_key_prefix: str = ""  # "language_model." when read from a Gemma 3 image-text checkpoint (model_type gemma3)
     hf_config: dict = field(default_factory=dict, repr=False)
@@ -250,9 +251,15 @@ class Attention(nn.Module):
         self.softcap = config.attn_logit_softcapping
         self.scale = config.query_pre_attn_scalar**-0.5  # not head_dim ** -0.5
         D, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(D, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(D, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(D, self.n_kv_heads * self.head_dim, bias=bias)
+        # output features of q, k and v: the three projections, or their weights stacked in one (models/fusion.py)
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.qkv_sizes = [q_size, kv_size, kv_size]
+        if config.fuse_projections:
+            self.qkv_proj = nn.Linear(D, sum(self.qkv_sizes), bias=bias)
+        else:
+            self.q_proj = nn.Linear(D, self.qkv_sizes[0], bias=bias)
+            self.k_proj = nn.Linear(D, self.qkv_sizes[1], bias=bias)
+            self.v_proj = nn.Linear(D, self.qkv_sizes[2], bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, D, bias=bias)
         self.rope = Rope()  # q and k rotated by position (apply_kernels may swap in the Triton kernel)
         if config.qk_norm:  # Gemma 3: RMSNorm over each head's head_dim, before RoPE
@@ -261,10 +268,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: attention.AttentionContext):
         B, T, _ = x.shape
+        if hasattr(self, "qkv_proj"):  # one GEMM, (B, T, (Hq + 2 Hkv) * hd), split into views
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # head counts come from the shapes: under tensor parallelism each process holds only some of the heads
-        q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hq, hd)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, hd)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        q = q.view(B, T, -1, self.head_dim)  # (B, T, Hq, hd)
+        k = k.view(B, T, -1, self.head_dim)  # (B, T, Hkv, hd)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (B, H, T, hd)
@@ -278,12 +289,19 @@ class MLP(nn.Module):
     def __init__(self, config: GemmaConfig):
         super().__init__()
         D, F_ = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(D, F_, bias=False)
-        self.up_proj = nn.Linear(D, F_, bias=False)
+        if config.fuse_projections:  # gate and up stacked: one GEMM (models/fusion.py)
+            self.gate_up_proj = nn.Linear(D, 2 * F_, bias=False)
+        else:
+            self.gate_proj = nn.Linear(D, F_, bias=False)
+            self.up_proj = nn.Linear(D, F_, bias=False)
         self.down_proj = nn.Linear(F_, D, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        if hasattr(self, "gate_up_proj"):
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, F) each, views of one (B, T, 2F) product
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class DecoderLayer(nn.Module):

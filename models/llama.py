@@ -1,7 +1,9 @@
 """Llama 2 / 3 / 3.1 / 3.2 in one file: config, RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, the model.
 
 Parameter names follow the HF checkpoint layout (`model.layers.0.self_attn.q_proj.weight`), so loading and saving are
-the identity map. The model is written for one device; LoRA, FP8 and sharding are applied from outside.
+the identity map; with `fuse_projections` q/k/v and gate/up are stacked into `qkv_proj` and `gate_up_proj`, and
+models/fusion.py maps them to and from the checkpoint's tensors. The model is written for one device; LoRA, FP8 and
+sharding are applied from outside.
 
     model = LlamaForCausalLM(LlamaConfig.from_hf(json.load(open("config.json"))))   # usually on the meta device
     logits = model(input_ids)                                # (B, T) -> (B, T, vocab)
@@ -57,6 +59,7 @@ class LlamaConfig:
     sliding_window: int | None = None  # Mistral only; Llama leaves it None
     initializer_range: float = 0.02
     attn_implementation: str = "auto"  # see models/attention.py
+    fuse_projections: bool = False  # qkv_proj and gate_up_proj, one GEMM each (models/fusion.py); not in config.json
     model_type: str = "llama"
     hf_config: dict = field(default_factory=dict, repr=False)  # the original config.json, written back on save
 
@@ -149,18 +152,28 @@ class Attention(nn.Module):
             config.head_dim,
         )
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        # output features of q, k and v: the three projections, or their weights stacked in one (models/fusion.py)
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.qkv_sizes = [q_size, kv_size, kv_size]
+        if config.fuse_projections:
+            self.qkv_proj = nn.Linear(config.hidden_size, sum(self.qkv_sizes), bias=bias)
+        else:
+            self.q_proj = nn.Linear(config.hidden_size, self.qkv_sizes[0], bias=bias)
+            self.k_proj = nn.Linear(config.hidden_size, self.qkv_sizes[1], bias=bias)
+            self.v_proj = nn.Linear(config.hidden_size, self.qkv_sizes[2], bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
         self.rope = Rope()  # q and k rotated by position (apply_kernels may swap in the Triton kernel)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: attention.AttentionContext):
         B, T, _ = x.shape
+        if hasattr(self, "qkv_proj"):  # one GEMM, (B, T, (Hq + 2 Hkv) * hd), split into views
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # head counts come from the shapes: under tensor parallelism each process holds only some of the heads
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hq, T, hd)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hq, T, hd)
+        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         q, k = self.rope(q, k, cos, sin)
         y = attention.attend(q, k, v, ctx, sliding_window=self.config.sliding_window)  # (B, Hq, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, Hq * hd) -> (B, T, D)
@@ -172,12 +185,19 @@ class MLP(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         D, F_, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(D, F_, bias=bias)
-        self.up_proj = nn.Linear(D, F_, bias=bias)
+        if config.fuse_projections:  # gate and up stacked: one GEMM (models/fusion.py)
+            self.gate_up_proj = nn.Linear(D, 2 * F_, bias=bias)
+        else:
+            self.gate_proj = nn.Linear(D, F_, bias=bias)
+            self.up_proj = nn.Linear(D, F_, bias=bias)
         self.down_proj = nn.Linear(F_, D, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if hasattr(self, "gate_up_proj"):
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, F) each, views of one (B, T, 2F) product
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

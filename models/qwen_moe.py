@@ -15,7 +15,8 @@ a MoE layer's forward or backward reads a value back to the host, so a decoder b
 torch._grouped_mm cannot run (device, dtype, unaligned sizes) a padded batched matmul takes over, chosen once when the
 model is built; it reads the busiest expert's token count back to the host. Checkpoints keep one tensor per expert;
 `EXPERT_KEYS` is the one table between the two layouts, used on load (`param_for_hf_key`) and on save
-(`hf_state_dict`).
+(`hf_state_dict`). With `fuse_projections`, q/k/v and the gate/up of the dense MLPs and the shared expert are stacked
+too, into `qkv_proj` and `gate_up_proj` (models/fusion.py maps those, after these hooks).
 
 Router losses, each over all routed tokens of all sparse layers, added up in `model.aux_loss` after each forward:
 - load balancing (Switch Transformer, Fedus et al., 2021, eqs. 4-6, as transformers computes it): f_e = share of
@@ -111,6 +112,7 @@ class QwenMoeConfig:
     router_z_loss_coef: float = 0.0  # not a transformers Qwen option: set by training (`model.router_z_loss_coef`)
     initializer_range: float = 0.02
     attn_implementation: str = "auto"
+    fuse_projections: bool = False  # qkv_proj and gate_up_proj, one GEMM each (models/fusion.py); not in config.json
     model_type: str = "qwen2_moe"
     hf_config: dict = field(default_factory=dict, repr=False)
 
@@ -222,10 +224,16 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = (
             config.num_attention_heads, config.num_key_value_heads, config.head_dim
         )  # fmt: skip
-        D = config.hidden_size
-        self.q_proj = nn.Linear(D, self.n_heads * self.head_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(D, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(D, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        D, bias = config.hidden_size, config.qkv_bias
+        # output features of q, k and v: the three projections, or their weights stacked in one (models/fusion.py)
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.qkv_sizes = [q_size, kv_size, kv_size]
+        if config.fuse_projections:
+            self.qkv_proj = nn.Linear(D, sum(self.qkv_sizes), bias=bias)
+        else:
+            self.q_proj = nn.Linear(D, self.qkv_sizes[0], bias=bias)
+            self.k_proj = nn.Linear(D, self.qkv_sizes[1], bias=bias)
+            self.v_proj = nn.Linear(D, self.qkv_sizes[2], bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, D, bias=config.o_bias)
         self.rope = Rope()  # q and k rotated by position (apply_kernels may swap in the Triton kernel)
         if config.qk_norm:  # Qwen3: one RMSNorm over head_dim, shared by all heads
@@ -234,10 +242,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: attention.AttentionContext):
         B, T, _ = x.shape
+        if hasattr(self, "qkv_proj"):  # one GEMM, (B, T, (Hq + 2 Hkv) * hd), split into views
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # head counts come from the shapes: under tensor parallelism each process holds only some of the heads
-        q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hq, hd)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, hd)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        q = q.view(B, T, -1, self.head_dim)  # (B, T, Hq, hd)
+        k = k.view(B, T, -1, self.head_dim)  # (B, T, Hkv, hd)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
@@ -248,14 +260,21 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU (Shazeer, 2020): down(silu(gate(x)) * up(x)). The dense layers and Qwen2-MoE's shared expert."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(self, hidden_size: int, intermediate_size: int, fused: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        if fused:  # gate and up stacked: one GEMM (models/fusion.py)
+            self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        else:
+            self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+            self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if hasattr(self, "gate_up_proj"):
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (N, I) each, views of one (N, 2I) product
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 # ------------------------------------------------------------------------------------------------ mixture of experts
@@ -401,7 +420,8 @@ class SparseMoeBlock(nn.Module):
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
         self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
         if config.shared_expert_intermediate_size:
-            self.shared_expert = MLP(config.hidden_size, config.shared_expert_intermediate_size)
+            self.shared_expert = MLP(config.hidden_size, config.shared_expert_intermediate_size,
+                                     config.fuse_projections)
             self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor, token_weight_N: torch.Tensor | None) -> tuple[torch.Tensor, RouterStats]:
@@ -469,7 +489,7 @@ class DecoderLayer(nn.Module):
         if config.is_sparse(layer):
             self.mlp = SparseMoeBlock(config)
         else:
-            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+            self.mlp = MLP(config.hidden_size, config.intermediate_size, config.fuse_projections)
 
     def forward(self, x, cos, sin, ctx, token_weight_N=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (x, the (2, E) routing statistics of a sparse layer, or None for a dense one)."""

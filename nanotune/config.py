@@ -40,6 +40,9 @@ class ModelConfig:
     tokenizer: str = ""  # folder or tokenizer.json; default: the model folder
     router_aux_loss_coef: float = -1.0  # MoE: weight of the load-balancing loss (< 0: config.json's value)
     router_z_loss_coef: float = 0.0  # MoE: weight of the router z-loss, mean logsumexp(router logits)^2 (0: off)
+    # q/k/v and gate/up as one weight each, one GEMM instead of three / two (models/fusion.py); checkpoints and final/
+    # keep HF's separate tensors. Not with LoRA / QLoRA or parallel.tp > 1, which address those modules by name
+    fuse_projections: bool = False
     # config.json fields to change, e.g. {max_position_embeddings = 32768, rope_scaling = {rope_type = "yarn",
     # factor = 4.0, original_max_position_embeddings = 8192}}; saved in final/config.json (docs/long-context.md)
     overrides: dict = field(default_factory=dict)

@@ -436,7 +436,7 @@ def load_sharded(model: nn.Module, path, device: torch.device, offload: bool = F
     host memory, where FSDP2 keeps them, and only the RoPE tables on `device`."""
     from pathlib import Path
 
-    from models import expected_checkpoint_keys, safetensors_io
+    from models import expected_checkpoint_keys, param_for_hf_key, safetensors_io
 
     model.to_empty(device="cpu" if offload else device)
     model.tie_weights()  # to_empty gives plain (not sharded) parameters new storage, which unties them
@@ -447,7 +447,7 @@ def load_sharded(model: nn.Module, path, device: torch.device, offload: bool = F
             for key, info in safetensors_io.read_header(file).items():
                 if key not in expected:
                     continue
-                name, index = model.param_for_hf_key(key) if hasattr(model, "param_for_hf_key") else (key, None)
+                name, index = param_for_hf_key(model, key)  # index: rows of a stacked or fused parameter
                 target = params[name] if name in params else model.get_buffer(name)
                 owner = model.get_submodule(name.rpartition(".")[0])
                 if hasattr(owner, "load_hf_rows") and name.endswith(".weight") and index is None:  # NF4
@@ -524,7 +524,7 @@ def original_tensors(model: nn.Module, folder) -> tuple[torch.dtype, dict[str, t
     it is asked for, one at a time, so that all of them take part in the same gathers."""
     from pathlib import Path
 
-    from models import safetensors_io
+    from models import param_for_hf_key, safetensors_io
     from nanotune.lora import checkpoint_dtype
 
     dtype = checkpoint_dtype(folder)
@@ -536,7 +536,7 @@ def original_tensors(model: nn.Module, folder) -> tuple[torch.dtype, dict[str, t
     out = {}
     for file in safetensors_io.checkpoint_files(Path(folder)):
         for key, info in safetensors_io.read_header(file).items():
-            name, index = model.param_for_hf_key(key) if hasattr(model, "param_for_hf_key") else (key, None)
+            name, index = param_for_hf_key(model, key)
             if index is None:
                 out[name] = (torch.Size(info["shape"]), lambda file=file, info=info: read(file, info))
     return dtype, out
@@ -548,9 +548,12 @@ def final_tensors(model: nn.Module, merge_lora: bool, original=None) -> list[tup
     layer gives its dequantised weight. With `original` (an HF folder: QLoRA's full-precision base), every frozen
     tensor is read from there and the adapters are merged into its weights, in its dtype: what one process writes
     with `lora.merge_adapter_into_base`."""
-    if hasattr(model, "hf_state_dict"):
+    from models import is_fused
+
+    if hasattr(model, "hf_state_dict") or is_fused(model):
         if original is not None:
-            raise NotImplementedError("merging into the original weights of a model with stacked experts")
+            raise NotImplementedError("merging into the original weights of a model with stacked experts or fused "
+                                      "projections")
         return final_tensors_by_checkpoint_key(model, merge_lora)
     modules = dict(model.named_modules())
     skip = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
@@ -582,13 +585,19 @@ def final_tensors(model: nn.Module, merge_lora: bool, original=None) -> list[tup
 
 
 def final_tensors_by_checkpoint_key(model: nn.Module, merge_lora: bool) -> list[tuple]:
-    """final_tensors for a model whose checkpoint layout differs from its parameters (stacked MoE experts): each
-    parameter is gathered once and cut into the checkpoint tensors that land in it (`param_for_hf_key`)."""
+    """final_tensors for a model whose checkpoint layout differs from its parameters (stacked MoE experts, fused
+    projections): each parameter is gathered once and cut into the checkpoint tensors that land in it
+    (`param_for_hf_key`)."""
+    from models import expected_checkpoint_keys, param_for_hf_key
+
     params, modules = dict(model.named_parameters()), dict(model.named_modules())
+    # a Gemma 3 image-text checkpoint's text model is read under "language_model." and saved text-only, as
+    # save_pretrained does
+    prefix = getattr(model.config, "hf_key_prefix", "")
     by_param: dict[str, list] = {}  # parameter name -> [(key, index, shape)], so each parameter is gathered once
-    for key, shape in model.expected_hf_keys().items():
-        name, index = model.param_for_hf_key(key)
-        by_param.setdefault(name, []).append((key, index, torch.Size(shape)))
+    for key, shape in expected_checkpoint_keys(model).items():
+        name, index = param_for_hf_key(model, key)
+        by_param.setdefault(name, []).append((key.removeprefix(prefix), index, torch.Size(shape)))
     cache: dict[str, torch.Tensor] = {}  # the one parameter gathered last
 
     def gathered(name: str) -> torch.Tensor:

@@ -103,10 +103,11 @@ def build_model(cfg: Config, vocab_size: int, device: torch.device, layout: dict
             raise ConfigError(str(e)) from None
     if cfg.model.path:
         model = models.from_pretrained(cfg.model.path, dtype=dtype, device=device, attn_implementation=attn,
-                                       prepare=prepare, overrides=cfg.model.overrides)
+                                       prepare=prepare, overrides=cfg.model.overrides,
+                                       fuse_projections=cfg.model.fuse_projections)
     elif cfg.model.size:
         model = models.from_size(cfg.model.size, vocab_size, dtype, device, attn, seed=cfg.seed,
-                                 overrides=cfg.model.overrides)
+                                 overrides=cfg.model.overrides, fuse_projections=cfg.model.fuse_projections)
         prepare(model)
     else:
         raise ConfigError("set model.path (an HF model folder) or model.size (one of " + ", ".join(models.SIZES) + ")")
@@ -187,6 +188,33 @@ def check_config(cfg: Config) -> None:
     if cfg.train.max_steps <= 0 and cfg.train.epochs <= 0:
         raise ConfigError("set train.max_steps or train.epochs to a positive number")
     context_parallel.check_config(cfg)
+    check_fusion(cfg)
+
+
+def check_fusion(cfg: Config) -> None:
+    """model.fuse_projections replaces q_proj / k_proj / v_proj and gate_proj / up_proj by qkv_proj and gate_up_proj
+    (models/fusion.py): refuse the features that address those modules by name. FP8 and QAT swap the fused linears
+    as they swap any other; only their skip lists name modules."""
+    if not cfg.model.fuse_projections:
+        return
+    fix = "; set model.fuse_projections = false (docs/kernels.md)"
+    if cfg.lora.enabled and cfg.lora.quantize:
+        raise ConfigError(f"model.fuse_projections = true does not work with lora.quantize = {cfg.lora.quantize!r} "
+                          f"(QLoRA quantises and adapts each projection by name){fix}")
+    if cfg.lora.enabled:
+        raise ConfigError("model.fuse_projections = true does not work with lora.enabled = true (LoRA adapts the "
+                          f"projections by name: PEFT's adapter keys, DoRA's magnitudes){fix}")
+    if cfg.parallel.tp > 1:
+        raise ConfigError(f"model.fuse_projections = true does not work with parallel.tp = {cfg.parallel.tp} (the "
+                          "tensor-parallel plans split q_proj, k_proj, v_proj, gate_proj, up_proj by whole heads and "
+                          f"columns, part by part){fix}, or shard with parallel.dp_shard")
+    parts = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+    for section in ("fp8", "qat"):
+        named = sorted(parts & set(getattr(cfg, section).skip))
+        if getattr(cfg, section).enabled and named:
+            raise ConfigError(f"{section}.skip names {named}, which a model with model.fuse_projections = true does "
+                              "not have (they are qkv_proj and gate_up_proj there); name those instead, or set "
+                              "model.fuse_projections = false")
 
 
 def check_compile_layout(compile_mode: str, dist) -> None:

@@ -4,6 +4,8 @@
                                                               # then HF + Liger-Kernel where installed
     python scripts/bench.py --workloads W1,W3 --steps 8 --warmup 3 --out bench.jsonl
     python scripts/bench.py --device cpu --tiny               # tiny shapes, a couple of steps: the smoke test
+    python scripts/bench.py --workloads W1,W5,W6,W7 --fuse-projections   # nanotune with q/k/v and gate/up fused;
+                                                              # the same command without the flag is its baseline
 
 The workloads are defined in docs/BENCHMARKS.md ("Workloads"). For each one, every implementation gets the same
 weights (the HF model is built from a seed and its state_dict is copied into nanotune's model: the parameter names are
@@ -435,6 +437,7 @@ def build_nanotune(w: Workload, device, dtype, args) -> tuple[nn.Module, list[st
     hf_model = build_hf(w, device, dtype, args.seed)
     config = models.config_from_hf(hf_model.config.to_dict())
     config.attn_implementation = "auto"
+    config.fuse_projections = args.fuse_projections  # qkv_proj / gate_up_proj, filled from HF's separate tensors
     model = models.build_model(config, "meta", dtype)
     model.to_empty(device=device)
     model.tie_weights()
@@ -444,6 +447,8 @@ def build_nanotune(w: Workload, device, dtype, args) -> tuple[nn.Module, list[st
     for module in model.modules():  # RoPE frequencies: derived, not in the state_dict
         if hasattr(module, "materialize_after_load"):
             module.materialize_after_load(device)
+    if args.fuse_projections:
+        notes.append("fused q/k/v and gate/up projections")
     if w.mode == "qlora":
         from nanotune.qlora import quantize_nf4
 
@@ -741,6 +746,8 @@ def parse_args(argv=None):
                         "that fits its memory target by scripts/activation_memory.py's count")
     p.add_argument("--no-kernels", dest="kernels", action="store_false", help="nanotune without Triton kernels")
     p.add_argument("--compile", action="store_true", help="torch.compile each nanotune decoder block")
+    p.add_argument("--fuse-projections", action="store_true",
+                   help="nanotune with q/k/v and gate/up as one GEMM each (model.fuse_projections; full fine-tuning)")
     p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of the fused linear + CE")
     p.add_argument("--no-liger", dest="liger", action="store_false", help="skip the HF + Liger-Kernel rows")
     p.add_argument("--profile", type=Path, default=None,
@@ -753,6 +760,11 @@ def parse_args(argv=None):
     unknown = [n for n in args.workloads.split(",") if n not in WORKLOADS]
     if unknown:
         p.error(f"unknown workloads {unknown}; choose from {list(WORKLOADS)}")
+    adapted = [n for n in args.workloads.split(",") if WORKLOADS[n].mode != "full"]
+    if args.fuse_projections and adapted:
+        full = ", ".join(n for n, w in WORKLOADS.items() if w.mode == "full")
+        p.error(f"--fuse-projections: {adapted} put LoRA adapters on q_proj ... up_proj, which a fused model does not "
+                f"have; choose full fine-tuning workloads ({full})")
     return args
 
 

@@ -1,4 +1,4 @@
-"""Would fusing the q / k / v and the gate / up projections pay? Times them separate and fused, before building it.
+"""Does fusing the q / k / v and the gate / up projections pay? Times them separate and fused, alone.
 
     python scripts/bench_fusion.py                          # on a GPU: bf16, the W1-W5 shapes, 8192 tokens
     python scripts/bench_fusion.py --device cpu --tokens 512 --dtype float32   # smoke test (CPU timing is no evidence)
@@ -6,12 +6,14 @@
 For every shape, one training step of the projections alone (forward, and the gradients of the input and the
 weights, as a full fine-tune needs them):
 - separate: `F.linear` three times (q, k, v) or twice (gate, up) on the same input, as the model files do now;
-- fused:    one `F.linear` with the weights concatenated once, outside the timing: the best a stored fused weight
-            ("fuse at load, split at save") could do;
+- fused:    one `F.linear` with the weights concatenated once, outside the timing: what a stored fused weight
+            ("fuse at load, split at save", model.fuse_projections) does;
 - cat:      one `F.linear` with the weights concatenated in every step: fusion that keeps the parameters as they are
             (names, LoRA, TP plans unchanged) and pays a weight copy forward and a split of its gradient backward.
 Reported: ms per step and fused / separate, cat / separate; and the share of a decoder layer's matmul FLOPs that these
-projections are, so that a speed-up of the projections can be read as a speed-up of the step.
+projections are, so that a speed-up of the projections can be read as a speed-up of the step. Whole training steps
+with the switch on and off: `scripts/bench.py --fuse-projections` against the same command without it
+(docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@
 Parameters and submodules, so checkpoints, LoRA adapters and optimizer state do not notice):
 - every RMSNorm of the model files -> `TritonRMSNorm` (rms_norm.py), with the family's rounding and Gemma's 1 + weight;
 - every dense gated MLP (SwiGLU, GeGLU) -> `TritonGLUMLP` (glu.py): same gate/up/down projections, one fused
-  activation kernel;
+  activation kernel (`TritonFusedGLUMLP` where gate and up are one `gate_up_proj`, models/fusion.py);
 - every attention's `Rope` module (q and k rotated by position) -> `TritonRope` (rope.py): both in one launch;
 - every plain stacked MoE `Experts` -> `TritonExperts` (moe.py): the same Parameters and grouped GEMMs, with the
   permute into expert order, the SwiGLU and the weighted un-permute between them in Triton kernels. Only the plain
@@ -81,7 +81,7 @@ def apply_kernels(model: nn.Module, norms: bool = True, mlps: bool = True, ropes
             f"apply_kernels: the model is on {sorted(devices)}, but the Triton kernels run on CUDA tensors; move the "
             "model to a GPU first, or leave the kernels off on CPU (TRITON_INTERPRET=1 runs them slowly, for tests)"
         )
-    from nanotune.kernels.glu import TritonGLUMLP
+    from nanotune.kernels.glu import TritonFusedGLUMLP, TritonGLUMLP
     from nanotune.kernels.moe import TritonExperts  # a subclass of models.qwen_moe.Experts
     from nanotune.kernels.rms_norm import TritonRMSNorm
     from nanotune.kernels.rope import TritonRope
@@ -91,6 +91,8 @@ def apply_kernels(model: nn.Module, norms: bool = True, mlps: bool = True, ropes
         kind = _qualified_name(module)
         if norms and kind in RMSNORM_CLASSES:
             new = TritonRMSNorm(module.weight, module.eps, **RMSNORM_CLASSES[kind])
+        elif mlps and kind in GLU_MLP_CLASSES and hasattr(module, "gate_up_proj"):  # fused projections
+            new = TritonFusedGLUMLP(module.gate_up_proj, module.down_proj, GLU_MLP_CLASSES[kind])
         elif mlps and kind in GLU_MLP_CLASSES:
             new = TritonGLUMLP(module.gate_proj, module.up_proj, module.down_proj, GLU_MLP_CLASSES[kind])
         elif ropes and kind in ROPE_CLASSES:

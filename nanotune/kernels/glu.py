@@ -184,3 +184,22 @@ class TritonGLUMLP(nn.Module):
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}"
+
+
+class TritonFusedGLUMLP(nn.Module):
+    """TritonGLUMLP for a model with fused projections (models/fusion.py): gate and up are the two halves of one
+    gate_up_proj product (the kernel reads contiguous copies of them)."""
+
+    def __init__(self, gate_up_proj: nn.Module, down_proj: nn.Module, activation: str):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} is not one of {ACTIVATIONS}")
+        self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (..., F) each
+        return self.down_proj(glu(gate, up, self.activation))
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}"
