@@ -41,6 +41,11 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t.detach()
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a DTensor (expert parallelism: its experts), differentiably; a plain tensor is itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class _FrozenGroupedMatmul(torch.autograd.Function):
     """Rows sorted by expert times a frozen stacked weight that `dequantize()` gives (E, out, in): saves nothing of
     the weight for the backward, which dequantises again (an NF4 stack must not live in bf16 until the backward)."""
@@ -143,14 +148,14 @@ class FrozenExperts(Experts):
         codes.copy_(c)
         absmax.copy_(a)
 
-    def weight(self, name: str, gather=whole) -> torch.Tensor:
-        """The frozen stacked weight (E, out, in), dequantised in the compute dtype when stored in NF4 (gathered whole
-        when the model is sharded: see `whole`)."""
+    def weight(self, name: str, gather=local) -> torch.Tensor:
+        """The frozen stacked weight (E, out, in), dequantised in the compute dtype when stored in NF4: as the forward
+        sees it (under expert parallelism this process's experts), or whole with `gather=whole` (a sharded model)."""
         if not self.nf4:
             return gather(getattr(self, name))
         E, out, inner = self.shapes[name]
         w = dequantize_nf4(gather(getattr(self, name)), gather(getattr(self, f"{name}_absmax")), inner, self.nf4_dtype)
-        return w.view(E, out, inner)
+        return w.view(-1, out, inner)  # E experts, or this process's under expert parallelism (gather = local)
 
     def merged_weight(self, name: str, w: torch.Tensor | None = None, gather=whole) -> torch.Tensor:
         """W_e + s B_e A_e for every expert, (E, out, in), computed in fp32 and returned in W's dtype; W is `w` when
@@ -219,14 +224,15 @@ class FrozenExperts(Experts):
     # ---------------------------------------------------------------------------------------------- forward
 
     def project(self, name: str, x_MK: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """(M, in) rows sorted by expert -> (M, out): x W_eᵀ + s (x A_eᵀ) B_eᵀ, every product a grouped GEMM."""
+        """(M, in) rows sorted by expert -> (M, out): x W_eᵀ + s (x A_eᵀ) B_eᵀ, every product a grouped GEMM. Under
+        expert parallelism (nanotune/expert_parallel.py) the rows and the tensors are this process's experts'."""
         x_MK = x_MK.to(self.compute_dtype)
         if self.nf4:
             out = _FrozenGroupedMatmul.apply(x_MK, counts_E, lambda: self.weight(name), self.use_grouped_mm)
         else:
-            out = grouped_matmul(x_MK, getattr(self, name), counts_E, self.use_grouped_mm)  # (M, out)
+            out = grouped_matmul(x_MK, local(getattr(self, name)), counts_E, self.use_grouped_mm)  # (M, out)
         if name in self.lora_A:
-            A, B = self.lora_A[name].to(x_MK.dtype), self.lora_B[name].to(x_MK.dtype)  # fp32 adapters cast
+            A, B = local(self.lora_A[name]).to(x_MK.dtype), local(self.lora_B[name]).to(x_MK.dtype)  # fp32 cast
             xa = grouped_matmul(x_MK, A, counts_E, self.use_grouped_mm)  # (M, r)
             out = out + self.scaling * grouped_matmul(xa, B, counts_E, self.use_grouped_mm)  # (M, out)
         return out

@@ -645,7 +645,7 @@ def final_tensors_by_checkpoint_key(model: nn.Module, merge_lora: bool, original
             owner = modules[owner_name]
             w = original_weight(name, owner)
             if isinstance(owner, FrozenExperts):
-                w = owner.merged_weight(local, w) if merge_lora else owner.weight(local) if w is None else w
+                w = owner.merged_weight(local, w) if merge_lora else owner.weight(local, whole) if w is None else w
             elif merge_lora and is_lora(owner) and local == "weight":
                 w = merged_lora_weight(owner, w)
             elif w is None:

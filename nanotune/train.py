@@ -91,12 +91,13 @@ def build_model(cfg: Config, vocab_size: int, device: torch.device, layout: dict
     def prepare(model):  # LoRA's complaints (e.g. targets that match no module) are about the [lora] config
         set_router_losses(model, cfg)
         expert_lora = cfg.lora.enabled and (cfg.lora.target_experts or cfg.lora.quantize_experts)
-        not_yet = {k: v for k, v in {**(layout or {}), "ep": cfg.parallel.ep}.items() if k in ("tp", "cp", "ep") and v > 1}
-        if expert_lora and not_yet:  # they run in one process and under FSDP2 / HSDP (dp_shard, dp_replicate)
+        not_yet = {k: v for k, v in (layout or {}).items() if k in ("tp", "cp") and v > 1}
+        if expert_lora and not_yet:  # they run in one process, under FSDP2 / HSDP and with expert parallelism
             keys = ", ".join(f"parallel.{k} = {v}" for k, v in not_yet.items())
             raise ConfigError(f"lora.target_experts / lora.quantize_experts with {keys} are not supported yet; "
-                              "they train in one process and with parallel.dp_shard / parallel.dp_replicate (FSDP2, "
-                              "HSDP): set " + " and ".join(f"parallel.{k} = 1" for k in not_yet) + ", or leave them out")
+                              "they train in one process and with parallel.dp_shard / dp_replicate / ep (FSDP2, "
+                              f"HSDP, expert parallelism): set {' and '.join(f'parallel.{k} = 1' for k in not_yet)}, "
+                              "or leave them out")
         if layout is not None:
             parallel.check_model_layout(layout, model.config, cfg.lora, ep=cfg.parallel.ep)
         if lora_prepare is None:

@@ -9,7 +9,13 @@ the FSDP NF4 run's step-1 checkpoint resumed in one process, run in the test pro
 Tolerance against one process, as in tests/test_qlora_fsdp.py: the NF4 codes and scales are bit for bit those of one
 process (whole rows are quantised, blocks never straddle rows) and the adapters start from the same random numbers,
 so what differs is the order in which fp32 gradients are summed: losses to 1e-5 relative, adapters and merged weights
-within `assert_same_params` (with its allowance for an element whose tiny gradient flips sign).
+within `assert_same_params` (with its allowance for an element whose tiny gradient flips sign). With expert parallelism
+on NF4 experts, one more difference: NF4 experts compute in bf16, and an expert's adapter gradient is a bf16 grouped
+GEMM over the rows it receives, which are those of both processes' micro-batches together instead of one micro-batch
+at a time; so those gradients differ by bf16 rounding (~0.4%), AdamW's steps by that fraction of lr (1e-2), and an
+element whose gradient is near zero may step the other way: weights within 3e-4 but for 1% of them, those within two
+steps. (The fp32 experts with ep keep the fp32 tolerance; NF4 experts instead of fp32 ones move 7 to 49% of the
+elements of each expert adapter by more than 3e-4, so this still tells them apart.)
 """
 
 from __future__ import annotations
@@ -41,9 +47,11 @@ LAYOUTS = {
     "one": ["--train.grad_accum_steps=4"],
     "fsdp": ["--parallel.dp_shard=2", "--train.grad_accum_steps=2"],
     "hsdp": ["--parallel.dp_replicate=2", "--parallel.dp_shard=1", "--train.grad_accum_steps=2"],
+    "ep2": ["--parallel.dp_shard=2", "--parallel.ep=2", "--train.grad_accum_steps=2"],  # 2 of the 4 experts each
 }
-# (family, tuning, layout): expert adapters alone and on NF4 experts, FSDP and HSDP, both families
-CASES = [("qwen3_moe", "lora", "fsdp"), ("qwen3_moe", "nf4", "fsdp"), ("qwen2_moe", "nf4", "hsdp")]
+# (family, tuning, layout): expert adapters alone and on NF4 experts, FSDP, HSDP and expert parallel, both families
+CASES = [("qwen3_moe", "lora", "fsdp"), ("qwen3_moe", "nf4", "fsdp"), ("qwen2_moe", "nf4", "hsdp"),
+         ("qwen3_moe", "nf4", "ep2"), ("qwen2_moe", "lora", "ep2")]
 PROBE = "probe"
 
 
@@ -141,7 +149,10 @@ def test_expert_lora_under_fsdp_trains_like_one_process(runs, family, tuning, la
     assert len(losses(out)) == 2 and losses(out) == pytest.approx(losses(one), rel=1e-5)
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     reference = load_file(one / "adapter" / "adapter_model.safetensors")
-    assert_same_params(adapter, reference, max_outlier_fraction=1 / min(t.numel() for t in adapter.values()))
+    bf16_sums = (tuning, layout) == ("nf4", "ep2")  # see the module docstring
+    tolerance = dict(atol=3e-4, outlier_atol=2e-2) if bf16_sums else {}
+    one_element = 1 / min(t.numel() for t in adapter.values())
+    assert_same_params(adapter, reference, max_outlier_fraction=0.01 if bf16_sums else one_element, **tolerance)
     expert_B = [k for k in adapter if "mlp.experts" in k and "lora_B" in k]
     assert len(expert_B) == 2 * (1 if family == "qwen3_moe" else 2)  # both targets of every sparse layer
     assert min(adapter[k].abs().max() for k in expert_B) > 1e-3  # B starts at zero
@@ -150,7 +161,7 @@ def test_expert_lora_under_fsdp_trains_like_one_process(runs, family, tuning, la
     final, final_reference = (load_file(o / "final" / "model.safetensors") for o in (out, one))
     base = load_file(runs / family / "model.safetensors")
     assert final.keys() == final_reference.keys() == base.keys()
-    assert_same_params(final, final_reference, max_outlier_fraction=0.02)
+    assert_same_params(final, final_reference, max_outlier_fraction=0.02, **tolerance)
     for key in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.1.mlp.gate.weight"):
         assert torch.equal(final[key], base[key])  # frozen and not adapted: the original
     for key in ("model.layers.1.mlp.experts.3.down_proj.weight", "model.layers.1.mlp.experts.0.up_proj.weight"):
@@ -166,7 +177,6 @@ def test_an_nf4_expert_checkpoint_from_two_processes_resumes_in_one(runs):
 
 
 @pytest.mark.parametrize("keys,message", [
-    (["--parallel.dp_shard=2", "--parallel.ep=2"], "parallel.ep = 2 are not supported yet"),
     (["--parallel.tp=2"], "parallel.tp = 2 are not supported yet"),
     (["--parallel.dp_shard=1", "--parallel.cp=2"], "parallel.cp = 2 are not supported yet"),
 ])
