@@ -224,8 +224,8 @@ class FrozenExperts(Experts):
     # ---------------------------------------------------------------------------------------------- forward
 
     def project(self, name: str, x_MK: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """(M, in) rows sorted by expert -> (M, out): x W_eᵀ + s (x A_eᵀ) B_eᵀ, every product a grouped GEMM. Under
-        expert parallelism (nanotune/expert_parallel.py) the rows and the tensors are this process's experts'."""
+        """(M, in) rows sorted by expert -> (M, out): x W_eᵀ + s (x A_eᵀ) B_eᵀ, every product a grouped GEMM.
+        Under expert parallelism (nanotune/expert_parallel.py) the rows and the tensors are this process's experts'."""
         x_MK = x_MK.to(self.compute_dtype)
         if self.nf4:
             out = _FrozenGroupedMatmul.apply(x_MK, counts_E, lambda: self.weight(name), self.use_grouped_mm)

@@ -53,6 +53,7 @@ LAYOUTS = {
 CASES = [("qwen3_moe", "lora", "fsdp"), ("qwen3_moe", "nf4", "fsdp"), ("qwen2_moe", "nf4", "hsdp"),
          ("qwen3_moe", "nf4", "ep2"), ("qwen2_moe", "lora", "ep2")]
 PROBE = "probe"
+PROBED = ("fsdp", "ep2")  # the layouts whose loading is probed: rows split by FSDP2, experts split by ep
 
 
 def argv(tmp: Path, family: str, tuning: str, layout: str, name: str | None = None, *extra: str) -> list[str]:
@@ -107,11 +108,13 @@ def runs(tmp_path_factory):
     (tmp / "train.jsonl").write_text("\n".join(rows) + "\n")
     for family in ("qwen3_moe", "qwen2_moe"):
         write_moe_checkpoint(tmp / family, family)
-    (tmp / "probe").mkdir()
+    for layout in PROBED:
+        (tmp / f"probe-{layout}").mkdir()
     checkpoints = ["--checkpoint.every=1", "--checkpoint.keep=0"]
     for family, tuning in dict.fromkeys((f, t) for f, t, _ in CASES):
         assert train.main(argv(tmp, family, tuning, "one")) == 0
-    tasks = [[PROBE, argv(tmp, "qwen3_moe", "nf4", "fsdp", "unused"), str(tmp / "probe")]]
+    tasks = [[PROBE, argv(tmp, "qwen3_moe", "nf4", layout, "unused"), str(tmp / f"probe-{layout}")]
+             for layout in PROBED]
     tasks += [argv(tmp, *case, None, *(checkpoints if case == ("qwen3_moe", "nf4", "fsdp") else [])) for case in CASES]
     spec = tmp / "tasks.json"
     spec.write_text(json.dumps(tasks))
@@ -123,14 +126,16 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_each_process_quantises_its_own_expert_rows_and_draws_the_same_adapters(runs):
-    """Loading sharded, each process reads and quantises only its rows of every NF4 expert stack (half the bytes):
-    together the codes and scales are one process's bit for bit, and so are the expert adapters' initial values."""
+@pytest.mark.parametrize("layout", PROBED)
+def test_each_process_quantises_its_own_expert_rows_and_draws_the_same_adapters(runs, layout):
+    """Loading sharded (FSDP2: by rows; ep: by experts, here the same halves), each process reads and quantises only
+    its rows of every NF4 expert stack (half the bytes): together the codes and scales are one process's bit for bit,
+    and so are the expert adapters' initial values."""
     args = argv(runs, "qwen3_moe", "nf4", "one", "unused")
     cfg = load_config(args[0], args[1:])
     torch.manual_seed(cfg.seed)
     single = {k: t for k, (t, _) in nf4_storage(train.build_model(cfg, 1, torch.device("cpu"))).items()}
-    shards = [load_file(runs / "probe" / f"shards-rank{r}.safetensors") for r in range(2)]
+    shards = [load_file(runs / f"probe-{layout}" / f"shards-rank{r}.safetensors") for r in range(2)]
     assert single and all(s.keys() == {*single, *(f"{k}.first_row" for k in single)} for s in shards)
     for name, tensor in single.items():
         parts = [(int(s[f"{name}.first_row"]), s[name]) for s in shards]
