@@ -14,6 +14,11 @@ changes only the product `project(name, x, counts)`:
   tensor at a time, and dequantised inside the MoE layer, one layer's stack at a time; the backward dequantises again
   rather than keeping the bf16 stack alive between forward and backward.
 
+With several processes every stacked tensor (values, NF4 codes and scales, adapters) is sharded by its first
+dimension: by rows under FSDP2 (nanotune/parallel.py loads and quantises each process's rows), by experts under expert
+parallelism (nanotune/expert_parallel.py). `project` runs on the tensors as the forward holds them (`local`); saving
+and merging gather them (`whole`).
+
 Adapters are saved and loaded in PEFT's format for fused expert parameters (`target_parameters`, peft's
 `lora.ParamWrapper`): per targeted parameter a `lora_A.weight` (r*E, in) whose rows are expert-major (row e*r + j is
 A_e[j]) and a `lora_B.weight` (out, r*E) whose columns are rank-major (column j*E + e is B_e[:, j]). PEFT wraps the
