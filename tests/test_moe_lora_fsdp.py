@@ -42,7 +42,9 @@ from tests.test_train import assert_same_params, losses  # noqa: E402
 EXPERT_LORA = ["--lora.enabled=true", "--lora.rank=4", "--lora.alpha=8", "--lora.dropout=0",
                "--lora.targets=['q_proj','v_proj']", "--lora.target_experts=['gate_up_proj','down_proj']",
                "--model.router_aux_loss_coef=0.05"]
-TUNINGS = {"lora": EXPERT_LORA, "nf4": [*EXPERT_LORA, "--lora.quantize_experts=true"]}
+TUNINGS = {"lora": EXPERT_LORA, "nf4": [*EXPERT_LORA, "--lora.quantize_experts=true"],
+           # and QLoRA of the linear layers (router included): NF4 everywhere but the embeddings, norms and LM head
+           "qlora": [*EXPERT_LORA, "--lora.quantize_experts=true", "--lora.quantize=nf4"]}
 LAYOUTS = {
     "one": ["--train.grad_accum_steps=4"],
     "fsdp": ["--parallel.dp_shard=2", "--train.grad_accum_steps=2"],
@@ -51,7 +53,7 @@ LAYOUTS = {
 }
 # (family, tuning, layout): expert adapters alone and on NF4 experts, FSDP, HSDP and expert parallel, both families
 CASES = [("qwen3_moe", "lora", "fsdp"), ("qwen3_moe", "nf4", "fsdp"), ("qwen2_moe", "nf4", "hsdp"),
-         ("qwen3_moe", "nf4", "ep2"), ("qwen2_moe", "lora", "ep2")]
+         ("qwen3_moe", "nf4", "ep2"), ("qwen2_moe", "lora", "ep2"), ("qwen2_moe", "qlora", "fsdp")]
 PROBE = "probe"
 PROBED = ("fsdp", "ep2")  # the layouts whose loading is probed: rows split by FSDP2, experts split by ep
 
@@ -167,10 +169,12 @@ def test_expert_lora_under_fsdp_trains_like_one_process(runs, family, tuning, la
     base = load_file(runs / family / "model.safetensors")
     assert final.keys() == final_reference.keys() == base.keys()
     assert_same_params(final, final_reference, max_outlier_fraction=0.02, **tolerance)
-    for key in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.1.mlp.gate.weight"):
+    for key in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.1.mlp.gate.weight",
+                "model.layers.0.self_attn.k_proj.weight"):
         assert torch.equal(final[key], base[key])  # frozen and not adapted: the original
-    for key in ("model.layers.1.mlp.experts.3.down_proj.weight", "model.layers.1.mlp.experts.0.up_proj.weight"):
-        assert (final[key] - base[key]).abs().max() > 1e-4  # the expert adapters merged into the original experts
+    for key in ("model.layers.1.mlp.experts.3.down_proj.weight", "model.layers.1.mlp.experts.0.up_proj.weight",
+                "model.layers.0.self_attn.q_proj.weight"):
+        assert (final[key] - base[key]).abs().max() > 1e-4  # the adapters merged into the original weights
         assert final[key].dtype == torch.float32
 
 
