@@ -1,10 +1,11 @@
-"""LoRA on stacked MoE experts (lora.target_experts) and NF4 experts (lora.quantize_experts) under FSDP2: each process
-loads and quantises only its rows of every expert stack, and training equals one process.
+"""LoRA on stacked MoE experts (lora.target_experts) and NF4 experts (lora.quantize_experts) with several processes
+(FSDP2, HSDP, expert parallelism): each process loads and quantises only its rows of every expert stack, and training
+equals one process.
 
 One torchrun job of 2 gloo processes (this file run as a script, `worker`) loads an NF4-expert model sharded and
 writes what each process holds (`probe`), then trains Qwen3-MoE and Qwen2-MoE with expert adapters, on fp32 experts
-and on NF4 experts, under FSDP (dp_shard = 2) and HSDP (dp_replicate = 2); the same runs in one process, and
-the FSDP NF4 run's step-1 checkpoint resumed in one process, run in the test process.
+and on NF4 experts, under FSDP (dp_shard = 2), HSDP (dp_replicate = 2) and expert parallelism (ep = 2); the same
+runs in one process, and two of the runs' step-1 checkpoints resumed in one process, run in the test process.
 
 Tolerance against one process, as in tests/test_qlora_fsdp.py: the NF4 codes and scales are bit for bit those of one
 process (whole rows are quantised, blocks never straddle rows) and the adapters start from the same random numbers,
@@ -55,6 +56,7 @@ LAYOUTS = {
 CASES = [("qwen3_moe", "lora", "fsdp"), ("qwen3_moe", "nf4", "fsdp"), ("qwen2_moe", "nf4", "hsdp"),
          ("qwen3_moe", "nf4", "ep2"), ("qwen2_moe", "lora", "ep2"), ("qwen2_moe", "qlora", "fsdp")]
 PROBE = "probe"
+RESUMED = [("qwen3_moe", "nf4", "fsdp"), ("qwen2_moe", "lora", "ep2")]  # their step-1 checkpoints resume in one process
 PROBED = ("fsdp", "ep2")  # the layouts whose loading is probed: rows split by FSDP2, experts split by ep
 
 
@@ -117,13 +119,14 @@ def runs(tmp_path_factory):
         assert train.main(argv(tmp, family, tuning, "one")) == 0
     tasks = [[PROBE, argv(tmp, "qwen3_moe", "nf4", layout, "unused"), str(tmp / f"probe-{layout}")]
              for layout in PROBED]
-    tasks += [argv(tmp, *case, None, *(checkpoints if case == ("qwen3_moe", "nf4", "fsdp") else [])) for case in CASES]
+    tasks += [argv(tmp, *case, None, *(checkpoints if case in RESUMED else [])) for case in CASES]
     spec = tmp / "tasks.json"
     spec.write_text(json.dumps(tasks))
     run_torchrun(__file__, str(spec), nproc=2)
-    resumed = argv(tmp, "qwen3_moe", "nf4", "one", "fsdp-then-one",
-                   f"--checkpoint.resume={tmp / 'qwen3_moe-nf4-fsdp' / 'step-1'}")
-    assert train.main(resumed) == 0
+    for family, tuning, layout in RESUMED:
+        resumed = argv(tmp, family, tuning, "one", f"{family}-{tuning}-{layout}-then-one",
+                       f"--checkpoint.resume={tmp / f'{family}-{tuning}-{layout}' / 'step-1'}")
+        assert train.main(resumed) == 0
     return tmp
 
 
@@ -179,10 +182,12 @@ def test_expert_lora_under_fsdp_trains_like_one_process(runs, family, tuning, la
 
 
 @pytest.mark.slow
-def test_an_nf4_expert_checkpoint_from_two_processes_resumes_in_one(runs):
-    """The FSDP NF4 run's step-1 checkpoint (expert adapters and AdamW states; the NF4 experts come from model.path
-    again) resumed in one process trains step 2 like the uninterrupted one-process run."""
-    assert_continues_like(runs / "fsdp-then-one", runs / "qwen3_moe-nf4-one", 2)
+@pytest.mark.parametrize("family,tuning,layout", RESUMED, ids=["-".join(c) for c in RESUMED])
+def test_an_expert_lora_checkpoint_from_two_processes_resumes_in_one(runs, family, tuning, layout):
+    """The step-1 checkpoint of the FSDP NF4 run and of the ep run (expert adapters, split by rows or by experts, and
+    their AdamW states; the experts come from model.path again) resumed in one process trains step 2 like the
+    uninterrupted one-process run."""
+    assert_continues_like(runs / f"{family}-{tuning}-{layout}-then-one", runs / f"{family}-{tuning}-one", 2)
 
 
 @pytest.mark.parametrize("keys,message", [
