@@ -622,15 +622,18 @@ class QwenMoeForCausalLM(nn.Module):
         shapes = {}
         for name, param in self.named_parameters(remove_duplicate=True):
             prefix, _, local = name.rpartition(".")
+            hf_shape = getattr(param, "hf_shape", param.shape)  # what a quantised tensor stands for
+            if hf_shape is None:  # made by its module while loading (NF4 block scales): no checkpoint holds it
+                continue
             if isinstance(self.get_submodule(prefix), Experts):
-                E, out, inner = getattr(param, "hf_shape", param.shape)  # hf_shape: what a quantised tensor stands for
+                E, out, inner = hf_shape
                 for expert in range(E):
                     for hf_local, (stacked, rows) in EXPERT_KEYS.items():
                         if stacked == local:
                             num_rows = len(range(out)[self._rows(rows)])
                             shapes[f"{prefix}.{expert}.{hf_local}"] = (num_rows, inner)
             elif ".lora_" not in name:  # adapters are not in base checkpoints
-                shapes[name] = tuple(param.shape)
+                shapes[name] = tuple(hf_shape)
         if self.config.tie_word_embeddings:
             shapes.pop("lm_head.weight", None)
         return shapes

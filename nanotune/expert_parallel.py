@@ -38,6 +38,7 @@ import torch.distributed._functional_collectives as funcol
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from models.qwen_moe import Experts, combine, grouped_matmul, sort_by_expert
+from nanotune.lora_experts import FrozenExperts
 
 
 class ExpertParallelExperts(Experts):
@@ -45,18 +46,19 @@ class ExpertParallelExperts(Experts):
 
     def __init__(self, base: Experts, mesh):
         nn.Module.__init__(self)
+        self.split_over(mesh, base.num_experts)
+        for name in ("gate_up_proj", "down_proj"):  # whole-shape DTensors, each process holding its experts
+            self.register_parameter(name, by_experts(getattr(base, name), mesh))
+        self.use_grouped_mm = base.use_grouped_mm
+
+    def split_over(self, mesh, num_experts: int) -> None:
         self.mesh, self.group = mesh, mesh.get_group()
         self.ep, rank = mesh.size(), mesh.get_local_rank()
-        E = base.num_experts
+        E = num_experts
         if E % self.ep:
             raise ValueError(f"parallel.ep = {self.ep} does not divide the {E} experts of each layer")
         self.num_experts, self.num_local = E, E // self.ep
         self.first = rank * self.num_local
-        for name in ("gate_up_proj", "down_proj"):  # whole-shape DTensors, each process holding its experts
-            param = getattr(base, name)
-            sharded = distribute_tensor(param.data, mesh, [Shard(0)])
-            self.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
-        self.use_grouped_mm = base.use_grouped_mm
 
     def project(self, name: str, x_MK: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Rows sorted by local expert times this process's experts of `name` (E_local, out, in)."""
@@ -91,6 +93,36 @@ class ExpertParallelExperts(Experts):
         return combine(h_sent, order, weight_NK).to(x_ND.dtype).clone()
 
 
+class ExpertParallelFrozenExperts(ExpertParallelExperts, FrozenExperts):
+    """LoRA / NF4 experts (nanotune/lora_experts.py) split by experts like ExpertParallelExperts: every stacked tensor
+    by its first dimension, the NF4 codes and scales too (E*out rows: whole experts, contiguous), and the adapters
+    (E, r, in) and (E, out, r). The dispatch is ExpertParallelExperts's; the product is FrozenExperts's, on this
+    process's tensors."""
+
+    def __init__(self, base: FrozenExperts, mesh):
+        nn.Module.__init__(self)
+        self.split_over(mesh, base.num_experts)
+        for key in ("load_device", "shapes", "nf4", "nf4_dtype", "use_grouped_mm", "rank", "alpha", "rslora",
+                    "scaling"):
+            setattr(self, key, getattr(base, key))
+        for name, param in base.named_parameters(recurse=False):  # the stacks, or NF4 codes and scales
+            self.register_parameter(name, by_experts(param, mesh))
+        self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
+        for name in base.lora_A:
+            self.lora_A[name] = by_experts(base.lora_A[name], mesh)
+            self.lora_B[name] = by_experts(base.lora_B[name], mesh)
+
+    project = FrozenExperts.project
+
+
+def by_experts(param: nn.Parameter, mesh) -> nn.Parameter:
+    """A whole-shape DTensor Parameter sharded by its first dimension over `mesh` (`hf_shape` kept for the loader)."""
+    sharded = nn.Parameter(distribute_tensor(param.data, mesh, [Shard(0)]), requires_grad=param.requires_grad)
+    if hasattr(param, "hf_shape"):
+        sharded.hf_shape = param.hf_shape
+    return sharded
+
+
 def exchange(x: torch.Tensor, recv_sizes: list[int], send_sizes: list[int], group) -> torch.Tensor:
     """All-to-all of rows: send_sizes[p] rows of x (in order) to process p, recv_sizes[p] rows from it, concatenated
     by source process. Its backward is the reverse exchange of the gradients."""
@@ -106,6 +138,9 @@ def apply_expert_parallel(model: nn.Module, mesh, global_router_losses: bool = F
     for name, module in list(model.named_modules()):
         if type(module) is Experts:
             model.set_submodule(name, ExpertParallelExperts(module, mesh))
+            swapped.append(name)
+        elif type(module) is FrozenExperts:  # LoRA / NF4 experts
+            model.set_submodule(name, ExpertParallelFrozenExperts(module, mesh))
             swapped.append(name)
     if not swapped:
         raise ValueError("parallel.ep > 1, but the model has no stacked MoE experts")

@@ -438,8 +438,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            if isinstance(module, NF4Linear) and name == "weight_absmax":
-                continue  # the block scales of the NF4 weight, counted with it
+            if name.endswith("_absmax") and isinstance(module, (NF4Linear, lora_experts.FrozenExperts)):
+                continue  # the block scales of an NF4 weight, counted with it
             nf4 = isinstance(module, NF4Linear) and name == "weight"
             n = module.out_features * module.in_features if nf4 else p.numel()
             if isinstance(module, lora_experts.FrozenExperts) and module.nf4 and name in lora_experts.EXPERT_PARAMS:

@@ -14,6 +14,11 @@ changes only the product `project(name, x, counts)`:
   tensor at a time, and dequantised inside the MoE layer, one layer's stack at a time; the backward dequantises again
   rather than keeping the bf16 stack alive between forward and backward.
 
+With several processes every stacked tensor (values, NF4 codes and scales, adapters) is sharded by its first
+dimension: by rows under FSDP2 (nanotune/parallel.py loads and quantises each process's rows), by experts under expert
+parallelism (nanotune/expert_parallel.py). `project` runs on the tensors as the forward holds them (`local`); saving
+and merging gather them (`whole`).
+
 Adapters are saved and loaded in PEFT's format for fused expert parameters (`target_parameters`, peft's
 `lora.ParamWrapper`): per targeted parameter a `lora_A.weight` (r*E, in) whose rows are expert-major (row e*r + j is
 A_e[j]) and a `lora_B.weight` (out, r*E) whose columns are rank-major (column j*E + e is B_e[:, j]). PEFT wraps the
@@ -33,6 +38,17 @@ from models.qwen_moe import Experts, grouped_matmul
 from nanotune.qlora import NF4_BLOCKSIZE, _bnb, dequantize_nf4, padded_in_features, quantize_nf4_rows
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # in registration order, which sets PEFT's nesting
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A stored tensor whole, without grad: a DTensor (a model sharded by FSDP2, outside its forward) is gathered, a
+    collective that every process must call in the same order; a plain tensor is itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t.detach()
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a DTensor (expert parallelism: its experts), differentiably; a plain tensor is itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class _FrozenGroupedMatmul(torch.autograd.Function):
@@ -71,10 +87,7 @@ class FrozenExperts(Experts):
             if not nf4:
                 self.register_parameter(name, nn.Parameter(weight.data, requires_grad=False))
                 continue
-            codes, absmax = self._nf4_storage(name, "meta")
-            self.register_parameter(name, nn.Parameter(codes, requires_grad=False))
-            getattr(self, name).hf_shape = self.shapes[name]  # what the checkpoint holds, for the loader's key check
-            self.register_buffer(f"{name}_absmax", absmax, persistent=False)
+            self._store_nf4(name, *self._nf4_storage(name, "meta"))
             if not weight.is_meta:  # a loaded model: quantise now, expert by expert
                 for e in range(E):
                     self.load_hf_weight(name, weight[e], (e, slice(None)))
@@ -97,39 +110,66 @@ class FrozenExperts(Experts):
         return (torch.empty(E * out, padded // 2, dtype=torch.uint8, device=device),
                 torch.empty(E * out, padded // NF4_BLOCKSIZE, dtype=torch.bfloat16, device=device))
 
+    def _store_nf4(self, name: str, codes: torch.Tensor, absmax: torch.Tensor) -> None:
+        """Codes and scales of a stack as two frozen parameters, as NF4Linear keeps them: FSDP2 shards both by rows,
+        so each process holds whole rows and whole quantisation blocks."""
+        self.register_parameter(name, nn.Parameter(codes, requires_grad=False))
+        getattr(self, name).hf_shape = self.shapes[name]  # what the checkpoint holds, for the loader's key check
+        self.register_parameter(f"{name}_absmax", nn.Parameter(absmax, requires_grad=False))
+        getattr(self, f"{name}_absmax").hf_shape = None  # made from the weight while loading: no checkpoint holds it
+
     def load_hf_weight(self, name: str, tensor: torch.Tensor, index) -> None:
         """One checkpoint tensor: rows `index[1]` of expert `index[0]` of the stacked weight `name`."""
         expert, rows = index
-        E, out, inner = self.shapes[name]
         param = getattr(self, name)
         if param.is_meta:  # the first tensor of this weight: allocate the stack (codes, or values)
             device = self.load_device or tensor.device
             if self.nf4:
-                codes, absmax = self._nf4_storage(name, device)
-                param = nn.Parameter(codes, requires_grad=False)
-                param.hf_shape = self.shapes[name]
-                self.register_buffer(f"{name}_absmax", absmax, persistent=False)
+                self._store_nf4(name, *self._nf4_storage(name, device))
             else:
-                param = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device), requires_grad=False)
-            setattr(self, name, param)
+                setattr(self, name, nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device),
+                                                 requires_grad=False))
+            param = getattr(self, name)
         with torch.no_grad():
             if not self.nf4:
                 param[expert, rows].copy_(tensor)
                 return
-            first, last, _ = rows.indices(out)
-            w = tensor.to(device=param.device, dtype=self.nf4_dtype).reshape(last - first, inner)  # as the stack runs
-            codes, absmax = quantize_nf4_rows(w)  # blocks of 64 along each row
-            start = expert * out + first  # these rows' place among the stack's E*out rows
-            param[start:start + last - first] = codes
-            getattr(self, f"{name}_absmax")[start:start + last - first] = absmax
+            start, stop = self.stack_rows(name, index)  # these rows' place among the stack's E*out rows
+            self.load_hf_rows(tensor, param.data[start:stop], getattr(self, f"{name}_absmax").data[start:stop])
 
-    def weight(self, name: str) -> torch.Tensor:
-        """The frozen stacked weight (E, out, in), dequantised in the compute dtype when stored in NF4."""
+    def stack_rows(self, name: str, index) -> tuple[int, int]:
+        """The rows [start, stop) of NF4 storage (E*out rows) filled by the checkpoint tensor at (expert, rows)."""
+        expert, rows = index
+        out = self.shapes[name][1]
+        first, last, _ = rows.indices(out)
+        return expert * out + first, expert * out + last
+
+    @torch.no_grad()
+    def load_hf_rows(self, rows: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, device=None) -> None:
+        """Quantise `rows` (n, in) of a checkpoint tensor into n rows of NF4 storage, `codes` (n, in_padded / 2) and
+        `absmax` (n, in_padded / 64), on `device` (by default where `codes` are); as NF4Linear.load_hf_rows, which the
+        sharded loader calls for this process's rows of a stack."""
+        c, a = quantize_nf4_rows(rows.to(device=device or codes.device, dtype=self.nf4_dtype))  # blocks of 64 a row
+        codes.copy_(c)
+        absmax.copy_(a)
+
+    def weight(self, name: str, gather=local) -> torch.Tensor:
+        """The frozen stacked weight (E, out, in), dequantised in the compute dtype when stored in NF4: as the forward
+        sees it (under expert parallelism this process's experts), or whole with `gather=whole` (a sharded model)."""
         if not self.nf4:
-            return getattr(self, name)
+            return gather(getattr(self, name))
         E, out, inner = self.shapes[name]
-        w = dequantize_nf4(getattr(self, name).data, getattr(self, f"{name}_absmax"), inner, self.nf4_dtype)
-        return w.view(E, out, inner)
+        w = dequantize_nf4(gather(getattr(self, name)), gather(getattr(self, f"{name}_absmax")), inner, self.nf4_dtype)
+        return w.view(-1, out, inner)  # E experts, or this process's under expert parallelism (gather = local)
+
+    def merged_weight(self, name: str, w: torch.Tensor | None = None, gather=whole) -> torch.Tensor:
+        """W_e + s B_e A_e for every expert, (E, out, in), computed in fp32 and returned in W's dtype; W is `w` when
+        given (the original full-precision stack of an NF4 run), else the module's own (NF4 dequantised)."""
+        w = self.weight(name, gather) if w is None else w
+        if name not in self.lora_A:
+            return w
+        delta = torch.bmm(gather(self.lora_B[name]).float(), gather(self.lora_A[name]).float()) * self.scaling
+        return (w.float() + delta).to(w.dtype)
 
     def storage_bytes(self) -> int:
         """Bytes that hold the frozen expert weights (codes and scales for NF4)."""
@@ -158,22 +198,26 @@ class FrozenExperts(Experts):
         if not self.down_proj.is_meta:  # the base is loaded: allocate and initialise now
             self._init_adapters(self.down_proj.device)
 
-    def _init_adapters(self, device) -> None:
-        """A_e Kaiming-uniform as nn.Linear(in, r) (bound 1/sqrt(in)), B_e zero: a fresh adapter changes nothing."""
-        for name in self.lora_A:
+    def initial_adapters(self, device="cpu"):
+        """(ParameterDict, name, initial value) of every adapter, drawn in this order: A_e Kaiming-uniform as
+        nn.Linear(in, r) (bound 1/sqrt(in)), B_e zero, so a fresh adapter changes nothing. The sharded loader draws
+        the whole values too and keeps each process's part (the same random numbers as one process)."""
+        for name in list(self.lora_A):
             A, B = self.lora_A[name], self.lora_B[name]
             bound = 1 / math.sqrt(A.shape[-1])
-            self.lora_A[name] = nn.Parameter(torch.empty(A.shape, dtype=A.dtype, device=device).uniform_(-bound, bound))
-            self.lora_B[name] = nn.Parameter(torch.zeros(B.shape, dtype=B.dtype, device=device))
+            yield self.lora_A, name, torch.empty(A.shape, dtype=A.dtype, device=device).uniform_(-bound, bound)
+            yield self.lora_B, name, torch.zeros(B.shape, dtype=B.dtype, device=device)
+
+    def _init_adapters(self, device) -> None:
+        for adapters, name, value in self.initial_adapters(device):
+            adapters[name] = nn.Parameter(value)
 
     def materialize_after_load(self, device) -> None:
         device = torch.device(device)
         for name in EXPERT_PARAMS if self.nf4 else ():  # quantised where they arrived: move codes and scales
             codes, absmax = getattr(self, name), getattr(self, f"{name}_absmax")
             if not codes.is_meta and codes.device != device:
-                setattr(self, name, nn.Parameter(codes.data.to(device), requires_grad=False))
-                getattr(self, name).hf_shape = self.shapes[name]
-                self.register_buffer(f"{name}_absmax", absmax.to(device), persistent=False)
+                self._store_nf4(name, codes.data.to(device), absmax.data.to(device))
         if any(p.is_meta for p in self.lora_A.values()) and not self.down_proj.is_meta:
             self._init_adapters(torch.device(device))
         self.choose_kernel(device)
@@ -185,14 +229,15 @@ class FrozenExperts(Experts):
     # ---------------------------------------------------------------------------------------------- forward
 
     def project(self, name: str, x_MK: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """(M, in) rows sorted by expert -> (M, out): x W_eᵀ + s (x A_eᵀ) B_eᵀ, every product a grouped GEMM."""
+        """(M, in) rows sorted by expert -> (M, out): x W_eᵀ + s (x A_eᵀ) B_eᵀ, every product a grouped GEMM.
+        Under expert parallelism (nanotune/expert_parallel.py) the rows and the tensors are this process's experts'."""
         x_MK = x_MK.to(self.compute_dtype)
         if self.nf4:
             out = _FrozenGroupedMatmul.apply(x_MK, counts_E, lambda: self.weight(name), self.use_grouped_mm)
         else:
-            out = grouped_matmul(x_MK, getattr(self, name), counts_E, self.use_grouped_mm)  # (M, out)
+            out = grouped_matmul(x_MK, local(getattr(self, name)), counts_E, self.use_grouped_mm)  # (M, out)
         if name in self.lora_A:
-            A, B = self.lora_A[name].to(x_MK.dtype), self.lora_B[name].to(x_MK.dtype)  # fp32 adapters cast
+            A, B = local(self.lora_A[name]).to(x_MK.dtype), local(self.lora_B[name]).to(x_MK.dtype)  # fp32 cast
             xa = grouped_matmul(x_MK, A, counts_E, self.use_grouped_mm)  # (M, r)
             out = out + self.scaling * grouped_matmul(xa, B, counts_E, self.use_grouped_mm)  # (M, out)
         return out
@@ -249,10 +294,7 @@ def merge_experts(model: nn.Module) -> None:
         with torch.device("meta"):  # no memory until its tensors are set below
             plain = Experts(E, D, I)
         for param in EXPERT_PARAMS:
-            w = module.weight(param)
-            if param in module.lora_A:
-                w = (w.float() + module.delta_weight(param)).to(w.dtype)
-            setattr(plain, param, nn.Parameter(w.clone(), requires_grad=False))
+            setattr(plain, param, nn.Parameter(module.merged_weight(param).clone(), requires_grad=False))
         plain.use_grouped_mm = None
         plain.choose_kernel(plain.down_proj.device)
         model.set_submodule(name, plain)
@@ -279,16 +321,17 @@ def _peft_names(module_name: str, module: FrozenExperts) -> dict[str, tuple[str,
 
 
 def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The expert adapters under PEFT's keys (no prefix) and in its layout (module docstring)."""
+    """The expert adapters under PEFT's keys (no prefix) and in its layout (module docstring), whole: sharded ones
+    are gathered (every process calls this, in the same order)."""
     out = {}
     for module_name, module in _experts(model).items():
         if not isinstance(module, FrozenExperts):
             continue
         for key, (param, which) in _peft_names(module_name, module).items():
             if which == "A":  # (E, r, in) -> (E*r, in), row e*r + j
-                out[key] = module.lora_A[param].detach().flatten(0, 1)
+                out[key] = whole(module.lora_A[param]).flatten(0, 1)
             else:  # (E, out, r) -> (out, r, E) -> (out, r*E), column j*E + e
-                out[key] = module.lora_B[param].detach().permute(1, 2, 0).flatten(1)
+                out[key] = whole(module.lora_B[param]).permute(1, 2, 0).flatten(1)
     return out
 
 

@@ -259,6 +259,7 @@ def apply_fsdp(model: nn.Module, mesh, cfg: ParallelConfig, precision: str, expe
     reduce_dtype = DTYPES.get(cfg.reduce_dtype, torch.float32 if amp else None)
     options = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
                    offload_policy=CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy())
+    hf_shapes = hf_shapes_of(model)  # FSDP2's sharded Parameters do not keep them: set again below
     for layer in model.model.layers:
         if experts is not None:
             from nanotune.expert_parallel import ExpertParallelExperts
@@ -275,6 +276,19 @@ def apply_fsdp(model: nn.Module, mesh, cfg: ParallelConfig, precision: str, expe
                         module.set_force_sum_reduction_for_comms(True)
         fully_shard(layer, reshard_after_forward=cfg.reshard_after_forward, **options)
     fully_shard(model, **options)  # the root: embeddings, final norm, LM head; kept gathered for the backward
+    set_hf_shapes(model, hf_shapes)
+
+
+def hf_shapes_of(model: nn.Module) -> dict:
+    """Parameter name -> its `hf_shape`, what a quantised tensor stands for in checkpoints (models/__init__.py). FSDP2
+    and `to_empty` replace Parameters by new (sharded) ones without the attributes of the old: `set_hf_shapes` after."""
+    return {name: p.hf_shape for name, p in model.named_parameters() if hasattr(p, "hf_shape")}
+
+
+def set_hf_shapes(model: nn.Module, shapes: dict) -> None:
+    for name, p in model.named_parameters():
+        if name in shapes:
+            p.hf_shape = shapes[name]
 
 
 def plan_matches(pattern: str, names: list[str]) -> list[str]:
@@ -438,7 +452,9 @@ def load_sharded(model: nn.Module, path, device: torch.device, offload: bool = F
 
     from models import expected_checkpoint_keys, param_for_hf_key, safetensors_io
 
+    hf_shapes = hf_shapes_of(model)
     model.to_empty(device="cpu" if offload else device)
+    set_hf_shapes(model, hf_shapes)
     model.tie_weights()  # to_empty gives plain (not sharded) parameters new storage, which unties them
     expected = expected_checkpoint_keys(model)
     params = dict(model.named_parameters())
@@ -449,13 +465,18 @@ def load_sharded(model: nn.Module, path, device: torch.device, offload: bool = F
                     continue
                 name, index = param_for_hf_key(model, key)  # index: rows of a stacked or fused parameter
                 target = params[name] if name in params else model.get_buffer(name)
-                owner = model.get_submodule(name.rpartition(".")[0])
-                if hasattr(owner, "load_hf_rows") and name.endswith(".weight") and index is None:  # NF4
+                owner_name, _, local_name = name.rpartition(".")
+                owner = model.get_submodule(owner_name)
+                if hasattr(owner, "load_hf_rows") and hasattr(owner, f"{local_name}_absmax"):  # NF4 codes and scales
                     codes, (first, _) = local_box(target)  # (rows here, in_padded / 2) uint8
-                    absmax, _ = local_box(owner.weight_absmax)  # (rows here, in_padded / 64), the same rows
-                    if codes.shape[0]:
-                        rows = safetensors_io.read_slice(f, info, (slice(first, first + codes.shape[0]),))
-                        owner.load_hf_rows(rows, codes, absmax, device)  # quantised on the compute device
+                    absmax, _ = local_box(getattr(owner, f"{local_name}_absmax"))  # (rows here, in_padded / 64)
+                    # the rows of the storage this checkpoint tensor fills: all, or one expert's of an NF4 stack
+                    start, stop = (0, target.shape[0]) if index is None else owner.stack_rows(local_name, index)
+                    lo, hi = max(start, first), min(stop, first + codes.shape[0])
+                    if lo < hi:
+                        rows = safetensors_io.read_slice(f, info, (slice(lo - start, hi - start),))
+                        here = slice(lo - first, hi - first)  # quantised on the compute device
+                        owner.load_hf_rows(rows, codes[here], absmax[here], device)
                     continue
                 local, offset = local_box(target)
                 where = overlap(key_region(target.shape, index), local.shape, offset)
@@ -471,14 +492,21 @@ def init_after_sharded_load(model: nn.Module, device: torch.device) -> None:
     module order) and each rank keeps its part."""
     import math
 
+    def keep_part(param, whole):
+        local, offset = local_box(param)
+        local.copy_(whole[tuple(slice(o, o + n) for o, n in zip(offset, local.shape))])
+
     for module in model.modules():
-        if hasattr(module, "lora_A") and hasattr(module, "lora_B"):
+        if hasattr(module, "initial_adapters"):  # stacked MoE experts: per-expert adapters, drawn as in one process
+            for adapters, name, whole in module.initial_adapters():
+                keep_part(adapters[name], whole)
+            module.choose_kernel(device)  # the NF4 codes and scales stay where FSDP2 keeps them
+        elif hasattr(module, "lora_A") and hasattr(module, "lora_B"):
             for linear, init in ((module.lora_A, lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5))),
                                  (module.lora_B, nn.init.zeros_)):
                 whole = torch.empty(linear.weight.shape, dtype=linear.weight.dtype)
                 init(whole)
-                local, offset = local_box(linear.weight)
-                local.copy_(whole[tuple(slice(o, o + n) for o, n in zip(offset, local.shape))])
+                keep_part(linear.weight, whole)
         elif hasattr(module, "materialize_after_load") and not is_nf4(module):  # NF4 shards stay where FSDP2 keeps them
             module.materialize_after_load(device)
 
@@ -518,10 +546,11 @@ def merged_lora_weight(module: nn.Module, original: torch.Tensor | None = None) 
     return (w.float() + delta).to(w.dtype)
 
 
-def original_tensors(model: nn.Module, folder) -> tuple[torch.dtype, dict[str, tuple]]:
+def original_tensors(model: nn.Module, folder, by_key: bool = False) -> tuple[torch.dtype, dict[str, tuple]]:
     """(the dtype the HF folder's config.json declares, parameter name -> (shape, a function reading that tensor whole
     from the folder in that dtype)): what `lora.merge_adapter_into_base` starts from. Every process reads the tensors
-    it is asked for, one at a time, so that all of them take part in the same gathers."""
+    it is asked for, one at a time, so that all of them take part in the same gathers. `by_key`: every tensor of the
+    folder under its checkpoint key (one expert's of a stacked parameter too)."""
     from pathlib import Path
 
     from models import param_for_hf_key, safetensors_io
@@ -537,8 +566,9 @@ def original_tensors(model: nn.Module, folder) -> tuple[torch.dtype, dict[str, t
     for file in safetensors_io.checkpoint_files(Path(folder)):
         for key, info in safetensors_io.read_header(file).items():
             name, index = param_for_hf_key(model, key)
-            if index is None:
-                out[name] = (torch.Size(info["shape"]), lambda file=file, info=info: read(file, info))
+            if index is None or by_key:
+                reader = lambda file=file, info=info: read(file, info)  # noqa: E731
+                out[key if by_key else name] = (torch.Size(info["shape"]), reader)
     return dtype, out
 
 
@@ -551,10 +581,7 @@ def final_tensors(model: nn.Module, merge_lora: bool, original=None) -> list[tup
     from models import is_fused
 
     if hasattr(model, "hf_state_dict") or is_fused(model):
-        if original is not None:
-            raise NotImplementedError("merging into the original weights of a model with stacked experts or fused "
-                                      "projections")
-        return final_tensors_by_checkpoint_key(model, merge_lora)
+        return final_tensors_by_checkpoint_key(model, merge_lora, original)
     modules = dict(model.named_modules())
     skip = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     original_dtype, originals = original_tensors(model, original) if original is not None else (None, {})
@@ -584,11 +611,14 @@ def final_tensors(model: nn.Module, merge_lora: bool, original=None) -> list[tup
     return out
 
 
-def final_tensors_by_checkpoint_key(model: nn.Module, merge_lora: bool) -> list[tuple]:
+def final_tensors_by_checkpoint_key(model: nn.Module, merge_lora: bool, original=None) -> list[tuple]:
     """final_tensors for a model whose checkpoint layout differs from its parameters (stacked MoE experts, fused
     projections): each parameter is gathered once and cut into the checkpoint tensors that land in it
-    (`param_for_hf_key`)."""
+    (`param_for_hf_key`). Stacked experts with adapters (nanotune/lora_experts.py) give W_e + s B_e A_e, their NF4
+    stacks dequantised; with `original`, frozen tensors come from that folder and the adapters are merged into its
+    weights, as final_tensors."""
     from models import expected_checkpoint_keys, param_for_hf_key
+    from nanotune.lora_experts import FrozenExperts
 
     params, modules = dict(model.named_parameters()), dict(model.named_modules())
     # a Gemma 3 image-text checkpoint's text model is read under "language_model." and saved text-only, as
@@ -598,18 +628,48 @@ def final_tensors_by_checkpoint_key(model: nn.Module, merge_lora: bool) -> list[
     for key, shape in expected_checkpoint_keys(model).items():
         name, index = param_for_hf_key(model, key)
         by_param.setdefault(name, []).append((key.removeprefix(prefix), index, torch.Size(shape)))
+    original_dtype, originals = original_tensors(model, original, by_key=True) if original is not None else (None, {})
     cache: dict[str, torch.Tensor] = {}  # the one parameter gathered last
+
+    def original_weight(name: str, owner: nn.Module) -> torch.Tensor | None:
+        """A frozen parameter as the original folder holds it, whole, in its dtype; a stack put together from the
+        folder's tensors of each expert. None: no folder, or a parameter trained in full."""
+        param, keys = params[name], by_param[name]
+        if not originals or param.requires_grad:
+            return None
+        if keys[0][1] is None:
+            return originals[prefix + keys[0][0]][1]()
+        local = name.rpartition(".")[2]
+        w = torch.empty(owner.shapes[local] if isinstance(owner, FrozenExperts) else param.shape, dtype=original_dtype)
+        for key, index, _ in keys:
+            w[index] = originals[prefix + key][1]()
+        return w
 
     def gathered(name: str) -> torch.Tensor:
         if name not in cache:
             cache.clear()
-            owner = modules[name.rpartition(".")[0]]
-            lora_weight = merge_lora and is_lora(owner) and name.endswith(".weight")
-            cache[name] = merged_lora_weight(owner) if lora_weight else whole(params[name])
+            owner_name, _, local = name.rpartition(".")
+            owner = modules[owner_name]
+            w = original_weight(name, owner)
+            if isinstance(owner, FrozenExperts):
+                w = owner.merged_weight(local, w) if merge_lora else owner.weight(local, whole) if w is None else w
+            elif merge_lora and is_lora(owner) and local == "weight":
+                w = merged_lora_weight(owner, w)
+            elif w is None:
+                w = layer_weight(owner) if local == "weight" and is_nf4(owner) else whole(params[name])
+            cache[name] = w
         return cache[name]
 
-    return [(key, lambda n=name, i=index: gathered(n) if i is None else gathered(n)[i], shape, params[name].dtype)
-            for name, keys in by_param.items() for key, index, shape in keys]
+    def dtype_of(name: str) -> torch.dtype:
+        owner_name, _, local = name.rpartition(".")
+        owner, param = modules[owner_name], params[name]
+        nf4 = hasattr(owner, f"{local}_absmax")  # codes: final/ holds the weight they stand for
+        if original_dtype is not None and (nf4 or param.dtype.is_floating_point):
+            return original_dtype
+        return owner.compute_dtype if nf4 else param.dtype
+
+    return [(key, lambda n=name, i=index, d=dtype_of(name): (gathered(n) if i is None else gathered(n)[i]).to(d),
+             shape, dtype_of(name)) for name, keys in by_param.items() for key, index, shape in keys]
 
 
 @torch.no_grad()

@@ -90,9 +90,14 @@ def build_model(cfg: Config, vocab_size: int, device: torch.device, layout: dict
 
     def prepare(model):  # LoRA's complaints (e.g. targets that match no module) are about the [lora] config
         set_router_losses(model, cfg)
-        if (cfg.lora.target_experts or cfg.lora.quantize_experts) and layout and math.prod(layout.values()) > 1:
-            raise ConfigError("lora.target_experts / lora.quantize_experts run in one process for now; train with "
-                              "one process or leave them out")
+        expert_lora = cfg.lora.enabled and (cfg.lora.target_experts or cfg.lora.quantize_experts)
+        not_yet = {k: v for k, v in (layout or {}).items() if k in ("tp", "cp") and v > 1}
+        if expert_lora and not_yet:  # they run in one process, under FSDP2 / HSDP and with expert parallelism
+            keys = ", ".join(f"parallel.{k} = {v}" for k, v in not_yet.items())
+            raise ConfigError(f"lora.target_experts / lora.quantize_experts with {keys} are not supported yet; "
+                              "they train in one process and with parallel.dp_shard / dp_replicate / ep (FSDP2, "
+                              f"HSDP, expert parallelism): set {' and '.join(f'parallel.{k} = 1' for k in not_yet)}, "
+                              "or leave them out")
         if layout is not None:
             parallel.check_model_layout(layout, model.config, cfg.lora, ep=cfg.parallel.ep)
         if lora_prepare is None:
@@ -740,7 +745,7 @@ def save_final_streamed(model, cfg: Config, output_dir: Path, dist) -> None:
         log.info(f"saved adapter (PEFT format): {output_dir / 'adapter'}")
     if not cfg.lora.enabled or cfg.lora.merge:
         # QLoRA: merged into the original full-precision weights, as in one process (save_final)
-        original = cfg.model.path if cfg.lora.quantize and cfg.model.path else None
+        original = cfg.model.path if (cfg.lora.quantize or cfg.lora.quantize_experts) and cfg.model.path else None
         parallel.save_final_streamed(model, tmp, dist, merge_lora=cfg.lora.enabled, original=original)
         if dist.is_main:
             finish_final(output_dir, Path(cfg.model.tokenizer or cfg.model.path))
