@@ -26,6 +26,10 @@ compute dtype (bf16 in a bf16 or autocast run: the fp32 adapters are cast, not t
 it is one autograd Function (`_LoRALinearFunction`) that adds s * (x Aᵀ) Bᵀ into the base output in place and saves
 for the backward only x (or dropout(x)) and x Aᵀ; DoRA keeps the reference's formula (`_dora_forward`).
 `set_fast_path(model, fused=False)` switches every layer back to the reference.
+
+In a model with fused projections (models/fusion.py: `qkv_proj`, `gate_up_proj`) targets still name the parts
+(`q_proj` ...); a fused module with targeted parts becomes one `FusedLoRALinear` holding PEFT's adapter of each part,
+whose fused path computes x Aᵀ for all of them in one matmul. Adapter files and merging see the parts' names.
 """
 
 from __future__ import annotations

@@ -264,3 +264,19 @@ def test_apply_lora_refuses_dora_on_a_fused_projection(tmp_path):
         apply_lora(model, ["k_proj"], rank=2, alpha=4, dora=True)
     assert not any(isinstance(m, lora.ADAPTED) for m in model.modules())  # refused before anything was swapped
     apply_lora(model, ["o_proj"], rank=2, alpha=4, dora=True)  # an unfused projection may still have DoRA
+
+
+def test_fused_lora_model_compiles_in_one_graph():
+    """train.compile: the fused LoRA layers' autograd Function traces without a graph break."""
+    import functools
+
+    from tests import test_compile
+
+    config = models.config_from_hf({**test_compile.TINY, **test_compile.FAMILIES["llama"]})
+    config.attn_implementation, config.fuse_projections = "auto", True
+    model = models.build_model(config, "cpu", torch.float32)
+    model.init_weights(torch.Generator().manual_seed(0))
+    apply_lora(model, PARTIAL, rank=4, alpha=8)
+    assert any(isinstance(m, FusedLoRALinear) for m in model.modules())
+    batch = test_compile.rows(packed=True)
+    assert test_compile.graph_breaks(functools.partial(test_compile.loss_sum, model), batch) == []
