@@ -10,6 +10,7 @@ one fused process and two (FSDP2, sharded load and streamed save) train like one
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -216,7 +217,8 @@ def test_dropout_and_the_reference_path_match_unfused_lora(tmp_path):
 
 def test_fused_lora_runs_in_one_and_two_processes_like_the_unfused_run(tmp_path):
     """The trainer: unfused LoRA in one process, fused LoRA in one process and in two (FSDP2, dp_shard 2: the sharded
-    loader draws the adapters as one process does); the same losses, adapter/ and merged final/."""
+    loader draws the adapters as one process does); the same losses, adapter/ and merged final/. The fused run resumes
+    from its step-1 checkpoint exactly."""
     rows = (QUICKSTART / "train.jsonl").read_text().splitlines()[:16]
     (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
     write_family_checkpoint(tmp_path / "base", "llama")
@@ -226,8 +228,8 @@ def test_fused_lora_runs_in_one_and_two_processes_like_the_unfused_run(tmp_path)
     fuse = "--model.fuse_projections=true"
     assert train.main(base_argv(tmp_path, tmp_path / "base", out["plain"])
                       + ["--train.grad_accum_steps=4", *lora_keys]) == 0
-    assert train.main(base_argv(tmp_path, tmp_path / "base", out["fused"])
-                      + ["--train.grad_accum_steps=4", *lora_keys, fuse]) == 0
+    fused_keys = ["--train.grad_accum_steps=4", *lora_keys, fuse, "--checkpoint.every=1", "--checkpoint.keep=0"]
+    assert train.main(base_argv(tmp_path, tmp_path / "base", out["fused"]) + fused_keys) == 0
     spec = tmp_path / "runs.json"
     spec.write_text(json.dumps([base_argv(tmp_path, tmp_path / "base", out["fsdp"])
                                 + ["--parallel.dp_shard=2", "--train.grad_accum_steps=2", *lora_keys, fuse]]))
@@ -240,6 +242,13 @@ def test_fused_lora_runs_in_one_and_two_processes_like_the_unfused_run(tmp_path)
         assert_same_params(load_file(out[name] / "final" / "model.safetensors"), final)
         assert ((out[name] / "adapter" / lora.ADAPTER_CONFIG).read_text()
                 == (out["plain"] / "adapter" / lora.ADAPTER_CONFIG).read_text())
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out["fused"], resumed, ignore=shutil.ignore_patterns("step-2", "final", "adapter"))
+    assert train.main(base_argv(tmp_path, tmp_path / "base", resumed) + [*fused_keys, "--checkpoint.resume=auto"]) == 0
+    assert losses(resumed) == losses(out["fused"])
+    assert_close_dicts(load_file(resumed / "adapter" / lora.ADAPTER_WEIGHTS),
+                       load_file(out["fused"] / "adapter" / lora.ADAPTER_WEIGHTS), atol=0)
 
 
 @pytest.mark.parametrize("keys,message", [
