@@ -137,7 +137,8 @@ def test_fused_adapters_load_in_peft_and_adapters_load_in_a_fused_model(tmp_path
     assert max_diff(logits(loaded, ids), logits(plain, ids)) <= 1e-6
 
     torch.manual_seed(3)
-    made = peft.get_peft_model(hf_model_from(tmp_path / "m"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=peft_targets))
+    made = peft.get_peft_model(hf_model_from(tmp_path / "m"),
+                               peft.LoraConfig(r=4, lora_alpha=8, target_modules=peft_targets))
     with torch.no_grad():
         for name, p in made.named_parameters():
             if "lora_B" in name:
