@@ -10,7 +10,8 @@ MLP `gate_up_proj` instead of `gate_proj`, `up_proj`: the same weights stacked a
 `FUSED` is the one table between the two layouts, read on load (`fused_place`: a checkpoint tensor lands in rows of a
 fused parameter, as a Qwen MoE expert lands in a slice of its stacked tensor) and on save (`hf_parts`: a fused
 parameter is cut back into the checkpoint tensors). MoE experts are stacked already (`experts.gate_up_proj`) and are
-left as they are. Features that address q_proj ... up_proj by name (LoRA, the TP plans) are refused with the switch.
+left as they are. LoRA adapts the parts of a fused module (nanotune/lora.py FusedLoRALinear); the TP plans, which
+shard q_proj ... up_proj by name, are refused with the switch.
 """
 
 from __future__ import annotations

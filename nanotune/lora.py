@@ -26,6 +26,10 @@ compute dtype (bf16 in a bf16 or autocast run: the fp32 adapters are cast, not t
 it is one autograd Function (`_LoRALinearFunction`) that adds s * (x Aᵀ) Bᵀ into the base output in place and saves
 for the backward only x (or dropout(x)) and x Aᵀ; DoRA keeps the reference's formula (`_dora_forward`).
 `set_fast_path(model, fused=False)` switches every layer back to the reference.
+
+In a model with fused projections (models/fusion.py: `qkv_proj`, `gate_up_proj`) targets still name the parts
+(`q_proj` ...); a fused module with targeted parts becomes one `FusedLoRALinear` holding PEFT's adapter of each part,
+whose fused path computes x Aᵀ for all of them in one matmul. Adapter files and merging see the parts' names.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import models
+from models import fusion
 from nanotune import lora_experts
 from nanotune.qlora import NF4Linear
 
@@ -298,7 +303,149 @@ class QLoRALinear(_Adapter, NF4Linear):
         return f"{NF4Linear.extra_repr(self)}, {self._adapter_repr()}"
 
 
-ADAPTED = (LoRALinear, QLoRALinear)
+class _FusedLoRALinearFunction(torch.autograd.Function):
+    """_LoRALinearFunction for a fused projection (qkv_proj, gate_up_proj) whose parts have their own adapters:
+    y = x Wᵀ + b, then for each adapted part p, y[:, rows_p] += s (x A_pᵀ) B_pᵀ, with every x A_pᵀ from ONE matmul.
+
+    x (N, in); weight W (out, in); lora_A (P r, in): the adapted parts' A stacked in part order; rows: per adapted part
+    its (start, stop) output columns; lora_Bs: per adapted part B_p (stop - start, r). All in the compute dtype; W and b
+    frozen. Saved for the backward, as in the one-part Function: x for dA, x [A_p]ᵀ (N, P r) for the dB's.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, scaling, rows, *lora_Bs):
+        out = F.linear(x, weight, bias)  # (N, out): the base matmul, all parts at once
+        xa = x @ lora_A.t()  # (N, P r): every part's x A_pᵀ in one matmul
+        r = lora_A.shape[0] // len(rows)
+        for i, ((start, stop), lora_B) in enumerate(zip(rows, lora_Bs)):  # block-diagonal B: one small matmul each
+            out[:, start:stop].addmm_(xa[:, i * r:(i + 1) * r], lora_B.t(), alpha=scaling)  # in place, no temporary
+        ctx.scaling, ctx.rows, ctx.rank = scaling, rows, r
+        need_A, need_B = ctx.needs_input_grad[3], any(ctx.needs_input_grad[6:])
+        ctx.save_for_backward(x if need_A else None, xa if need_B else None, weight, lora_A, *lora_Bs)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, xa, weight, lora_A, *lora_Bs = ctx.saved_tensors
+        s, r = ctx.scaling, ctx.rank
+        g_bs, grad_Bs = [], []
+        for i, ((start, stop), lora_B) in enumerate(zip(ctx.rows, lora_Bs)):
+            g_part = grad_out[:, start:stop]  # (N, rows of part i)
+            g_bs.append(g_part @ lora_B)  # (N, r)
+            needs = ctx.needs_input_grad[6 + i]
+            grad_Bs.append((g_part.t() @ xa[:, i * r:(i + 1) * r]).mul_(s) if needs else None)  # (rows, r)
+        g_b = torch.cat(g_bs, dim=1).mul_(s)  # (N, P r)
+        grad_x = grad_A = None
+        if ctx.needs_input_grad[3]:
+            grad_A = g_b.t() @ x  # (P r, in): every part's dA in one matmul
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ weight  # (N, in) through the frozen base
+            grad_x.addmm_(g_b, lora_A)  # the adapters' share, added in place
+        return grad_x, None, None, grad_A, None, None, *grad_Bs
+
+
+class _PartAdapter(nn.Module):
+    """One part's adapter inside a FusedLoRALinear: A (r, in), B (part rows, r), PEFT's tensors of that projection."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, dtype):
+        super().__init__()
+        self.lora_A = nn.Linear(in_features, rank, bias=False, device="meta", dtype=dtype)  # A: (r, in)
+        self.lora_B = nn.Linear(rank, out_features, bias=False, device="meta", dtype=dtype)  # B: (rows, r)
+
+    def init_adapter(self, device) -> None:
+        """As _Adapter._init_adapter: A Kaiming-uniform, B zero."""
+        self.lora_A.to_empty(device=device)
+        self.lora_B.to_empty(device=device)
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+
+
+class FusedLoRALinear(nn.Module):
+    """A fused projection (models/fusion.py: qkv_proj = [q_proj; k_proj; v_proj], gate_up_proj = [gate_proj; up_proj])
+    with LoRA on some of its parts: each adapted part holds PEFT's adapter of that projection (a child named after it,
+    `qkv_proj.k_proj.lora_A.weight`, saved as `k_proj.lora_A.weight`), so the model computes what the unfused model
+    with LoRALinear on those parts computes. The fused path runs the base product once and x Aᵀ for all adapted parts
+    as one matmul (`_FusedLoRALinearFunction`); the reference (`fused = False`, or dropout in training: each part draws
+    its own mask, in part order as the unfused layers do) adds each part's B A x with nn.Linear calls.
+    """
+
+    def __init__(self, base: nn.Linear, part_sizes: dict[str, int], adapted, rank: int, alpha: float,
+                 dropout: float = 0.0, rslora: bool = False, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"lora.rank must be a positive integer, got {rank}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # (out, in): the fused HF-named weight the loader fills
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.rank, self.alpha, self.rslora, self.dora = rank, alpha, rslora, False
+        self.fused, self.keep_dequantized_weight = True, False
+        self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.part_rows, start = {}, 0  # part -> (start, stop) of its output features
+        for part, size in part_sizes.items():
+            self.part_rows[part] = (start, start + size)
+            start += size
+        self.adapted = tuple(p for p in part_sizes if p in adapted)  # in the fused weight's (and the init's) order
+        for part in self.adapted:
+            self.add_module(part, _PartAdapter(self.in_features, part_sizes[part], rank, dtype))
+        if base.weight.device.type != "meta":
+            self._init_adapters(base.weight.device)
+
+    def _init_adapters(self, device) -> None:
+        for part in self.adapted:  # part by part, as the unfused layers draw theirs (in module order)
+            self.get_submodule(part).init_adapter(device)
+
+    def materialize_after_load(self, device) -> None:
+        if self.get_submodule(self.adapted[0]).lora_A.weight.is_meta and not self.weight.is_meta:
+            self._init_adapters(torch.device(device))
+
+    def merged_weight(self, gather=lambda t: t.detach()) -> torch.Tensor:
+        """W plus s B_p A_p on each adapted part's rows, (out, in) in fp32. `gather`: whole tensors from shards."""
+        w = gather(self.weight).float().clone()  # (out, in)
+        for part in self.adapted:
+            start, stop = self.part_rows[part]
+            adapter = self.get_submodule(part)
+            w[start:stop] += (gather(adapter.lora_B.weight).float() @ gather(adapter.lora_A.weight).float()) \
+                * self.scaling
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dropout = isinstance(self.lora_dropout, nn.Dropout) and self.training
+        frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
+        if not self.fused or dropout or not frozen:
+            return self._reference_forward(x)
+        dtype = _compute_dtype(x, self.weight.dtype)  # bf16 under autocast, else the base weight's dtype
+        x_2d = x.to(dtype).reshape(-1, self.in_features)  # (N, in)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        adapters = [self.get_submodule(p) for p in self.adapted]
+        lora_A = torch.cat([a.lora_A.weight.to(dtype) for a in adapters])  # (P r, in): fp32 masters cast, then stacked
+        lora_Bs = [a.lora_B.weight.to(dtype) for a in adapters]  # (rows_p, r) each
+        rows = tuple(self.part_rows[p] for p in self.adapted)
+        out = _FusedLoRALinearFunction.apply(x_2d, self.weight.to(dtype), bias, lora_A, self.scaling, rows, *lora_Bs)
+        return out.view(*x.shape[:-1], self.out_features)  # (..., out)
+
+    def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """LoRALinear's reference for each part: s B_p A_p dropout(x) added on its columns, in the adapters' dtype."""
+        base_out = F.linear(x, self.weight, self.bias)  # (..., out)
+        x_lora = x.to(self.get_submodule(self.adapted[0]).lora_A.weight.dtype)
+        pieces = []
+        for part, (start, stop) in self.part_rows.items():
+            if part in self.adapted:
+                adapter = self.get_submodule(part)
+                pieces.append(adapter.lora_B(adapter.lora_A(self.lora_dropout(x_lora))) * self.scaling)
+            else:  # not adapted: its columns unchanged
+                pieces.append(x_lora.new_zeros(*x.shape[:-1], stop - start))
+        return (base_out + torch.cat(pieces, dim=-1)).to(base_out.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, adapted={list(self.adapted)}, "
+                f"rank={self.rank}, alpha={self.alpha}, rslora={self.rslora}")
+
+
+ADAPTED = (LoRALinear, QLoRALinear, FusedLoRALinear)
 
 
 def set_fast_path(model: nn.Module, fused: bool = True, keep_dequantized_weight: bool = False) -> int:
@@ -336,14 +483,27 @@ def apply_lora(model: nn.Module, targets, rank: int, alpha: float, dropout: floa
     if any(isinstance(m, ADAPTED) for m in model.modules()):
         raise ValueError("this model already has LoRA layers; apply_lora once (load_adapter reuses existing layers).")
     linear_names = [n for n, m in model.named_modules() if type(m) in (nn.Linear, NF4Linear)]
-    chosen = _match_targets(model, targets, linear_names, modules_to_save)
+    # a fused projection (models/fusion.py) is matched as its parts: targets name q_proj, not qkv_proj
+    chosen = _match_targets(_as_parts(model, [n for n, _ in model.named_modules()]), targets,
+                            _as_parts(model, linear_names), modules_to_save)
+    fused_parts = _fused_targets(model, chosen, set(linear_names), dora)  # fused module -> its adapted parts
 
     for p in model.parameters():
         p.requires_grad_(False)
     for name in chosen:
-        base = model.get_submodule(name)
-        cls = QLoRALinear if isinstance(base, NF4Linear) else LoRALinear
-        model.set_submodule(name, cls(base, rank, alpha, dropout, rslora, dora, dtype))
+        if name in set(linear_names):
+            base = model.get_submodule(name)
+            cls = QLoRALinear if isinstance(base, NF4Linear) else LoRALinear
+            model.set_submodule(name, cls(base, rank, alpha, dropout, rslora, dora, dtype))
+            continue
+        # a part: its fused layer is built at its first part with all its adapters, drawn in the unfused layers' order
+        fused_name = _fused_name(name)
+        base = model.get_submodule(fused_name)
+        if isinstance(base, nn.Linear):
+            sizes = fusion.part_sizes(model.config, fused_name.rpartition(".")[2], base.out_features)
+            parts = dict(zip(fusion.FUSED[fused_name.rpartition(".")[2]], sizes))
+            model.set_submodule(fused_name, FusedLoRALinear(base, parts, fused_parts[fused_name], rank, alpha,
+                                                            dropout, rslora, dtype))
     for name in _match_suffixes([n for n, _ in model.named_modules()], modules_to_save, "lora.modules_to_save"):
         module = model.get_submodule(name)
         if any(isinstance(m, (NF4Linear, *ADAPTED)) for m in module.modules()):
@@ -391,14 +551,73 @@ def check_expert_options(target_experts, dropout: float, dora: bool) -> None:
                          "expert weights); set one of them off")
 
 
-def _match_targets(model, targets, linear_names, modules_to_save) -> list[str]:
+def _as_parts(model: nn.Module, names: list[str]) -> list[str]:
+    """Module names with each fused projection of a fused model (models/fusion.py: qkv_proj, gate_up_proj) replaced
+    by the names of its parts (q_proj, k_proj, v_proj; gate_proj, up_proj): the unfused model's names, which LoRA
+    targets and PEFT's adapters use."""
+    if not models.is_fused(model):
+        return list(names)
+    out = []
+    for name in names:
+        prefix, _, leaf = name.rpartition(".")
+        if leaf in fusion.FUSED and isinstance(model.get_submodule(name), (nn.Linear, NF4Linear, FusedLoRALinear)):
+            out += [f"{prefix}.{part}" for part in fusion.FUSED[leaf]]
+        else:
+            out.append(name)
+    return out
+
+
+def _fused_name(part_name: str) -> str:
+    """"model.layers.0.self_attn.k_proj" -> "model.layers.0.self_attn.qkv_proj"."""
+    prefix, _, leaf = part_name.rpartition(".")
+    return f"{prefix}.{fusion.FUSED_OF[leaf]}"
+
+
+def _fused_targets(model, chosen: list[str], linear_names: set[str], dora: bool) -> dict[str, list[str]]:
+    """The chosen names that are parts of fused projections, by fused module: {"...qkv_proj": ["q_proj", "v_proj"]};
+    refuses what FusedLoRALinear does not do, before anything is swapped."""
+    out: dict[str, list[str]] = {}
+    for name in chosen:
+        if name in linear_names:
+            continue
+        fused_name = _fused_name(name)
+        if dora:
+            raise ValueError(f"lora.dora = true does not work on fused projections ({fused_name}); set "
+                             "model.fuse_projections = false or lora.dora = false")
+        if isinstance(model.get_submodule(fused_name), NF4Linear):
+            raise ValueError(f"QLoRA (lora.quantize) does not work on fused projections ({fused_name}); set "
+                             "model.fuse_projections = false or lora.quantize = \"\"")
+        out.setdefault(fused_name, []).append(name.rpartition(".")[2])
+    return out
+
+
+# an adapter of a fused projection's part under PEFT's name: "...qkv_proj.k_proj.lora_A.weight" -> "...k_proj.lora_A..."
+_FUSED_PART_PARAM = re.compile(rf"\.(?:{'|'.join(fusion.FUSED)})\.({'|'.join(fusion.FUSED_OF)})\.(lora_[AB]\.weight)$")
+
+
+def _peft_name(name: str) -> str:
+    return _FUSED_PART_PARAM.sub(r".\1.\2", name)
+
+
+def _adapted_by_peft_name(model: nn.Module) -> dict[str, nn.Module]:
+    """PEFT module name -> the LoRA layer adapting it (a FusedLoRALinear once for each adapted part)."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FusedLoRALinear):
+            out.update({f"{name.rpartition('.')[0]}.{part}": module for part in module.adapted})
+        elif isinstance(module, ADAPTED):
+            out[name] = module
+    return out
+
+
+def _match_targets(names, targets, linear_names, modules_to_save) -> list[str]:
     if targets == "all-linear" or list(targets) == ["all-linear"]:
         # as PEFT: every linear but the output layer, which maps to the vocabulary and is trained in full if at all
         chosen = [n for n in linear_names if not _ends_with(n, ["lm_head", *modules_to_save])]
     elif isinstance(targets, str):
-        chosen = [n for n, _ in model.named_modules() if re.fullmatch(targets, n)]
+        chosen = [n for n in names if re.fullmatch(targets, n)]
     else:
-        chosen = _match_suffixes([n for n, _ in model.named_modules()], list(targets), "lora.targets")
+        chosen = _match_suffixes(names, list(targets), "lora.targets")
     not_linear = [n for n in chosen if n not in linear_names]
     if not_linear:
         raise ValueError(
@@ -487,7 +706,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter (LoRA tensors and modules trained in full) under PEFT's key names."""
-    out = {PEFT_PREFIX + n: p.detach() for n, p in model.named_parameters()
+    out = {PEFT_PREFIX + _peft_name(n): p.detach() for n, p in model.named_parameters()
            if (p.requires_grad or _is_lora(n)) and not lora_experts.is_expert_adapter(n)}
     out.update({PEFT_PREFIX + k: v for k, v in lora_experts.peft_state_dict(model).items()})  # PEFT's expert layout
     return out
@@ -499,7 +718,7 @@ def _is_lora(name: str) -> bool:
 
 def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
     """PEFT's adapter_config.json for the LoRA layers of `model` (all of them share rank, alpha and options)."""
-    adapted = {n: m for n, m in model.named_modules() if isinstance(m, ADAPTED)}
+    adapted = _adapted_by_peft_name(model)  # a fused projection's parts under their own names
     experts = [m for m in model.modules() if isinstance(m, lora_experts.FrozenExperts) and m.rank]
     if not adapted and not experts:
         raise ValueError("the model has no LoRA layers to save; call apply_lora (or load_adapter) first.")
@@ -511,7 +730,8 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
     rank, alpha, rslora, dora, dropout = settings.pop()
     # target_modules as leaf names when they select exactly the adapted layers, else the full names
     leaves = sorted({n.rpartition(".")[2] for n in adapted})
-    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear, *ADAPTED))]
+    linears = _as_parts(model, [n for n, m in model.named_modules()
+                                if isinstance(m, (nn.Linear, NF4Linear, *ADAPTED))])
     exact = {n for n in linears if _ends_with(n, leaves)} == set(adapted)
     trained_in_full = sorted({n.rpartition(".")[0] for n, p in model.named_parameters()
                               if p.requires_grad and not _is_lora(n) and not lora_experts.is_expert_adapter(n)})
@@ -617,7 +837,7 @@ def load_adapter(model: nn.Module, path: str | Path, dtype: torch.dtype = torch.
     if missing or unexpected:
         raise ValueError(f"{file} does not match the model's LoRA layers: missing {missing[:6]}, "
                          f"unexpected {unexpected[:6]}. Was it made for this base model and config?")
-    params = dict(model.named_parameters())
+    params = {_peft_name(n): p for n, p in model.named_parameters()}  # a fused projection's adapters by part
     expert_keys = set(lora_experts.peft_state_dict(model))
     lora_experts.load_peft_state_dict(model, {k: tensors.pop(k) for k in expert_keys})
     with torch.no_grad():

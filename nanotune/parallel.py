@@ -333,7 +333,8 @@ def tp_style(style: str):
 
 
 def is_lora(module: nn.Module) -> bool:
-    return hasattr(module, "lora_A") and hasattr(module, "lora_B")
+    """A LoRA layer: its own lora_A and lora_B, or a fused projection with adapters on its parts (FusedLoRALinear)."""
+    return hasattr(module, "lora_A") and hasattr(module, "lora_B") or hasattr(module, "part_rows")
 
 
 def shard_lora_linear(module: nn.Module, mesh, style: str) -> None:
@@ -541,6 +542,8 @@ def layer_weight(module: nn.Module) -> torch.Tensor:
 def merged_lora_weight(module: nn.Module, original: torch.Tensor | None = None) -> torch.Tensor:
     """W + s B A of a LoRA layer, gathered whole, computed in fp32, in W's dtype: (out, in). W is `original` when given
     (QLoRA: the full-precision weight from the checkpoint), else the layer's own (an NF4 layer's dequantised)."""
+    if hasattr(module, "part_rows"):  # a fused projection: each adapted part's update on its rows (FusedLoRALinear)
+        return module.merged_weight(gather=whole).to(module.weight.dtype)
     w = layer_weight(module) if original is None else original
     delta = (whole(module.lora_B.weight).float() @ whole(module.lora_A.weight).float()) * module.scaling
     return (w.float() + delta).to(w.dtype)

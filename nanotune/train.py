@@ -198,17 +198,22 @@ def check_config(cfg: Config) -> None:
 
 def check_fusion(cfg: Config) -> None:
     """model.fuse_projections replaces q_proj / k_proj / v_proj and gate_proj / up_proj by qkv_proj and gate_up_proj
-    (models/fusion.py): refuse the features that address those modules by name. FP8 and QAT swap the fused linears
-    as they swap any other; only their skip lists name modules."""
+    (models/fusion.py): refuse the features that address those modules by name or that do not handle them yet. LoRA
+    adapts the parts of a fused module (lora.FusedLoRALinear: PEFT's per-part adapters, one x·Aᵀ matmul for all of
+    them); FP8 and QAT swap the fused linears as they swap any other; only their skip lists name modules."""
     if not cfg.model.fuse_projections:
         return
     fix = "; set model.fuse_projections = false (docs/kernels.md)"
     if cfg.lora.enabled and cfg.lora.quantize:
         raise ConfigError(f"model.fuse_projections = true does not work with lora.quantize = {cfg.lora.quantize!r} "
                           f"(QLoRA quantises and adapts each projection by name){fix}")
-    if cfg.lora.enabled:
-        raise ConfigError("model.fuse_projections = true does not work with lora.enabled = true (LoRA adapts the "
-                          f"projections by name: PEFT's adapter keys, DoRA's magnitudes){fix}")
+    if cfg.lora.enabled and cfg.lora.dora:
+        raise ConfigError("model.fuse_projections = true does not work with lora.dora = true (DoRA's magnitudes and "
+                          f"row norms are per projection; fused LoRA layers hold LoRA and rsLoRA only){fix}, or set "
+                          "lora.dora = false")
+    if cfg.lora.enabled and cfg.fp8.enabled:
+        raise ConfigError("model.fuse_projections = true does not work with lora.enabled = true and fp8.enabled = true "
+                          f"(the fused LoRA layers have no FP8 base product){fix}, or set fp8.enabled = false")
     if cfg.parallel.tp > 1:
         raise ConfigError(f"model.fuse_projections = true does not work with parallel.tp = {cfg.parallel.tp} (the "
                           "tensor-parallel plans split q_proj, k_proj, v_proj, gate_proj, up_proj by whole heads and "

@@ -278,7 +278,8 @@ def test_resuming_a_fused_run_is_exact_and_a_changed_switch_is_refused(runs, tmp
 
 
 @pytest.mark.parametrize("keys,message", [
-    (["--lora.enabled=true"], r"with lora.enabled = true \(LoRA adapts the projections by name"),
+    (["--lora.enabled=true", "--lora.dora=true"], r"with lora.dora = true \(DoRA's magnitudes"),
+    (["--lora.enabled=true", "--fp8.enabled=true"], r"with lora.enabled = true and fp8.enabled = true"),
     (["--lora.enabled=true", "--lora.quantize=nf4"], r"with lora.quantize = 'nf4' \(QLoRA"),
     (["--parallel.tp=2"], r"with parallel.tp = 2 \(the tensor-parallel plans split"),
     (["--fp8.enabled=true", "--fp8.skip=['lm_head','q_proj']"], r"fp8.skip names \['q_proj'\], which a model"),
