@@ -4,7 +4,7 @@
                                                               # then HF + Liger-Kernel where installed
     python scripts/bench.py --workloads W1,W3 --steps 8 --warmup 3 --out bench.jsonl
     python scripts/bench.py --device cpu --tiny               # tiny shapes, a couple of steps: the smoke test
-    python scripts/bench.py --workloads W1,W5,W6,W7 --fuse-projections   # nanotune with q/k/v and gate/up fused;
+    python scripts/bench.py --workloads W1,W2,W5,W6,W7 --fuse-projections   # nanotune with q/k/v and gate/up fused;
                                                               # the same command without the flag is its baseline
 
 The workloads are defined in docs/BENCHMARKS.md ("Workloads"). For each one, every implementation gets the same
@@ -747,7 +747,7 @@ def parse_args(argv=None):
     p.add_argument("--no-kernels", dest="kernels", action="store_false", help="nanotune without Triton kernels")
     p.add_argument("--compile", action="store_true", help="torch.compile each nanotune decoder block")
     p.add_argument("--fuse-projections", action="store_true",
-                   help="nanotune with q/k/v and gate/up as one GEMM each (model.fuse_projections; full fine-tuning)")
+                   help="nanotune with q/k/v and gate/up as one GEMM each (model.fuse_projections; not QLoRA)")
     p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of the fused linear + CE")
     p.add_argument("--no-liger", dest="liger", action="store_false", help="skip the HF + Liger-Kernel rows")
     p.add_argument("--profile", type=Path, default=None,
@@ -760,11 +760,11 @@ def parse_args(argv=None):
     unknown = [n for n in args.workloads.split(",") if n not in WORKLOADS]
     if unknown:
         p.error(f"unknown workloads {unknown}; choose from {list(WORKLOADS)}")
-    adapted = [n for n in args.workloads.split(",") if WORKLOADS[n].mode != "full"]
-    if args.fuse_projections and adapted:
-        full = ", ".join(n for n, w in WORKLOADS.items() if w.mode == "full")
-        p.error(f"--fuse-projections: {adapted} put LoRA adapters on q_proj ... up_proj, which a fused model does not "
-                f"have; choose full fine-tuning workloads ({full})")
+    quantized = [n for n in args.workloads.split(",") if WORKLOADS[n].mode == "qlora"]
+    if args.fuse_projections and quantized:
+        others = ", ".join(n for n, w in WORKLOADS.items() if w.mode != "qlora")
+        p.error(f"--fuse-projections: {quantized} quantise q_proj ... up_proj to NF4 one by one, which a fused model "
+                f"does not have (model.fuse_projections refuses lora.quantize); choose among {others}")
     return args
 
 

@@ -350,14 +350,15 @@ def test_compiled_fused_forward_and_backward_equal_eager():
         torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-7, msg=n)
 
 
-def test_bench_runs_full_fine_tuning_fused_and_refuses_lora_workloads(capsys):
+def test_bench_runs_fused_workloads_and_refuses_qlora(capsys):
     """scripts/bench.py --fuse-projections: the first step's loss of the fused model agrees with transformers' (the exit
-    code says so) on a dense and a MoE workload; LoRA workloads are refused."""
+    code says so) on a dense full, a dense LoRA (adapters on the fused q/k/v and gate/up, against peft's on the
+    separate projections) and a MoE workload; QLoRA workloads are refused."""
     from scripts import bench
 
-    assert bench.main(["--device", "cpu", "--tiny", "--workloads", "W1,W6", "--steps", "1", "--warmup", "1",
+    assert bench.main(["--device", "cpu", "--tiny", "--workloads", "W1,W2,W6", "--steps", "1", "--warmup", "1",
                        "--no-liger", "--no-kernels", "--fuse-projections"]) == 0
     assert "fused q/k/v and gate/up projections" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        bench.main(["--device", "cpu", "--tiny", "--workloads", "W1,W2", "--fuse-projections"])
-    assert "--fuse-projections: ['W2'] put LoRA adapters on" in capsys.readouterr().err
+        bench.main(["--device", "cpu", "--tiny", "--workloads", "W1,W4", "--fuse-projections"])
+    assert "--fuse-projections: ['W4'] quantise q_proj ... up_proj to NF4" in capsys.readouterr().err
