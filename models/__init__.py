@@ -226,7 +226,7 @@ def check_keys(path: Path, expected: dict, found: dict) -> None:
 
 def is_fused(model: nn.Module) -> bool:
     """Whether the model was built with fused q/k/v and gate/up projections (models/fusion.py)."""
-    return getattr(model.config, "fuse_projections", False)
+    return getattr(getattr(model, "config", None), "fuse_projections", False)  # a module of no family: not fused
 
 
 def param_for_hf_key(model: nn.Module, key: str) -> tuple[str, object]:
