@@ -19,29 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.qwen_moe import Experts  # noqa: E402
+from scripts.bench_fusion import timed  # noqa: E402  (ms per call after warm-up, synchronised on CUDA)
 
 W6 = dict(hidden=1024, experts=64, top_k=8, expert_width=512, tokens=4 * 2048)  # Qwen3-MoE small, 4 x 2048 tokens
 
-
-def timed(step, warmup: int, iters: int, device: torch.device) -> float:
-    """Milliseconds per call of step() after warmup calls."""
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters * 1e3
 
 
 def build(args, device, dtype):

@@ -31,6 +31,22 @@ def run_torchrun(script, *args: str, nproc: int = 2, timeout: int = 600):
     return result
 
 
+def rerun_in_fresh_process(test_file, tmp_path: Path, min_ran: int) -> None:
+    """Run a kernel test file again in a new process with TRITON_INTERPRET=1 set before triton is imported (this
+    process imported it without), and check that at least `min_ran` of its tests ran, not skipped, and none failed."""
+    import subprocess
+    from xml.etree import ElementTree
+
+    report = tmp_path / f"{Path(test_file).stem}.xml"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-m", "pytest", str(test_file), "-x", f"--junitxml={report}"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    suite = ElementTree.parse(report).getroot().find("testsuite")
+    ran = int(suite.get("tests")) - int(suite.get("skipped"))
+    assert ran >= min_ran and int(suite.get("failures")) == 0, ElementTree.tostring(suite)[:2000]
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `cuda` skip, with the reason, on a machine without a GPU."""
     if torch.cuda.is_available():

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from nanotune import parallel, train
 from nanotune.config import ConfigError, ParallelConfig
 from tests.conftest import ROOT, run_torchrun
-from tests.test_parallel import QUICKSTART, assert_continues_like, base_argv
+from tests.test_parallel import QUICKSTART, assert_continues_like, base_argv, worker
 from tests.test_train import assert_same_params, losses, metrics
 
 AUX = ["--model.router_aux_loss_coef=0.05", "--model.router_z_loss_coef=0.01"]  # so that a wrong router loss shows
@@ -58,15 +58,6 @@ def write_moe_checkpoint(folder: Path, family: str) -> None:
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(folder)
-
-
-def worker(spec_file: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo")
-    for argv in json.loads(Path(spec_file).read_text()):
-        assert train.main(argv) == 0
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

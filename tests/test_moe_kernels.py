@@ -9,10 +9,7 @@ triton is first imported: when something imported it earlier in this process, th
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-from pathlib import Path
-from xml.etree import ElementTree
 
 import pytest
 import torch
@@ -45,15 +42,9 @@ from nanotune.kernels.moe import (  # noqa: E402
 def test_in_a_fresh_process(tmp_path):
     if RUNNABLE:
         pytest.skip("the kernels run in this process: the other tests of this file cover them")
-    report = tmp_path / "moe_kernels.xml"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-m", "pytest", __file__, "-x", f"--junitxml={report}"],
-                            cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    suite = ElementTree.parse(report).getroot().find("testsuite")
-    ran = int(suite.get("tests")) - int(suite.get("skipped"))
-    assert ran >= 15 and int(suite.get("failures")) == 0, ElementTree.tostring(suite)[:2000]  # ran, not skipped
+    from tests.conftest import rerun_in_fresh_process
+
+    rerun_in_fresh_process(__file__, tmp_path, min_ran=15)
 
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
