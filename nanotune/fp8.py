@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_map_only
 
 from nanotune.config import ConfigError
-from nanotune.lora import LoRALinear
+from nanotune.lora import FusedLoRALinear, LoRALinear
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 FP8_DTYPES = {"e4m3": E4M3, "e5m2": E5M2}
@@ -338,7 +338,8 @@ def apply_fp8(model: nn.Module, recipe: str = "tensorwise", skip=("lm_head",), m
     """Swap the plain linear layers and LoRA layers of `model` for FP8 ones in place; returns the swapped names.
 
     skip: module-name suffixes left in high precision (the LM head, MoE routers). Layers with a dimension that is not
-    a multiple of 16 or smaller than `min_dim` stay too. NF4 (QLoRA) layers are never swapped. Works on the meta
+    a multiple of 16 or smaller than `min_dim` stay too. NF4 (QLoRA) layers are never swapped; LoRA on a fused
+    projection (nanotune/lora.py `FusedLoRALinear`) is refused unless skipped. Works on the meta
     device and on a loaded model alike (nothing is allocated: the swap takes over the existing Parameters).
     """
     if recipe not in RECIPES:
@@ -347,6 +348,9 @@ def apply_fp8(model: nn.Module, recipe: str = "tensorwise", skip=("lm_head",), m
         raise ValueError(f"fp8.grad_dtype = {grad_dtype!r} is not one of {GRAD_DTYPES}")
     swapped = []
     for name, module in list(model.named_modules()):
+        if isinstance(module, FusedLoRALinear) and not _ends_with(name, skip):
+            raise ValueError(f"{name}: FP8 does not swap LoRA on fused projections (model.fuse_projections with "
+                             "lora.enabled); leave the projections unfused for FP8 with LoRA, or name it in skip")
         plain, adapted = type(module) is nn.Linear, type(module) is LoRALinear
         if not (plain or adapted) or _ends_with(name, skip) or not eligible(module, min_dim):
             continue

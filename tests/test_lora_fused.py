@@ -276,6 +276,17 @@ def test_apply_lora_refuses_dora_on_a_fused_projection(tmp_path):
     apply_lora(model, ["o_proj"], rank=2, alpha=4, dora=True)  # an unfused projection may still have DoRA
 
 
+def test_fp8_refuses_lora_on_a_fused_projection_rather_than_skip_it(tmp_path):
+    from nanotune.fp8 import apply_fp8
+
+    write_checkpoint(tmp_path / "m", "llama")
+    model = models.from_pretrained(tmp_path / "m", fuse_projections=True)
+    apply_lora(model, ["q_proj", "v_proj"], rank=2, alpha=4)
+    with pytest.raises(ValueError, match=r"self_attn.qkv_proj: FP8 does not swap LoRA on fused projections"):
+        apply_fp8(model, skip=("lm_head",))
+    assert apply_fp8(model, skip=("lm_head", "qkv_proj"))  # named in skip: the rest goes to FP8
+
+
 def test_fused_lora_model_compiles_in_one_graph():
     """train.compile: the fused LoRA layers' autograd Function traces without a graph break."""
     import functools
