@@ -121,6 +121,15 @@ def _autocast_off(device: str):
     return torch.autocast(device, enabled=False)
 
 
+def init_adapter_pair(lora_A: nn.Linear, lora_B: nn.Linear, device) -> None:
+    """Allocate one adapter's A and B on `device`: A Kaiming-uniform (as nn.Linear's default), B zero (PEFT's init)."""
+    lora_A.to_empty(device=device)
+    lora_B.to_empty(device=device)
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(lora_B.weight)
+
+
 class _Adapter:
     """The LoRA / DoRA part shared by LoRALinear (full-precision base) and QLoRALinear (NF4 base).
 
@@ -147,11 +156,8 @@ class _Adapter:
 
     def _init_adapter(self, device) -> None:
         """A Kaiming-uniform (as nn.Linear's default), B zero; DoRA's m = ||W|| row norms, so W' = W at the start."""
-        self.lora_A.to_empty(device=device)
-        self.lora_B.to_empty(device=device)
+        init_adapter_pair(self.lora_A, self.lora_B, device)
         with torch.no_grad():
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B.weight)
             if self.dora:
                 m = self.base_weight().to(self.lora_A.weight.dtype).norm(dim=1)  # (out,)
                 self.lora_magnitude_vector = nn.Parameter(m.to(device))
@@ -354,11 +360,7 @@ class _PartAdapter(nn.Module):
 
     def init_adapter(self, device) -> None:
         """As _Adapter._init_adapter: A Kaiming-uniform, B zero."""
-        self.lora_A.to_empty(device=device)
-        self.lora_B.to_empty(device=device)
-        with torch.no_grad():
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B.weight)
+        init_adapter_pair(self.lora_A, self.lora_B, device)
 
 
 class FusedLoRALinear(nn.Module):

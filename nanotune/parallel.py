@@ -48,7 +48,7 @@ class DistInfo:
     mesh: object = None  # the DeviceMesh over all processes (None in one process)
     owns_process_group: bool = False  # set up here (and so torn down by cleanup), not by the caller
     ep: int = 1  # expert parallel: processes of dp_shard that split the experts of every MoE layer (a part of dp_shard)
-    expert_mesh: object = None  # with ep > 1: (dp_replicate, dp_shard_mod_ep, ep), the same processes as dp_replicate x dp_shard
+    expert_mesh: object = None  # ep > 1: (dp_replicate, dp_shard_mod_ep, ep), the processes of dp_replicate x dp_shard
 
     @property
     def is_main(self) -> bool:
@@ -654,8 +654,10 @@ def final_tensors_by_checkpoint_key(model: nn.Module, merge_lora: bool, original
             owner_name, _, local = name.rpartition(".")
             owner = modules[owner_name]
             w = original_weight(name, owner)
-            if isinstance(owner, FrozenExperts):
-                w = owner.merged_weight(local, w) if merge_lora else owner.weight(local, whole) if w is None else w
+            if isinstance(owner, FrozenExperts) and merge_lora:
+                w = owner.merged_weight(local, w)
+            elif isinstance(owner, FrozenExperts):
+                w = owner.weight(local, whole) if w is None else w
             elif merge_lora and is_lora(owner) and local == "weight":
                 w = merged_lora_weight(owner, w)
             elif w is None:

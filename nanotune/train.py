@@ -471,8 +471,8 @@ def run(argv: list[str] | None, on_exit: contextlib.ExitStack) -> int:
         from nanotune.kernels import apply_kernels
 
         try:
-            # expert-parallel experts keep their own dispatch (all-to-all between the permute and the un-permute)
-            # on the meta device when each process loads its shards next (by name: the swaps keep the Parameters)
+            # expert-parallel experts keep their own dispatch (all-to-all between the permute and the un-permute);
+            # the model is on the meta device when each process loads its shards next (the swaps keep the Parameters)
             swapped = apply_kernels(model, moe=cfg.parallel.ep == 1, device=device if sharded_load else None)
             log.info(f"Triton kernels: {len(swapped)} modules swapped")
         except (ImportError, RuntimeError) as e:
@@ -728,8 +728,7 @@ def save_final(model, cfg: Config, output_dir: Path, dist) -> None:
         if not cfg.lora.merge:
             parallel.barrier(dist)
             return
-        if (cfg.lora.quantize or cfg.lora.quantize_experts) and cfg.model.path:
-            # merge into the original full-precision weights, not into dequantised NF4 ones
+        if quantized_base_folder(cfg):  # merge into the original full-precision weights, not dequantised NF4 ones
             lora.merge_adapter_into_base(Path(cfg.model.path), adapter, tmp, overrides=cfg.model.overrides)
             finish_final(output_dir, tokenizer_source)
             parallel.barrier(dist)
@@ -738,6 +737,12 @@ def save_final(model, cfg: Config, output_dir: Path, dist) -> None:
     models.save_pretrained(model, tmp)
     finish_final(output_dir, tokenizer_source)
     parallel.barrier(dist)
+
+
+def quantized_base_folder(cfg: Config) -> str | None:
+    """The HF folder whose full-precision weights final/ is merged into when training quantised them to NF4 (QLoRA of
+    the linears or of the experts); None otherwise."""
+    return cfg.model.path if (cfg.lora.quantize or cfg.lora.quantize_experts) and cfg.model.path else None
 
 
 def save_final_streamed(model, cfg: Config, output_dir: Path, dist) -> None:
@@ -750,8 +755,7 @@ def save_final_streamed(model, cfg: Config, output_dir: Path, dist) -> None:
         log.info(f"saved adapter (PEFT format): {output_dir / 'adapter'}")
     if not cfg.lora.enabled or cfg.lora.merge:
         # QLoRA: merged into the original full-precision weights, as in one process (save_final)
-        original = cfg.model.path if (cfg.lora.quantize or cfg.lora.quantize_experts) and cfg.model.path else None
-        parallel.save_final_streamed(model, tmp, dist, merge_lora=cfg.lora.enabled, original=original)
+        parallel.save_final_streamed(model, tmp, dist, merge_lora=cfg.lora.enabled, original=quantized_base_folder(cfg))
         if dist.is_main:
             finish_final(output_dir, Path(cfg.model.tokenizer or cfg.model.path))
     parallel.barrier(dist)

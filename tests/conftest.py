@@ -31,6 +31,27 @@ def run_torchrun(script, *args: str, nproc: int = 2, timeout: int = 600):
     return result
 
 
+PROBE = "probe"  # a task of run_tasks that is not a training run: ["probe", args, out] calls probe(args, out)
+
+
+def run_tasks(spec_file, probe=None) -> None:
+    """Inside torchrun: every task of the JSON spec in turn, in one gloo process group that they share (the cost of
+    starting processes and importing torch paid once): a train.py argv, trained to the end, or a PROBE task."""
+    import json
+
+    import torch.distributed as dist
+
+    from nanotune import train
+
+    dist.init_process_group("gloo")
+    for task in json.loads(Path(spec_file).read_text()):
+        if task[0] == PROBE:
+            probe(task[1], task[2])
+        else:
+            assert train.main(task) == 0
+    dist.destroy_process_group()
+
+
 def rerun_in_fresh_process(test_file, tmp_path: Path, min_ran: int) -> None:
     """Run a kernel test file again in a new process with TRITON_INTERPRET=1 set before triton is imported (this
     process imported it without), and check that at least `min_ran` of its tests ran, not skipped, and none failed."""
@@ -89,3 +110,17 @@ def hf_checkpoint(tmp_path):
         return folder, write_hf_checkpoint(folder, family, **overrides)
 
     return make
+
+
+def assert_compiled_backward_matches_eager(loss_fn, block, x, cos, sin, ctx) -> None:
+    """A MoE decoder block's loss_fn(block, x, ...) compiled in one graph (fullgraph, aot_eager) gives eager's
+    gradients for the input, the router and the experts (bf16 tolerance), and none of them is zero."""
+    grads = []
+    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True, backend="aot_eager")):
+        block.zero_grad(set_to_none=True)
+        x_in = x.clone().requires_grad_()
+        fn(block, x_in, cos, sin, ctx).backward()
+        grads.append([x_in.grad, block.mlp.gate.weight.grad, block.mlp.experts.gate_up_proj.grad])
+    for eager, compiled in zip(*grads):
+        assert eager.abs().max() > 0
+        torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=1e-3)

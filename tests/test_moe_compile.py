@@ -10,6 +10,7 @@ import torch
 import models
 from models import attention
 from models.qwen_moe import QwenMoeConfig, SparseMoeBlock, grouped_mm_works, load_balancing_loss, router_z_loss
+from tests.conftest import assert_compiled_backward_matches_eager
 
 if not (grouped_mm_works("cpu", torch.bfloat16) and grouped_mm_works("meta", torch.bfloat16)):
     pytest.skip("torch._grouped_mm does not run and compile in bf16 on CPU in this torch", allow_module_level=True)
@@ -52,15 +53,7 @@ def test_decoder_block_compiles_forward_and_backward_without_graph_breaks(family
     assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
 
     # the backward too: aot_autograd traces it into a graph of its own, which a host sync would break
-    grads = []
-    for fn in (block_loss, torch.compile(block_loss, fullgraph=True, backend="aot_eager")):
-        block.zero_grad(set_to_none=True)
-        x_in = x.clone().requires_grad_()
-        fn(block, x_in, cos, sin, ctx).backward()
-        grads.append([x_in.grad, block.mlp.gate.weight.grad, block.mlp.experts.gate_up_proj.grad])
-    for eager, compiled in zip(*grads):
-        assert eager.abs().max() > 0
-        torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=1e-3)
+    assert_compiled_backward_matches_eager(block_loss, block, x, cos, sin, ctx)
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])

@@ -37,6 +37,7 @@ from nanotune.kernels.moe import (  # noqa: E402
     TritonExperts, expert_positions, permute, permute_reference, swiglu, swiglu_reference, unpermute,
     unpermute_reference,
 )
+from tests.conftest import assert_compiled_backward_matches_eager  # noqa: E402
 
 
 def test_in_a_fresh_process(tmp_path):
@@ -220,15 +221,7 @@ def test_decoder_block_with_the_swap_compiles_forward_and_backward_without_graph
     ops = [str(node.target) for g in explained.graphs for node in g.graph.nodes]
     assert sum("nanotune.moe_" in op for op in ops) == 3 and sum("_grouped_mm" in op for op in ops) == 2, ops
 
-    grads = []
-    for fn in (block_loss, torch.compile(block_loss, fullgraph=True, backend="aot_eager")):
-        block.zero_grad(set_to_none=True)
-        x_in = x.clone().requires_grad_()
-        fn(block, x_in, cos, sin, ctx).backward()
-        grads.append([x_in.grad, block.mlp.gate.weight.grad, block.mlp.experts.gate_up_proj.grad])
-    for eager, compiled in zip(*grads):
-        assert eager.abs().max() > 0
-        torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=1e-3)
+    assert_compiled_backward_matches_eager(block_loss, block, x, cos, sin, ctx)
 
 
 @needs_kernels

@@ -35,7 +35,7 @@ pytest.importorskip("transformers")
 from nanotune import parallel, train  # noqa: E402
 from nanotune.config import ConfigError, load_config  # noqa: E402
 from nanotune.lora_experts import EXPERT_PARAMS, FrozenExperts  # noqa: E402
-from tests.conftest import run_torchrun  # noqa: E402
+from tests.conftest import PROBE, run_tasks, run_torchrun  # noqa: E402
 from tests.test_moe_ep_train import write_moe_checkpoint  # noqa: E402
 from tests.test_parallel import QUICKSTART, assert_continues_like, base_argv  # noqa: E402
 from tests.test_train import assert_same_params, losses  # noqa: E402
@@ -55,7 +55,6 @@ LAYOUTS = {
 # (family, tuning, layout): expert adapters alone and on NF4 experts, FSDP, HSDP and expert parallel, both families
 CASES = [("qwen3_moe", "lora", "fsdp"), ("qwen3_moe", "nf4", "fsdp"), ("qwen2_moe", "nf4", "hsdp"),
          ("qwen3_moe", "nf4", "ep2"), ("qwen2_moe", "lora", "ep2"), ("qwen2_moe", "qlora", "fsdp")]
-PROBE = "probe"
 RESUMED = [("qwen3_moe", "nf4", "fsdp"), ("qwen2_moe", "lora", "ep2")]  # their step-1 checkpoints resume in one process
 PROBED = ("fsdp", "ep2")  # the layouts whose loading is probed: rows split by FSDP2, experts split by ep
 
@@ -94,15 +93,8 @@ def probe(args: list[str], out: str) -> None:
 
 
 def worker(spec_file: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo")
-    for task in json.loads(Path(spec_file).read_text()):
-        if task[0] == PROBE:
-            probe(task[1], task[2])
-        else:
-            assert train.main(task) == 0
-    dist.destroy_process_group()
+    """Inside torchrun: each task of the spec in turn (training runs and probes), in one process group."""
+    run_tasks(spec_file, probe)
 
 
 @pytest.fixture(scope="module")

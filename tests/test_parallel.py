@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 import models
 from nanotune import parallel, train
 from nanotune.config import ConfigError, LoraConfig, ParallelConfig, load_config
-from tests.conftest import ROOT, run_torchrun, write_hf_checkpoint
+from tests.conftest import ROOT, run_tasks, run_torchrun, write_hf_checkpoint
 from tests.test_train import assert_same_params, losses, metrics
 
 QUICKSTART = ROOT / "data" / "quickstart"
@@ -277,12 +277,7 @@ FAMILIES = ("llama", "gemma3", "qwen3_moe")
 
 def worker(spec_file: str) -> None:
     """Inside torchrun: train each run of the spec in turn, in one process group that the runs share."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo")
-    for argv in json.loads(Path(spec_file).read_text()):
-        assert train.main(argv) == 0
-    dist.destroy_process_group()
+    run_tasks(spec_file)
 
 
 def torchrun(nproc: int, runs: list[list[str]], tmp: Path) -> None:

@@ -29,7 +29,7 @@ pytest.importorskip("bitsandbytes")
 import models  # noqa: E402
 from nanotune import parallel, qlora, train  # noqa: E402
 from nanotune.config import load_config  # noqa: E402
-from tests.conftest import ROOT, run_torchrun  # noqa: E402
+from tests.conftest import PROBE, ROOT, run_tasks, run_torchrun  # noqa: E402
 from tests.test_parallel import assert_continues_like, base_argv, reshard_data  # noqa: E402
 from tests.test_train import assert_same_params, losses  # noqa: E402
 
@@ -163,7 +163,6 @@ def test_the_70b_config_holds_per_process_what_its_comment_says():
 
 # ----------------------------------------------------------------------------------------- 2 processes
 
-PROBE = "probe"  # a worker task: load the NF4 model sharded, write this process's shards and byte count
 
 
 def probe(argv: list[str], out: str) -> None:
@@ -187,16 +186,8 @@ def probe(argv: list[str], out: str) -> None:
 
 
 def worker(spec_file: str) -> None:
-    """Inside torchrun: each task of the spec in turn, in one process group that they share."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo")
-    for task in json.loads(Path(spec_file).read_text()):
-        if task[0] == PROBE:
-            probe(task[1], task[2])
-        else:
-            assert train.main(task) == 0
-    dist.destroy_process_group()
+    """Inside torchrun: each task of the spec in turn (training runs and probes), in one process group."""
+    run_tasks(spec_file, probe)
 
 
 def torchrun(nproc: int, tasks: list, tmp: Path) -> None:

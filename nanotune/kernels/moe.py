@@ -147,16 +147,23 @@ def _(x, pos):
     return x.new_empty(pos.numel(), x.shape[1])
 
 
+def _slot_sums(rows: torch.Tensor, pos: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """out[n] = sum_k (weight[n, k] *) rows[pos[n, k]], (N, D): one program per token, reading its K rows."""
+    has_weight = weight is not None
+    rows, pos = rows.contiguous(), pos.contiguous()
+    weight = weight.contiguous() if has_weight else rows  # without weights: a placeholder the kernel does not read
+    (N, K), D = pos.shape, rows.shape[1]
+    out = rows.new_empty(N, D)
+    if N:
+        _gather_rows[(N,)](rows, pos, weight, out, D, K, HAS_WEIGHT=has_weight, **_blocks(K, D))
+    return out
+
+
 @torch.library.custom_op("nanotune::moe_sum_slots", mutates_args=())
 def _sum_slots(rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """The backward of permute: each token's K rows summed, (N*K, D) -> (N, D)."""
     _check(rows, pos)
-    rows, pos = rows.contiguous(), pos.contiguous()
-    (N, K), D = pos.shape, rows.shape[1]
-    out = rows.new_empty(N, D)
-    if N:
-        _gather_rows[(N,)](rows, pos, rows, out, D, K, HAS_WEIGHT=False, **_blocks(K, D))
-    return out
+    return _slot_sums(rows, pos, None)
 
 
 @_sum_slots.register_fake
@@ -179,12 +186,7 @@ _permute.register_autograd(_permute_backward, setup_context=_permute_setup)
 @torch.library.custom_op("nanotune::moe_unpermute", mutates_args=())
 def _unpermute(h: torch.Tensor, pos: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     _check(h, pos, weight)
-    h, pos, weight = h.contiguous(), pos.contiguous(), weight.contiguous()
-    (N, K), D = pos.shape, h.shape[1]
-    out = h.new_empty(N, D)
-    if N:
-        _gather_rows[(N,)](h, pos, weight, out, D, K, HAS_WEIGHT=True, **_blocks(K, D))
-    return out
+    return _slot_sums(h, pos, weight)
 
 
 @_unpermute.register_fake
